@@ -1,0 +1,216 @@
+"""`stemma build`: reconcile the registry to stemma.yaml, like make.
+
+For each node, parents first, the recipe key is computed from (node, method, full config, parent version,
+dataset versions, tokenizer, method-specific inputs such as checkpoint hashes). A version with that key is
+reused; otherwise the method runs (resuming from its checkpoint if an earlier run was killed), its files go
+into the store, and one registry transaction publishes the version. A changed parent changes the key of
+every descendant, so they rebuild.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .data.ingest import IngestOptions
+from .errors import StemmaError
+from .evaluate.perplexity import perplexity
+from .progress import NullReporter, Reporter
+from .spec import NodeSpec, TreeSpec
+from .store import canonical_json, sha256_bytes
+from .train import BuildContext, get
+from .workspace import VersionInfo, Workspace
+
+
+@dataclass
+class BuildEvent:
+    node: str
+    action: str  # built | reused
+    version: str
+    seconds: float
+
+
+def recipe_for(node: NodeSpec, parent: VersionInfo | None, datasets: dict[str, str], extra: dict) -> dict:
+    return {
+        "node": node.path,
+        "method": node.method,
+        "config": dataclasses.asdict(node.config),
+        "parent": parent.id if parent else None,
+        "datasets": datasets,
+        "tokenizer": parent.row.tokenizer if parent else None,
+        **({"inputs": extra} if extra else {}),
+    }
+
+
+def ingest_spec_datasets(ws: Workspace, spec: TreeSpec, reporter: Reporter) -> dict[str, str]:
+    ids = {}
+    for name, d in spec.datasets.items():
+        opts = IngestOptions(name=name, license=d.license, language=d.language, domain=d.domain,
+                             description=d.description, test_fraction=d.test_fraction, max_doc_chars=d.max_doc_chars)
+        row, new = ws.ingest(list(d.paths), opts)
+        if new:
+            reporter.log(f"dataset {name}: ingested {row.n_docs} documents as {row.id[:12]}")
+        ids[name] = row.id
+    return ids
+
+
+class Evaluator:
+    """Perplexity per (version, dataset, split), memoised in the registry."""
+
+    def __init__(self, ws: Workspace, reporter: Reporter, max_tokens: int = 32768):
+        self.ws, self.reporter, self.max_tokens = ws, reporter, max_tokens
+        self._models: dict[str, object] = {}
+        self._ids: dict[tuple[str, str], object] = {}
+
+    def _model(self, vid: str):
+        if vid not in self._models:
+            if len(self._models) >= 2:
+                self._models.pop(next(iter(self._models)))
+            self._models[vid] = self.ws.load_model(vid)
+        return self._models[vid]
+
+    def ppl(self, v: VersionInfo, dataset_id: str, split: str = "test") -> float:
+        got = self.ws.get_metric(v.id, "perplexity", dataset_id, split)
+        if got is not None:
+            return got
+        from .models.arch import model_context
+        from .train.base import encode_corpus
+
+        key = (v.row.tokenizer, dataset_id)
+        if key not in self._ids:
+            self._ids[key] = encode_corpus(self.ws.tokenizer(v.row.tokenizer), self.ws.dataset_texts(dataset_id, split))
+        model = self._model(v.id)
+        value = perplexity(model, self._ids[key], model_context(model), max_tokens=self.max_tokens,
+                           reporter=self.reporter, label=f"{v.row.node_path}: perplexity on {dataset_id[:8]}/{split}")
+        self.ws.put_metric(v.id, "perplexity", dataset_id, split, value,
+                           details={"max_tokens": self.max_tokens})
+        return value
+
+    def evaluate_version(self, v: VersionInfo) -> None:
+        """Own split, parent's split, and the parent on the child's split (for the tree's comparisons)."""
+        ds = self.ws.version_datasets(v.id)
+        own = ds.get("train")
+        if own:
+            self.ppl(v, own)
+        if v.row.parent_id:
+            parent = self.ws.version(v.row.parent_id)
+            pds = self.ws.version_datasets(parent.id).get("train")
+            if pds:
+                self.ppl(v, pds)
+                self.ppl(parent, pds)
+            if own:
+                self.ppl(parent, own)
+
+
+def build(ws: Workspace, spec: TreeSpec, reporter: Reporter | None = None, only: list[str] | None = None,
+          evaluate: bool = True) -> list[BuildEvent]:
+    reporter = reporter or NullReporter()
+    events: list[BuildEvent] = []
+    with ws.build_lock():
+        ds_ids = ingest_spec_datasets(ws, spec, reporter)
+        targets = set(spec.order)
+        if only:
+            for o in only:
+                if o not in spec.nodes:
+                    raise StemmaError(f"unknown node {o!r} in {spec.name}")
+            targets = set()
+            for o in only:  # a node needs its ancestors built
+                cur: str | None = o
+                while cur:
+                    targets.add(cur)
+                    cur = spec.nodes[cur].parent
+        built: dict[str, VersionInfo] = {}
+        evaluator = Evaluator(ws, reporter)
+        for path in spec.order:
+            if path not in targets:
+                continue
+            node = spec.nodes[path]
+            t0 = time.perf_counter()
+            parent = built[node.parent] if node.parent else None
+            method = get(node.method)
+            datasets: dict[str, str] = {}
+            if node.dataset:
+                datasets["train"] = ds_ids.get(node.dataset) or ws.resolve_dataset(node.dataset).id
+            if parent is not None:
+                pds = ws.version_datasets(parent.id).get("train")
+                if pds:
+                    datasets["replay"] = pds
+            extra = method.recipe_inputs(node.config, spec.root_dir)
+            recipe = recipe_for(node, parent, datasets, extra)
+            key = sha256_bytes(canonical_json(recipe))
+            existing = ws.find_by_recipe(path, key)
+            if existing is not None:
+                ws.set_current(path, existing.id, node.layer, node.parent)
+                v = ws.version(existing.id)
+                action = "reused"
+            else:
+                v = _run(ws, spec, node, method, parent, datasets, recipe, key, reporter)
+                action = "built"
+            built[path] = v
+            if evaluate:
+                evaluator.evaluate_version(v)
+            events.append(BuildEvent(path, action, v.id, time.perf_counter() - t0))
+    return events
+
+
+def _run(ws: Workspace, spec: TreeSpec, node: NodeSpec, method, parent: VersionInfo | None,
+         datasets: dict[str, str], recipe: dict, key: str, reporter: Reporter) -> VersionInfo:
+    work = ws.work_dir_for(key)
+    ctx = BuildContext(ws=ws, node=node.path, spec_dir=spec.root_dir, parent=parent, dataset_id=datasets.get("train"),
+                       replay_dataset_id=datasets.get("replay"), work_dir=work, reporter=reporter)
+    if parent is not None and parent.row.tokenizer != ws.version(parent.id).row.tokenizer:  # pragma: no cover
+        raise StemmaError(f"node {node.path}: parent tokenizer changed during the build")
+    out = method.run(ctx, node.config)
+    if parent is not None and method.relation in ("adapter", "merge", "update") and out.tokenizer != parent.row.tokenizer:
+        from .errors import TokenizerMismatchError
+
+        raise TokenizerMismatchError(f"node {node.path}: {method.relation} needs the parent's tokenizer "
+                                     f"({parent.row.tokenizer[:12]}), got {out.tokenizer[:12]}")
+    files = {name: ws.store.put_bytes(data) for name, data in sorted(out.files.items())}
+    manifest = {
+        "kind": "version",
+        "schema": 1,
+        "node": node.path,
+        "layer": node.layer,
+        "relation": method.relation,
+        "method": node.method,
+        "parent": parent.id if parent else None,
+        "base": parent.id if (parent is not None and method.relation == "adapter") else None,
+        "recipe": recipe,
+        "recipe_key": key,
+        "tokenizer": out.tokenizer,
+        "files": files,
+        "architecture": out.architecture,
+        "params": out.params,
+        "own_params": out.own_params,
+        "train": out.train,
+    }
+    v = ws.register_version(manifest, layer=node.layer, parent_path=node.parent, datasets=datasets,
+                            params=out.params, own_params=out.own_params)
+    shutil.rmtree(work, ignore_errors=True)
+    reporter.log(f"[green]built[/green] {node.path} -> {v.short} ({out.own_params:,} own parameters)")
+    return v
+
+
+def clean_work(ws: Workspace) -> int:
+    """Remove checkpoints of builds whose recipes are already registered."""
+    n = 0
+    root = ws.settings.work_dir
+    if not root.exists():
+        return 0
+    for d in root.iterdir():
+        if d.is_dir():
+            from sqlalchemy import select
+
+            from .registry.tables import Version
+
+            with ws.db.session() as s:
+                if s.scalar(select(Version.id).where(Version.recipe_key == d.name)):
+                    shutil.rmtree(d, ignore_errors=True)
+                    n += 1
+    return n
+
+

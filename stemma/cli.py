@@ -1,0 +1,210 @@
+"""The `stemma` command: one thin command per verb; the work happens in the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import StemmaError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Build, track, fit and serve a hierarchy of language models.")
+data_app = typer.Typer(no_args_is_help=True, help="Corpora and datasets.")
+app.add_typer(data_app, name="data")
+out = Console()
+err = Console(stderr=True)
+
+
+def _ws():
+    from .workspace import Workspace
+
+    return Workspace.open()
+
+
+def _human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _human_params(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
+
+@app.command()
+def init() -> None:
+    """Create STEMMA_HOME: the registry and the blob store."""
+    from .workspace import Workspace
+
+    ws = Workspace.init()
+    out.print(f"stemma home ready at {ws.settings.home} (registry {ws.db.engine.url.render_as_string()})")
+
+
+@data_app.command("ingest")
+def data_ingest(
+    paths: list[Path] = typer.Argument(..., help="Text files, directories, or JSONL files (a 'text' field per line)."),
+    name: str = typer.Option(..., "--name", help="Dataset name; new content under a name makes its next version."),
+    license: str = typer.Option(None, "--license", help="Licence of the corpus (SPDX id)."),
+    language: str = typer.Option(None, "--language", help="Language code, e.g. en."),
+    domain: str = typer.Option(None, "--domain", help="Domain, e.g. software."),
+    test_fraction: float = typer.Option(0.05, "--test-fraction", help="Share of documents held out."),
+) -> None:
+    """Ingest a corpus into an immutable, content-addressed dataset with a datasheet."""
+    from .data.ingest import IngestOptions
+
+    ws = _ws()
+    row, new = ws.ingest(paths, IngestOptions(name=name, license=license, language=language, domain=domain,
+                                              test_fraction=test_fraction))
+    c = row.datasheet["counts"]
+    verb = "ingested" if new else "unchanged (already registered)"
+    out.print(f"dataset {row.name}@{row.seq} {row.id[:12]} {verb}: {c['documents']} documents "
+              f"({c['train_documents']} train / {c['test_documents']} test), "
+              f"{c['exact_duplicates_removed']} exact duplicates removed, {c['whitespace_tokens']:,} tokens")
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """List datasets."""
+    t = Table("name", "seq", "id", "language", "licence", "docs", "train", "test", "tokens")
+    for d in _ws().list_datasets():
+        t.add_row(d.name, str(d.seq), d.id[:12], d.language or "-", d.license or "-", str(d.n_docs), str(d.n_train),
+                  str(d.n_test), f"{d.datasheet['counts']['whitespace_tokens']:,}")
+    out.print(t)
+
+
+@data_app.command("show")
+def data_show(ref: str) -> None:
+    """Print a dataset's datasheet (JSON)."""
+    ws = _ws()
+    d = ws.resolve_dataset(ref)
+    out.print_json(json.dumps({"id": d.id, "seq": d.seq, **ws.dataset_manifest(d.id)}))
+
+
+@app.command()
+def build(
+    spec: Path = typer.Argument(Path("stemma.yaml"), help="The tree as code."),
+    node: list[str] = typer.Option(None, "--node", help="Build only these nodes (and their ancestors)."),
+) -> None:
+    """Reconcile the registry to stemma.yaml: build only what changed."""
+    import time
+
+    from .build import build as run_build
+    from .progress import RichReporter
+    from .spec import load_spec
+    from .workspace import Workspace
+
+    tree = load_spec(spec)
+    ws = Workspace.init()
+    t0 = time.perf_counter()
+    events = run_build(ws, tree, reporter=RichReporter(err), only=node or None)
+    built = sum(e.action == "built" for e in events)
+    for e in events:
+        out.print(f"  {e.action:7} {e.node:28} {e.version[:12]}  {e.seconds:7.1f}s")
+    out.print(f"{built} built, {len(events) - built} reused in {time.perf_counter() - t0:.1f}s")
+
+
+@app.command()
+def tree() -> None:
+    """The tree: node, layer, relation, size, perplexity on its own and its parent's split, status."""
+    from .lineage import tree_rows
+
+    rows = tree_rows(_ws())
+    if not rows:
+        out.print("the registry is empty; run `stemma build`")
+        return
+    t = Table("node", "layer", "relation", "version", "params", "bytes", "ppl own", "parent there",
+              "ppl parent split", "parent own", "status", title="stemma tree")
+    for r in rows:
+        fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        gain = "" if r.gain is None else f" ({r.gain:+.0%})"
+        forg = "" if r.forgetting is None else f" ({r.forgetting:+.1%})"
+        t.add_row(
+            "  " * r.depth + r.path, r.layer, r.relation or "-", r.version.short if r.version else "-",
+            _human_params(r.params), _human_bytes(r.bytes), fmt(r.ppl_own) + gain, fmt(r.parent_ppl_own),
+            fmt(r.ppl_parent_split) + forg, fmt(r.parent_ppl_parent_split),
+            {"ok": "[green]ok[/green]", "stale": "[yellow]stale[/yellow]"}.get(r.status, f"[red]{r.status}[/red]"),
+        )
+    out.print(t)
+
+
+@app.command()
+def show(ref: str = typer.Argument(..., help="node, node@version-prefix, or version id prefix")) -> None:
+    """One version: manifest, parent, recipe, datasets, metrics."""
+    ws = _ws()
+    v = ws.resolve_version(ref)
+    ds = ws.version_datasets(v.id)
+    metrics = [{"name": m.name, "dataset": m.dataset_id[:12] if m.dataset_id else None, "split": m.split,
+                "value": round(m.value, 4)} for m in ws.metrics_of(v.id)]
+    doc = {"id": v.id, "node": v.row.node_path, "created_at": v.row.created_at.isoformat(), "bytes": v.row.bytes,
+           "datasets": {role: {"id": d, "name": ws.resolve_dataset(d).name} for role, d in ds.items()},
+           "metrics": metrics, "manifest": v.manifest}
+    out.print_json(json.dumps(doc, default=str))
+
+
+@app.command()
+def lineage(ref: str) -> None:
+    """The chain from the master down to a version, with relations and content hashes."""
+    ws = _ws()
+    v = ws.resolve_version(ref)
+    chain = ws.chain(v.id)
+    for i, c in enumerate(chain):
+        arrow = "" if i == 0 else "  " * (i - 1) + "└─"
+        files = ", ".join(f"{n}:{d[:8]}" for n, d in sorted(c.manifest["files"].items()))
+        out.print(f"{arrow}{c.row.node_path} [bold]{c.id[:12]}[/bold]  {c.row.relation} ({c.row.method})  "
+                  f"tokenizer {c.row.tokenizer[:8]}  [{files}]")
+
+
+@app.command()
+def export(
+    ref: str = typer.Argument(..., help="node or node@version"),
+    out_dir: Path = typer.Option(..., "--out", help="Directory to create."),
+    fmt: str = typer.Option("merged", "--format", help="merged (full HF model) or adapter (PEFT dir + base/)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
+) -> None:
+    """Write a version as a plain Hugging Face directory (merged) or a PEFT adapter directory."""
+    from .export import export as run_export
+
+    path = run_export(_ws(), ref, out_dir, fmt=fmt, force=force)
+    out.print(f"exported {ref} ({fmt}) to {path}")
+
+
+@app.command()
+def fsck() -> None:
+    """Re-hash every blob; report corrupt, missing and orphan blobs."""
+    ws = _ws()
+    r = ws.fsck()
+    for d in r.corrupt:
+        out.print(f"[red]corrupt[/red] {d}")
+    for d in r.missing:
+        out.print(f"[red]missing[/red] {d}")
+    for d in r.orphans:
+        out.print(f"[yellow]orphan[/yellow]  {d}")
+    out.print(f"{r.checked} blobs checked: {len(r.corrupt)} corrupt, {len(r.missing)} missing, {len(r.orphans)} orphan")
+    if not r.clean:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    try:
+        app()
+    except StemmaError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

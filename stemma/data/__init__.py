@@ -1,0 +1,1 @@
+"""Corpora in, immutable datasets out (ingest; curation steps come as registered filters)."""

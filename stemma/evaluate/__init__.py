@@ -1,0 +1,1 @@
+"""Metrics computed on versions and stored per version (memoised by version, dataset and split)."""

@@ -1,0 +1,71 @@
+"""Materialise a version as a directory that plain transformers / peft load.
+
+``merged``: the whole adapter chain merged into full weights, a standard Hugging Face model directory.
+``adapter``: for an adapter version, PEFT's adapter files plus ``base/``, its parent merged to a full
+model (``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DIR/base), DIR)``).
+Both carry the tokenizer and a ``stemma.json`` with the content-addressed lineage. The directory is
+written beside its destination and renamed into place, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import StemmaError
+from .models.tokenizer import hf_tokenizer
+from .workspace import Workspace
+
+FORMATS = ("merged", "adapter")
+
+
+def export(ws: Workspace, ref: str, out: Path, fmt: str = "merged", force: bool = False) -> Path:
+    if fmt not in FORMATS:
+        raise StemmaError(f"unknown export format {fmt!r} (one of {', '.join(FORMATS)})")
+    v = ws.resolve_version(ref)
+    out = Path(out).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise StemmaError(f"{out} exists and is not empty; choose another --out or pass --force")
+    if fmt == "adapter" and v.row.relation != "adapter":
+        raise StemmaError(f"{v.row.node_path} is a {v.row.relation} version, not an adapter; export it merged")
+    parent_dir = out.parent
+    try:
+        parent_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent_dir))
+    except OSError as e:
+        raise StemmaError(f"cannot write to {parent_dir}: {e.strerror}") from None
+    try:
+        tok = hf_tokenizer(ws.tokenizer(v.row.tokenizer))
+        chain = ws.chain(v.id)
+        if fmt == "merged":
+            model = ws.load_model(v.id)
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+        else:
+            base = ws.load_model(v.row.parent_id)
+            base.save_pretrained(tmp / "base", safe_serialization=True)
+            tok.save_pretrained(tmp / "base")
+            for name, digest in v.manifest["files"].items():
+                shutil.copyfile(ws.store.verified_path(digest), tmp / name)
+            cfg = json.loads((tmp / "adapter_config.json").read_text())
+            cfg["base_model_name_or_path"] = "base"
+            (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+            tok.save_pretrained(tmp)
+        lineage = {
+            "version": v.id,
+            "node": v.row.node_path,
+            "format": fmt,
+            "chain": [{"node": c.row.node_path, "version": c.id, "relation": c.row.relation} for c in chain],
+            "tokenizer": v.row.tokenizer,
+        }
+        (tmp / "stemma.json").write_text(json.dumps(lineage, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,1 @@
+"""Model architectures, tokenizers, and loading/saving in Hugging Face format."""

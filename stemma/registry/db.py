@@ -1,0 +1,86 @@
+"""Opening the registry: engine, migrations, sessions."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from collections.abc import Iterator
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..errors import StemmaError
+
+
+def _alembic_config(url: str) -> Config:
+    here = os.path.dirname(__file__)
+    cfg = Config(os.path.join(here, "alembic.ini"))
+    cfg.set_main_option("script_location", os.path.join(here, "migrations"))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def make_engine(url: str) -> Engine:
+    kwargs = {}
+    if url.startswith("sqlite"):
+        # A build and a `stemma tree` may run at once; wait for the writer instead of failing at once.
+        kwargs["connect_args"] = {"timeout": 30}
+    engine = create_engine(url, **kwargs)
+    if url.startswith("sqlite"):
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - trivial
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.close()
+
+    return engine
+
+
+def upgrade(engine: Engine) -> None:
+    """Bring the schema to the newest migration (a no-op when it is already there)."""
+    cfg = _alembic_config(str(engine.url.render_as_string(hide_password=False)))
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    if current == head:
+        return
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def schema_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+class Database:
+    def __init__(self, url: str, migrate: bool = True):
+        self.url = url
+        try:
+            self.engine = make_engine(url)
+            if migrate:
+                upgrade(self.engine)
+        except ImportError as e:  # e.g. the PostgreSQL driver is not installed
+            raise StemmaError(f"cannot open registry {url!r}: {e} (pip install 'stemma[postgres]')") from e
+        self._factory = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session whose work is committed at the end of the block, or rolled back entirely on error."""
+        s = self._factory()
+        try:
+            yield s
+            s.commit()
+        except BaseException:
+            s.rollback()
+            raise
+        finally:
+            s.close()

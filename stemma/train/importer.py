@@ -1,0 +1,66 @@
+"""`import`: a local Hugging Face checkpoint directory becomes the master (safetensors only).
+
+Lineage is by content: the recipe hashes the checkpoint's files, never its path, so moving the directory
+changes nothing and changing a weight changes the version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import StemmaError
+from ..models.arch import count_params
+from ..models.io import check_safe_checkpoint, load_hf_dir, save_model_files
+from ..models.tokenizer import tokenizer_to_bytes
+from ..store import sha256_file
+from .registry import BuildContext, BuildMethod, BuildOutput, register
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    """A master taken from a local checkpoint."""
+
+    path: str
+    """Checkpoint directory (config.json, *.safetensors, tokenizer.json); relative paths are resolved against
+    the directory of stemma.yaml."""
+
+
+def _resolve(cfg: ImportConfig, spec_dir: Path) -> Path:
+    p = Path(cfg.path).expanduser()
+    return p if p.is_absolute() else (spec_dir / p)
+
+
+@register
+class Import(BuildMethod):
+    name = "import"
+    relation = "import"
+    config_cls = ImportConfig
+    root = True
+    needs_dataset = False
+
+    def recipe_inputs(self, cfg: ImportConfig, spec_dir: Path) -> dict:
+        path = _resolve(cfg, spec_dir)
+        safes = check_safe_checkpoint(path)
+        if not (path / "tokenizer.json").is_file():
+            raise StemmaError(f"{path}: no tokenizer.json (a fast tokenizer is required to share it across the tree)")
+        files = [*safes, path / "config.json", path / "tokenizer.json"]
+        return {"checkpoint": {f.name: sha256_file(f) for f in files}}
+
+    def run(self, ctx: BuildContext, cfg: ImportConfig) -> BuildOutput:
+        from tokenizers import Tokenizer
+
+        path = _resolve(cfg, ctx.spec_dir)
+        with ctx.reporter.task(f"{ctx.node}: import {path.name}", total=None):
+            model = load_hf_dir(path)
+            tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        if tok.get_vocab_size() > model.get_input_embeddings().weight.shape[0]:
+            raise StemmaError(f"{path}: tokenizer has more tokens than the model's embedding matrix")
+        digest = ctx.ws.store.put_bytes(tokenizer_to_bytes(tok))
+        n = count_params(model)
+        c = model.config
+        return BuildOutput(
+            files=save_model_files(model), tokenizer=digest, params=n, own_params=n,
+            architecture={"model_type": c.model_type, "vocab_size": c.vocab_size,
+                          "n_layer": getattr(c, "num_hidden_layers", None), "n_embd": getattr(c, "hidden_size", None)},
+        )

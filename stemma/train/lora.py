@@ -1,0 +1,96 @@
+"""`lora`: a low-rank adapter on the parent (Hu et al., 2021), stored as the delta only.
+
+The parent is loaded with its own adapter chain merged, a fresh PEFT LoRA adapter is trained on top, and
+only the adapter's weights go into the store, pointing at the parent version as base. Replay rows from the
+parent's data are pulled towards the parent's predictions, which PEFT gives for free by disabling the
+adapter (no second copy of the model in memory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..models.arch import count_params, model_context
+from ..models.io import save_model_files
+from .base import TokenStream, TrainConfig, Trainer, kl_to_teacher, lm_loss
+from .forgetting import draw, split_batch
+from .registry import BuildContext, BuildMethod, BuildOutput, register
+
+DEFAULT_TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+@dataclass(frozen=True)
+class LoraConfig(TrainConfig):
+    """A LoRA adapter on the parent."""
+
+    lr: float = 2e-3
+    """Peak learning rate (adapters tolerate a higher one)."""
+    r: int = 8
+    """Rank of the update."""
+    alpha: int = 16
+    """Scaling numerator: the update is multiplied by ``alpha / r``."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    target_modules: list[str] | None = None
+    """Module names to adapt; default: every attention and MLP projection of the architecture."""
+    replay_fraction: float = 0.25
+    """Share of each batch drawn from the parent's own training data."""
+    replay_kl: float = 1.0
+    """Weight of KL(parent || child) on the replay rows."""
+
+
+@register
+class Lora(BuildMethod):
+    name = "lora"
+    relation = "adapter"
+    config_cls = LoraConfig
+
+    def run(self, ctx: BuildContext, cfg: LoraConfig) -> BuildOutput:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        tok = ctx.parent_tokenizer()
+        base = ctx.load_parent()
+        model_type = base.config.model_type
+        targets = cfg.target_modules or DEFAULT_TARGETS.get(model_type)
+        if not targets:
+            from ..errors import StemmaError
+
+            raise StemmaError(f"node {ctx.node}: no default LoRA targets for {model_type}; set target_modules")
+        n_base = count_params(base)
+        torch.manual_seed(cfg.seed)
+        peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                                  fan_in_fan_out=model_type == "gpt2", bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(base, peft_cfg)
+        context = model_context(base)
+        own = TokenStream.from_texts(tok, ctx.texts("train"), context, cfg.seed, name=f"dataset of {ctx.node}")
+        replay = (TokenStream.from_texts(tok, ctx.texts("train", ctx.replay_dataset_id), context, cfg.seed,
+                                         name="parent's dataset") if ctx.replay_dataset_id else None)
+        split = split_batch(cfg.batch_size, cfg.replay_fraction, replay is not None and cfg.replay_kl > 0)
+
+        def step_loss(step: int):
+            a, b = draw(own, replay, step, split)
+            if b is None:
+                return lm_loss(model(input_ids=a[:, :-1]).logits, a[:, 1:]), a[:, 1:].numel()
+            logits = model(input_ids=torch.cat([a, b])[:, :-1]).logits
+            loss = lm_loss(logits[: split.own], a[:, 1:])
+            with torch.no_grad(), model.disable_adapter():
+                p_logits = model(input_ids=b[:, :-1]).logits
+            loss = loss + cfg.replay_kl * kl_to_teacher(logits[split.own :], p_logits)
+            return loss, a[:, 1:].numel() + b[:, 1:].numel()
+
+        stats = Trainer(model, cfg, step_loss, ctx.work_dir, ctx.reporter, label=f"{ctx.node}: lora r={cfg.r}").run()
+        delta = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        return BuildOutput(
+            files=save_model_files(model, adapter=True, base_ref=f"stemma:{ctx.parent.id}"),
+            tokenizer=ctx.parent.row.tokenizer, params=n_base, own_params=delta,
+            architecture={**ctx.parent.manifest["architecture"], "adapter": {"type": "lora", "r": cfg.r,
+                                                                              "alpha": cfg.alpha, "targets": targets}},
+            train={"steps": stats.steps, "tokens": stats.tokens, "seconds": round(stats.seconds, 2),
+                   "final_loss": round(stats.final_loss, 4)},
+        )

@@ -1,0 +1,80 @@
+"""`pretrain`: train the tree's tokenizer and a GPT-style decoder from scratch on the master's data."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ..models.arch import GPTConfig, build_gpt, count_params
+from ..models.io import save_model_files
+from ..models.tokenizer import TokenizerConfig, eos_id, tokenizer_to_bytes, train_tokenizer
+from .base import TokenStream, TrainConfig, Trainer, lm_loss
+from .registry import BuildContext, BuildMethod, BuildOutput, register
+
+
+@dataclass(frozen=True)
+class PretrainConfig(TrainConfig):
+    """A master trained from scratch."""
+
+    n_layer: int = 6
+    """Transformer blocks."""
+    n_embd: int = 256
+    """Hidden width."""
+    n_head: int = 4
+    """Attention heads."""
+    context: int = 128
+    """Sequence length for training and the model's maximum context."""
+    vocab_size: int = 4096
+    """Size of the byte-level BPE vocabulary trained on the master's data."""
+    tokenizer_min_frequency: int = 2
+    """Minimum pair frequency for a BPE merge."""
+
+    @property
+    def arch(self) -> GPTConfig:
+        return GPTConfig(n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head, context=self.context)
+
+
+def pretrain_model(model, stream: TokenStream, cfg: TrainConfig, work_dir=None, reporter=None, label="pretrain"):
+    """Next-token training of ``model`` on ``stream`` (also used by the throughput benchmark)."""
+
+    def step_loss(step: int):
+        batch = stream.batch(step, cfg.batch_size)
+        logits = model(input_ids=batch[:, :-1]).logits
+        return lm_loss(logits, batch[:, 1:]), batch[:, 1:].numel()
+
+    return Trainer(model, cfg, step_loss, work_dir=work_dir, reporter=reporter, label=label).run()
+
+
+@register
+class Pretrain(BuildMethod):
+    name = "pretrain"
+    relation = "pretrain"
+    config_cls = PretrainConfig
+    root = True
+
+    def run(self, ctx: BuildContext, cfg: PretrainConfig) -> BuildOutput:
+        texts = ctx.texts("train")
+        tok_path = ctx.work_dir / "tokenizer.json"
+        # The tokenizer is part of the checkpoint: a resumed build must not retrain (and perturb) it.
+        if tok_path.exists():
+            from ..models.tokenizer import tokenizer_from_bytes
+
+            tok = tokenizer_from_bytes(tok_path.read_bytes())
+        else:
+            with ctx.reporter.task(f"{ctx.node}: tokenizer (BPE, {cfg.vocab_size} tokens)", total=None):
+                tok = train_tokenizer(texts, TokenizerConfig(cfg.vocab_size, cfg.tokenizer_min_frequency))
+            tok_path.write_bytes(tokenizer_to_bytes(tok))
+        tok_digest = ctx.ws.store.put_bytes(tokenizer_to_bytes(tok))
+        torch.manual_seed(cfg.seed)
+        model = build_gpt(cfg.arch, vocab_size=tok.get_vocab_size(), eos_token_id=eos_id(tok))
+        stream = TokenStream.from_texts(tok, texts, cfg.context, cfg.seed, name=f"dataset of {ctx.node}")
+        stats = pretrain_model(model, stream, cfg, ctx.work_dir, ctx.reporter, label=f"{ctx.node}: pretrain")
+        n = count_params(model)
+        return BuildOutput(
+            files=save_model_files(model), tokenizer=tok_digest, params=n, own_params=n,
+            architecture={"model_type": "gpt2", **dataclasses.asdict(cfg.arch), "vocab_size": tok.get_vocab_size()},
+            train={"steps": stats.steps, "tokens": stats.tokens, "seconds": round(stats.seconds, 2),
+                   "final_loss": round(stats.final_loss, 4), "corpus_tokens": int(stream.tokens.numel())},
+        )

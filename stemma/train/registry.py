@@ -1,0 +1,112 @@
+"""The registry of build methods and what a method receives and returns."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import SpecError, StemmaError
+from ..progress import NullReporter, Reporter
+
+_METHODS: dict[str, type[BuildMethod]] = {}
+
+
+def register(cls: type[BuildMethod]) -> type[BuildMethod]:
+    """Class decorator: make a build method available under ``cls.name``."""
+    if cls.name in _METHODS and _METHODS[cls.name] is not cls:
+        raise ValueError(f"build method {cls.name!r} registered twice")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def _load_builtin() -> None:
+    from . import distill, finetune, importer, lora, pretrain  # noqa: F401 - registration side effect
+
+
+def get(name: str) -> BuildMethod:
+    _load_builtin()
+    try:
+        return _METHODS[name]()
+    except KeyError:
+        raise SpecError(f"unknown build method {name!r} (known: {', '.join(sorted(_METHODS))})") from None
+
+
+def names() -> list[str]:
+    _load_builtin()
+    return sorted(_METHODS)
+
+
+@dataclass
+class BuildContext:
+    """What a method may use: the workspace, its parent, its data, a work dir for checkpoints, a reporter."""
+
+    ws: Any  # Workspace; typed loosely to keep this module import-light
+    node: str
+    spec_dir: Path
+    parent: Any | None  # VersionInfo of the parent version
+    dataset_id: str | None
+    replay_dataset_id: str | None
+    work_dir: Path
+    reporter: Reporter = field(default_factory=NullReporter)
+
+    def texts(self, split: str = "train", dataset_id: str | None = None) -> tuple[str, ...]:
+        ds = dataset_id or self.dataset_id
+        if ds is None:
+            raise StemmaError(f"node {self.node}: this method needs a dataset")
+        return self.ws.dataset_texts(ds, split)
+
+    def parent_tokenizer(self):
+        return self.ws.tokenizer(self.parent.row.tokenizer)
+
+    def load_parent(self):
+        return self.ws.load_model(self.parent.id)
+
+
+@dataclass
+class BuildOutput:
+    """A method's result: files for the store plus facts for the manifest."""
+
+    files: dict[str, bytes]
+    tokenizer: str
+    """Digest of the tokenizer blob the version uses."""
+    params: int
+    own_params: int
+    architecture: dict[str, Any]
+    train: dict[str, Any] = field(default_factory=dict)
+    """Training statistics (steps, tokens, seconds, final loss) for the manifest."""
+
+
+class BuildMethod:
+    name: ClassVar[str]
+    relation: ClassVar[str]
+    """Hugging Face ``base_model_relation`` word where one exists."""
+    config_cls: ClassVar[type]
+    root: ClassVar[bool] = False
+    """True for methods that start a tree (no parent)."""
+    needs_dataset: ClassVar[bool] = True
+
+    def make_config(self, raw: dict[str, Any] | None, where: str) -> Any:
+        """Validate a config mapping against the method's dataclass (types and unknown fields)."""
+        from pydantic import TypeAdapter, ValidationError
+
+        raw = dict(raw or {})
+        known = {f.name for f in dataclasses.fields(self.config_cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise SpecError(f"{where}: unknown config field(s) {', '.join(unknown)} for method {self.name} "
+                            f"(known: {', '.join(sorted(known))})")
+        try:
+            return TypeAdapter(self.config_cls).validate_python(raw)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"])
+            raise SpecError(f"{where}: config field {loc}: {err['msg']}") from None
+
+    def recipe_inputs(self, cfg: Any, spec_dir: Path) -> dict[str, Any]:
+        """Extra content that identifies the build beyond config, parent and data (e.g. checkpoint hashes)."""
+        return {}
+
+    def run(self, ctx: BuildContext, cfg: Any) -> BuildOutput:
+        raise NotImplementedError

@@ -1,0 +1,328 @@
+"""A stemma installation: settings + blob store + registry, and the operations that touch more than one.
+
+Every write follows the same order: blobs first (idempotent, content-addressed), then one registry
+transaction that makes them visible. A crash in between leaves only unreferenced blobs, which `stemma fsck`
+reports as orphans; the registry never points at something that is not fully written.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import os
+import re
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from .data.ingest import BuiltDataset, IngestOptions, build_dataset, read_docs
+from .errors import StemmaError
+from .registry.db import Database
+from .registry.tables import Dataset, Metric, Node, Version, VersionDataset
+from .settings import Settings, load_settings
+from .store import BlobStore, FsckReport
+
+_HEX = re.compile(r"^[0-9a-f]{4,64}$")
+
+
+@dataclass
+class VersionInfo:
+    """A registry row with its manifest (plain data for the layers above)."""
+
+    row: Version
+    manifest: dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        return self.row.id
+
+    @property
+    def short(self) -> str:
+        return self.row.id[:12]
+
+
+class Workspace:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = BlobStore(settings.store_dir)
+        self.db = Database(settings.registry_url)
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def init(cls, home: str | Path | None = None) -> Workspace:
+        s = load_settings(home)
+        s.home.mkdir(parents=True, exist_ok=True)
+        s.store_dir.mkdir(exist_ok=True)
+        s.work_dir.mkdir(exist_ok=True)
+        return cls(s)
+
+    @classmethod
+    def open(cls, home: str | Path | None = None) -> Workspace:
+        s = load_settings(home)
+        if not s.store_dir.is_dir():
+            raise StemmaError(f"no stemma home at {s.home}; run `stemma init` (or set STEMMA_HOME)")
+        return cls(s)
+
+    @contextmanager
+    def build_lock(self):
+        """One build at a time per home (a second one fails at once instead of racing)."""
+        self.settings.home.mkdir(parents=True, exist_ok=True)
+        with open(self.settings.lock_path, "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StemmaError(f"another stemma build holds {self.settings.lock_path}; wait for it") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------ datasets
+    def ingest(self, paths: list[Path], opts: IngestOptions) -> tuple[Dataset, bool]:
+        """Ingest a corpus; returns the dataset row and whether it is new (same content: same id, no-op)."""
+        built = build_dataset(paths, opts)
+        return self.register_dataset(built)
+
+    def register_dataset(self, built: BuiltDataset) -> tuple[Dataset, bool]:
+        self.store.put_bytes(built.train)
+        self.store.put_bytes(built.test)
+        ds_id = self.store.put_json(built.manifest)
+        with self.db.session() as s:
+            row = s.get(Dataset, ds_id)
+            if row is not None:
+                return row, False
+            seq = (s.scalar(select(Dataset.seq).where(Dataset.name == built.manifest["name"])
+                            .order_by(Dataset.seq.desc()).limit(1)) or 0) + 1
+            sheet = built.datasheet
+            row = Dataset(
+                id=ds_id, name=built.manifest["name"], seq=seq, manifest=ds_id, language=sheet.get("language"),
+                license=(sheet.get("license") or "")[:400], n_docs=sheet["counts"]["documents"],
+                n_train=sheet["counts"]["train_documents"], n_test=sheet["counts"]["test_documents"], datasheet=sheet,
+            )
+            s.add(row)
+        return row, True
+
+    def resolve_dataset(self, ref: str) -> Dataset:
+        """``name`` (newest), ``name@seq``, ``name@idprefix`` or an id prefix."""
+        with self.db.session() as s:
+            name, _, pin = ref.partition("@")
+            q = select(Dataset).where(Dataset.name == name)
+            if pin:
+                if pin.isdigit() and len(pin) < 4:
+                    q = q.where(Dataset.seq == int(pin))
+                else:
+                    q = q.where(Dataset.id.startswith(pin))
+            rows = list(s.scalars(q.order_by(Dataset.seq.desc())))
+            if not rows and _HEX.match(ref):
+                rows = list(s.scalars(select(Dataset).where(Dataset.id.startswith(ref))))
+                if len(rows) > 1:
+                    raise StemmaError(f"dataset id prefix {ref!r} is ambiguous")
+            if not rows:
+                raise StemmaError(f"unknown dataset {ref!r}; see `stemma data list`")
+            return rows[0]
+
+    def list_datasets(self) -> list[Dataset]:
+        with self.db.session() as s:
+            return list(s.scalars(select(Dataset).order_by(Dataset.name, Dataset.seq)))
+
+    def dataset_manifest(self, ds_id: str) -> dict[str, Any]:
+        return self.store.get_json(ds_id)
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - the workspace lives as long as the process
+    def dataset_texts(self, ds_id: str, split: str) -> tuple[str, ...]:
+        if split not in ("train", "test"):
+            raise ValueError(split)
+        m = self.dataset_manifest(ds_id)
+        return tuple(d["text"] for d in read_docs(self.store.get_bytes(m[split])))
+
+    # ------------------------------------------------------------------ versions
+    def resolve_version(self, ref: str) -> VersionInfo:
+        """``node`` (its current version), ``node@idprefix``, or a version id prefix."""
+        with self.db.session() as s:
+            node, _, pin = ref.partition("@")
+            row = None
+            if pin:
+                rows = list(s.scalars(select(Version).where(Version.node_path == node, Version.id.startswith(pin))))
+                if len(rows) > 1:
+                    raise StemmaError(f"version prefix {pin!r} of {node} is ambiguous")
+                row = rows[0] if rows else None
+            else:
+                n = s.get(Node, node)
+                if n is not None and n.current_version:
+                    row = s.get(Version, n.current_version)
+                elif _HEX.match(ref):
+                    rows = list(s.scalars(select(Version).where(Version.id.startswith(ref))))
+                    if len(rows) > 1:
+                        raise StemmaError(f"version id prefix {ref!r} is ambiguous")
+                    row = rows[0] if rows else None
+            if row is None:
+                raise StemmaError(f"unknown node or version {ref!r}; see `stemma tree`")
+        return VersionInfo(row=row, manifest=self.store.get_json(row.id))
+
+    def version(self, version_id: str) -> VersionInfo:
+        with self.db.session() as s:
+            row = s.get(Version, version_id)
+        if row is None:
+            raise StemmaError(f"unknown version {version_id[:12]}")
+        return VersionInfo(row=row, manifest=self.store.get_json(row.id))
+
+    def find_by_recipe(self, node: str, recipe_key: str) -> Version | None:
+        with self.db.session() as s:
+            return s.scalar(select(Version).where(Version.node_path == node, Version.recipe_key == recipe_key))
+
+    def nodes(self) -> list[Node]:
+        with self.db.session() as s:
+            return list(s.scalars(select(Node).order_by(Node.path)))
+
+    def node(self, path: str) -> Node | None:
+        with self.db.session() as s:
+            return s.get(Node, path)
+
+    def versions_of(self, node: str) -> list[Version]:
+        with self.db.session() as s:
+            return list(s.scalars(select(Version).where(Version.node_path == node).order_by(Version.created_at)))
+
+    def version_datasets(self, version_id: str) -> dict[str, str]:
+        with self.db.session() as s:
+            rows = s.scalars(select(VersionDataset).where(VersionDataset.version_id == version_id))
+            return {r.role: r.dataset_id for r in rows}
+
+    def register_version(
+        self, manifest: dict[str, Any], *, layer: str, parent_path: str | None, datasets: dict[str, str],
+        params: int, own_params: int, make_current: bool = True,
+    ) -> VersionInfo:
+        """Publish a version whose files are already in the store: one transaction, all or nothing."""
+        for digest in list(manifest["files"].values()) + [manifest["tokenizer"]]:
+            if not self.store.has(digest):
+                raise StemmaError(f"cannot register {manifest['node']}: blob {digest[:12]} is not in the store")
+        vid = self.store.put_json(manifest)
+        nbytes = sum(self.store.size(d) for d in manifest["files"].values())
+        with self.db.session() as s:
+            node = s.get(Node, manifest["node"])
+            if node is None:
+                node = Node(path=manifest["node"], layer=layer, parent_path=parent_path)
+                s.add(node)
+            else:
+                node.layer, node.parent_path = layer, parent_path
+            row = s.get(Version, vid)
+            if row is None:
+                row = Version(
+                    id=vid, node_path=manifest["node"], parent_id=manifest.get("parent"),
+                    relation=manifest["relation"], method=manifest["method"], recipe_key=manifest["recipe_key"],
+                    tokenizer=manifest["tokenizer"], params=params, own_params=own_params, bytes=nbytes,
+                    files=manifest["files"],
+                )
+                s.add(row)
+                s.flush()
+                for role, ds in sorted(datasets.items()):
+                    s.add(VersionDataset(version_id=vid, dataset_id=ds, role=role))
+            if make_current:
+                node.current_version = vid
+        return self.version(vid)
+
+    def set_current(self, node: str, version_id: str, layer: str, parent_path: str | None) -> None:
+        with self.db.session() as s:
+            n = s.get(Node, node)
+            if n is None:
+                s.add(Node(path=node, layer=layer, parent_path=parent_path, current_version=version_id))
+            else:
+                n.current_version, n.layer, n.parent_path = version_id, layer, parent_path
+
+    # ------------------------------------------------------------------ metrics
+    def get_metric(self, version_id: str, name: str, dataset_id: str | None, split: str | None) -> float | None:
+        with self.db.session() as s:
+            m = s.scalar(select(Metric).where(Metric.version_id == version_id, Metric.name == name,
+                                              Metric.dataset_id == dataset_id, Metric.split == split))
+            return None if m is None else m.value
+
+    def put_metric(self, version_id: str, name: str, dataset_id: str | None, split: str | None, value: float,
+                   details: dict | None = None) -> None:
+        with self.db.session() as s:
+            m = s.scalar(select(Metric).where(Metric.version_id == version_id, Metric.name == name,
+                                              Metric.dataset_id == dataset_id, Metric.split == split))
+            if m is None:
+                s.add(Metric(version_id=version_id, name=name, dataset_id=dataset_id, split=split, value=value,
+                             details=details))
+            else:
+                m.value, m.details = value, details
+
+    def metrics_of(self, version_id: str) -> list[Metric]:
+        with self.db.session() as s:
+            return list(s.scalars(select(Metric).where(Metric.version_id == version_id).order_by(Metric.id)))
+
+    # ------------------------------------------------------------------ loading
+    def tokenizer(self, digest: str):
+        from .models.tokenizer import tokenizer_from_bytes
+
+        return tokenizer_from_bytes(self.store.get_bytes(digest))
+
+    def chain(self, version_id: str) -> list[VersionInfo]:
+        """The version and its ancestors, root first."""
+        out, cur, seen = [], version_id, set()
+        while cur:
+            if cur in seen:
+                raise StemmaError(f"lineage cycle at {cur[:12]}; the registry is corrupt")
+            seen.add(cur)
+            v = self.version(cur)
+            out.append(v)
+            cur = v.row.parent_id
+        return out[::-1]
+
+    def load_model(self, version_id: str):
+        """The model a version stands for, as a plain transformers model (adapter chain merged)."""
+        from .models.io import apply_adapter, load_hf_dir, materialise
+
+        chain = self.chain(version_id)
+        for child, parent in zip(chain[1:], chain[:-1]):
+            if child.row.relation == "adapter" and child.row.tokenizer != parent.row.tokenizer:
+                from .errors import TokenizerMismatchError
+
+                raise TokenizerMismatchError(
+                    f"{child.row.node_path}@{child.short}: adapter tokenizer {child.row.tokenizer[:12]} differs from its "
+                    f"base's {parent.row.tokenizer[:12]}; refusing to apply it")
+        # Start from the nearest ancestor (or self) that stores full weights.
+        start = max(i for i, v in enumerate(chain) if "model.safetensors" in v.manifest["files"])
+        model = None
+        with tempfile.TemporaryDirectory(prefix="stemma-load-") as d:
+            for i, v in enumerate(chain[start:]):
+                files = {n: self.store.verified_path(dg) for n, dg in v.manifest["files"].items()}
+                target = materialise(files, Path(d) / str(i))
+                if model is None:
+                    model = load_hf_dir(target)
+                else:
+                    model = apply_adapter(model, target, merge=True)
+        model.eval()
+        return model
+
+    # ------------------------------------------------------------------ integrity
+    def referenced_digests(self) -> set[str]:
+        refs: set[str] = set()
+        with self.db.session() as s:
+            for d in s.scalars(select(Dataset)):
+                refs.add(d.manifest)
+                try:
+                    m = self.store.get_json(d.manifest)
+                    refs.update([m["train"], m["test"]])
+                except StemmaError:
+                    pass
+            for v in s.scalars(select(Version)):
+                refs.add(v.id)
+                refs.add(v.tokenizer)
+                refs.update(v.files.values())
+        return refs
+
+    def fsck(self) -> FsckReport:
+        return self.store.fsck(self.referenced_digests())
+
+    def work_dir_for(self, key: str) -> Path:
+        p = self.settings.work_dir / key
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+
+def env_home() -> str | None:
+    return os.environ.get("STEMMA_HOME")
