@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data.ingest import IngestOptions
+from .data.ingest import BuiltDataset, IngestOptions, build_dataset
 from .errors import StemmaError
 from .evaluate.perplexity import perplexity
 from .progress import NullReporter, Reporter
@@ -45,16 +45,17 @@ def recipe_for(node: NodeSpec, parent: VersionInfo | None, datasets: dict[str, s
     }
 
 
-def ingest_spec_datasets(ws: Workspace, spec: TreeSpec, reporter: Reporter) -> dict[str, str]:
-    ids = {}
+def prepare_spec_datasets(spec: TreeSpec) -> dict[str, BuiltDataset]:
+    """Read and split every dataset the spec declares, in memory (nothing is written yet)."""
+    built = {}
     for name, d in spec.datasets.items():
         opts = IngestOptions(name=name, license=d.license, language=d.language, domain=d.domain,
                              description=d.description, test_fraction=d.test_fraction, max_doc_chars=d.max_doc_chars)
-        row, new = ws.ingest(list(d.paths), opts)
-        if new:
-            reporter.log(f"dataset {name}: ingested {row.n_docs} documents as {row.id[:12]}")
-        ids[name] = row.id
-    return ids
+        try:
+            built[name] = build_dataset(list(d.paths), opts)
+        except StemmaError as e:
+            raise type(e)(f"dataset {name}: {e}") from None
+    return built
 
 
 class Evaluator:
@@ -110,7 +111,6 @@ def build(ws: Workspace, spec: TreeSpec, reporter: Reporter | None = None, only:
     reporter = reporter or NullReporter()
     events: list[BuildEvent] = []
     with ws.build_lock():
-        ds_ids = ingest_spec_datasets(ws, spec, reporter)
         targets = set(spec.order)
         if only:
             for o in only:
@@ -122,6 +122,22 @@ def build(ws: Workspace, spec: TreeSpec, reporter: Reporter | None = None, only:
                 while cur:
                     targets.add(cur)
                     cur = spec.nodes[cur].parent
+        # Pre-flight: everything that can fail on bad input fails here, before the first write.
+        prepared = prepare_spec_datasets(spec)
+        inputs: dict[str, dict] = {}
+        for path in spec.order:
+            if path not in targets:
+                continue
+            node = spec.nodes[path]
+            inputs[path] = get(node.method).recipe_inputs(node.config, spec.root_dir)
+            if node.dataset and node.dataset not in prepared:
+                ws.resolve_dataset(node.dataset)
+        ds_ids = {}
+        for name, b in prepared.items():
+            row, new = ws.register_dataset(b)
+            if new:
+                reporter.log(f"dataset {name}: ingested {row.n_docs} documents as {row.id[:12]}")
+            ds_ids[name] = row.id
         built: dict[str, VersionInfo] = {}
         evaluator = Evaluator(ws, reporter)
         for path in spec.order:
@@ -138,7 +154,7 @@ def build(ws: Workspace, spec: TreeSpec, reporter: Reporter | None = None, only:
                 pds = ws.version_datasets(parent.id).get("train")
                 if pds:
                     datasets["replay"] = pds
-            extra = method.recipe_inputs(node.config, spec.root_dir)
+            extra = inputs[path]
             recipe = recipe_for(node, parent, datasets, extra)
             key = sha256_bytes(canonical_json(recipe))
             existing = ws.find_by_recipe(path, key)

@@ -16,7 +16,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Build, track, fit and serve a hierarchy of language models.")
 data_app = typer.Typer(no_args_is_help=True, help="Corpora and datasets.")
 app.add_typer(data_app, name="data")
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
 
@@ -162,7 +162,7 @@ def lineage(ref: str) -> None:
         arrow = "" if i == 0 else "  " * (i - 1) + "└─"
         files = ", ".join(f"{n}:{d[:8]}" for n, d in sorted(c.manifest["files"].items()))
         out.print(f"{arrow}{c.row.node_path} [bold]{c.id[:12]}[/bold]  {c.row.relation} ({c.row.method})  "
-                  f"tokenizer {c.row.tokenizer[:8]}  [{files}]")
+                  f"tokenizer {c.row.tokenizer[:8]}  files {files}", highlight=False)
 
 
 @app.command()

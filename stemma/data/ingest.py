@@ -161,6 +161,8 @@ def build_dataset(paths: list[Path], opts: IngestOptions) -> BuiltDataset:
     duplicates = 0
     for d in col.docs:
         for piece in _chunk(_normalise(d["text"]), opts.max_doc_chars):
+            if not piece:
+                continue
             h = hashlib.sha256(piece.encode()).hexdigest()
             if h in seen:
                 duplicates += 1

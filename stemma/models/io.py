@@ -22,6 +22,9 @@ KEEP_FILES = {"config.json", "generation_config.json", "model.safetensors", "ada
 
 def save_model_files(model, adapter: bool = False, base_ref: str | None = None) -> dict[str, bytes]:
     """Serialise a model (or, with ``adapter``, only its active PEFT adapter) to file name -> bytes."""
+    from . import quiet_transformers
+
+    quiet_transformers()
     with tempfile.TemporaryDirectory(prefix="stemma-save-") as d:
         if adapter:
             cfg = model.peft_config[model.active_adapter]
@@ -65,6 +68,9 @@ def load_hf_dir(path: Path):
     """Load a causal LM from a directory of safetensors weights (never pickle, never remote code)."""
     from transformers import AutoModelForCausalLM
 
+    from . import quiet_transformers
+
+    quiet_transformers()
     check_safe_checkpoint(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(

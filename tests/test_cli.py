@@ -1,0 +1,133 @@
+"""The command line: the golden path, and bad input giving one-line errors that change nothing."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import yaml
+from sqlalchemy import select
+
+from stemma import cli
+from stemma.registry import tables
+
+
+def run(capsys, monkeypatch, *args) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["stemma", *map(str, args)])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def snapshot(ws):
+    rows = {}
+    with ws.db.session() as s:
+        for t in (tables.Dataset, tables.Node, tables.Version, tables.VersionDataset, tables.Metric):
+            rows[t.__tablename__] = sorted(
+                tuple(str(getattr(r, c.key)) for c in t.__table__.columns) for r in s.scalars(select(t)))
+    return rows, sorted(ws.store.iter_digests())
+
+
+def test_golden_path(tree_copy, capsys, monkeypatch, tmp_path):
+    code, out, _ = run(capsys, monkeypatch, "tree")
+    assert code == 0 and "en/software/python" in out and "adapter" in out
+    code, out, _ = run(capsys, monkeypatch, "show", "en/software/python")
+    doc = json.loads(out)
+    assert doc["manifest"]["relation"] == "adapter" and doc["datasets"]["train"]["name"] == "en-python"
+    assert {m["name"] for m in doc["metrics"]} == {"perplexity"}
+    code, out, _ = run(capsys, monkeypatch, "lineage", "en/software/python")
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 4 and lines[0].startswith("master")
+    code, out, _ = run(capsys, monkeypatch, "data", "list")
+    assert code == 0 and "en-legal" in out
+    code, out, _ = run(capsys, monkeypatch, "export", "en/software/python", "--out", tmp_path / "x")
+    assert code == 0 and (tmp_path / "x" / "model.safetensors").exists()
+    code, out, _ = run(capsys, monkeypatch, "fsck")
+    assert code == 0 and "0 corrupt, 0 missing, 0 orphan" in out
+
+
+def test_ingest_from_the_command_line(home, capsys, monkeypatch, tmp_path):
+    assert run(capsys, monkeypatch, "init")[0] == 0
+    (tmp_path / "d").mkdir()
+    for i in range(5):
+        (tmp_path / "d" / f"{i}.txt").write_text(f"document {i}\n\nsecond paragraph {i}")
+    code, out, _ = run(capsys, monkeypatch, "data", "ingest", tmp_path / "d", "--name", "en-software",
+                       "--license", "MIT", "--language", "en")
+    assert code == 0 and "5 documents" in out and "ingested" in out
+    code, out, _ = run(capsys, monkeypatch, "data", "show", "en-software")
+    sheet = json.loads(out)["datasheet"]
+    assert sheet["license"] == "MIT" and sheet["language"] == "en" and sheet["counts"]["documents"] == 5
+
+
+def _bad_spec(kind, d):
+    spec = yaml.safe_load((d / "stemma.yaml").read_text())
+    if kind == "cycle":
+        spec["nodes"]["en"]["parent"] = "en/software/python"
+    elif kind == "unknown-parent":
+        spec["nodes"]["en/legal"]["parent"] = "fr"
+    elif kind == "bad-name":
+        spec["nodes"]["../x"] = {"method": "lora", "dataset": "en", "parent": "en"}
+    elif kind == "missing-file":
+        spec["datasets"]["en"]["paths"].append("corpus/nope.jsonl")
+    elif kind == "empty-corpus":
+        (d / "corpus" / "empty.txt").write_text("\n\n")
+        spec["datasets"]["empty"] = {"paths": ["corpus/empty.txt"]}
+        spec["nodes"]["en/empty"] = {"method": "lora", "dataset": "empty"}
+    elif kind == "pickle":
+        ck = d / "ckpt"
+        ck.mkdir()
+        (ck / "config.json").write_text("{}")
+        (ck / "pytorch_model.bin").write_bytes(b"\x80\x04")
+        spec["nodes"]["other"] = {"method": "import", "config": {"path": "ckpt"}}
+    p = d / f"{kind}.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    return p
+
+
+@pytest.mark.parametrize("kind", ["cycle", "unknown-parent", "bad-name", "missing-file", "empty-corpus", "pickle"])
+def test_bad_spec_is_one_line_error_and_changes_nothing(tree_copy, capsys, monkeypatch, kind):
+    ws = tree_copy["ws"]
+    before = snapshot(ws)
+    spec = _bad_spec(kind, tree_copy["dir"])
+    code, out, err = run(capsys, monkeypatch, "build", spec)
+    assert code != 0
+    assert err.strip().startswith("error:") and len(err.strip().splitlines()) == 1, err
+    assert snapshot(ws) == before
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["data", "ingest", "/nonexistent/file.txt", "--name", "x"], "no such file"),
+        (["show", "nope"], "unknown node"),
+        (["lineage", "../x"], "unknown node"),
+        (["export", "nope", "--out", "/tmp/never"], "unknown node"),
+        (["build", "/nonexistent/stemma.yaml"], "no such file"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(tree_copy, capsys, monkeypatch, args, message):
+    before = snapshot(tree_copy["ws"])
+    code, out, err = run(capsys, monkeypatch, *args)
+    assert code != 0 and message in err and len(err.strip().splitlines()) == 1, err
+    assert snapshot(tree_copy["ws"]) == before
+
+
+def test_corrupted_blob_is_reported(tree_copy, capsys, monkeypatch, tmp_path):
+    ws = tree_copy["ws"]
+    v = ws.resolve_version("en")
+    blob = ws.store.path(v.manifest["files"]["model.safetensors"])
+    blob.write_bytes(b"garbage")
+    code, out, err = run(capsys, monkeypatch, "export", "en/software", "--out", tmp_path / "o")
+    assert code != 0 and "corrupt" in err and len(err.strip().splitlines()) == 1
+    code, out, _ = run(capsys, monkeypatch, "fsck")
+    assert code == 1 and "corrupt" in out and "1 corrupt" in out
+
+
+def test_commands_need_an_initialised_home(home, capsys, monkeypatch):
+    code, _, err = run(capsys, monkeypatch, "tree")
+    assert code != 0 and "stemma init" in err
