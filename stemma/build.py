@@ -9,11 +9,9 @@ every descendant, so they rebuild.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from .data.ingest import BuiltDataset, IngestOptions, build_dataset
 from .errors import StemmaError
@@ -37,7 +35,7 @@ def recipe_for(node: NodeSpec, parent: VersionInfo | None, datasets: dict[str, s
     return {
         "node": node.path,
         "method": node.method,
-        "config": dataclasses.asdict(node.config),
+        "config": get(node.method).recipe_config(node.config),
         "parent": parent.id if parent else None,
         "datasets": datasets,
         "tokenizer": parent.row.tokenizer if parent else None,
@@ -180,7 +178,8 @@ def _run(ws: Workspace, spec: TreeSpec, node: NodeSpec, method, parent: VersionI
     if parent is not None and parent.row.tokenizer != ws.version(parent.id).row.tokenizer:  # pragma: no cover
         raise StemmaError(f"node {node.path}: parent tokenizer changed during the build")
     out = method.run(ctx, node.config)
-    if parent is not None and method.relation in ("adapter", "merge", "update") and out.tokenizer != parent.row.tokenizer:
+    needs_same_tokenizer = method.relation in ("adapter", "merge", "update")
+    if parent is not None and needs_same_tokenizer and out.tokenizer != parent.row.tokenizer:
         from .errors import TokenizerMismatchError
 
         raise TokenizerMismatchError(f"node {node.path}: {method.relation} needs the parent's tokenizer "

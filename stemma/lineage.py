@@ -62,7 +62,8 @@ def tree_rows(ws: Workspace, forgetting_limit: float = 0.15) -> list[NodeRow]:
                       bytes=None, ppl_own=None, parent_ppl_own=None, ppl_parent_split=None,
                       parent_ppl_parent_split=None, status="not built")
         if v is not None:
-            row.relation, row.params, row.own_params, row.bytes = v.row.relation, v.row.params, v.row.own_params, v.row.bytes
+            row.relation, row.params = v.row.relation, v.row.params
+            row.own_params, row.bytes = v.row.own_params, v.row.bytes
             ds = ws.version_datasets(v.id)
             own = ds.get("train")
             if own:

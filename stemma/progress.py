@@ -6,8 +6,8 @@ The CLI hands in a `RichReporter` (rich progress bars with loss and tokens/s); t
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 

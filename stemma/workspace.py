@@ -282,8 +282,8 @@ class Workspace:
                 from .errors import TokenizerMismatchError
 
                 raise TokenizerMismatchError(
-                    f"{child.row.node_path}@{child.short}: adapter tokenizer {child.row.tokenizer[:12]} differs from its "
-                    f"base's {parent.row.tokenizer[:12]}; refusing to apply it")
+                    f"{child.row.node_path}@{child.short}: adapter tokenizer {child.row.tokenizer[:12]} differs "
+                    f"from its base's {parent.row.tokenizer[:12]}; refusing to apply it")
         # Start from the nearest ancestor (or self) that stores full weights.
         start = max(i for i, v in enumerate(chain) if "model.safetensors" in v.manifest["files"])
         model = None

@@ -28,7 +28,7 @@ class IngestOptions:
     name: str
     """Dataset name; ingesting new content under the same name makes its next version."""
     license: str | None = None
-    """Licence of the corpus (SPDX id where possible). A JSONL document's own ``license`` field wins for that document."""
+    """Licence of the corpus (SPDX id where possible); a JSONL document's own ``license`` field wins for it."""
     language: str | None = None
     """Language code of the corpus (``en``, ``de``), or ``multi``."""
     domain: str | None = None

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -46,6 +47,9 @@ class TrainConfig:
     """Seeds initialisation and batch sampling; the same seed gives the same batches after a resume."""
     checkpoint_every_s: float = 20.0
     """Write a resumable checkpoint at most this often (seconds)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """``fp32``, or ``bf16``: forward passes under bfloat16 autocast while weights and optimiser state stay fp32
+    (about twice as fast on CPUs with AVX512-BF16 or AMX)."""
 
 
 class TokenStream:
@@ -120,6 +124,9 @@ class Trainer:
         self.named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not self.named:
             raise ValueError("nothing to train: no parameter requires grad")
+        if cfg.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
+        self._autocast = cfg.precision == "bf16"
         decay = [p for n, p in self.named if p.dim() >= 2]
         no_decay = [p for n, p in self.named if p.dim() < 2]
         self.opt = torch.optim.AdamW(
@@ -204,7 +211,8 @@ class Trainer:
                 lr = lr_at(step, cfg)
                 for g in self.opt.param_groups:
                     g["lr"] = lr
-                loss, ntok = self.step_loss(step)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._autocast):
+                    loss, ntok = self.step_loss(step)
                 loss.backward()
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)

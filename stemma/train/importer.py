@@ -39,6 +39,9 @@ class Import(BuildMethod):
     root = True
     needs_dataset = False
 
+    def recipe_config(self, cfg: ImportConfig) -> dict:
+        return {}  # the path only locates the checkpoint; its content (recipe_inputs) identifies it
+
     def recipe_inputs(self, cfg: ImportConfig, spec_dir: Path) -> dict:
         path = _resolve(cfg, spec_dir)
         safes = check_safe_checkpoint(path)

@@ -104,6 +104,10 @@ class BuildMethod:
             loc = ".".join(str(x) for x in err["loc"])
             raise SpecError(f"{where}: config field {loc}: {err['msg']}") from None
 
+    def recipe_config(self, cfg: Any) -> dict[str, Any]:
+        """The config as it enters the recipe key (everything, unless a field only locates an input)."""
+        return dataclasses.asdict(cfg)
+
     def recipe_inputs(self, cfg: Any, spec_dir: Path) -> dict[str, Any]:
         """Extra content that identifies the build beyond config, parent and data (e.g. checkpoint hashes)."""
         return {}

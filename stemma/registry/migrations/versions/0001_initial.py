@@ -1,12 +1,11 @@
 """initial schema: datasets, nodes, versions, metrics
 
 Revision ID: 0001
-Revises: 
+Revises: (none)
 Create Date: 2026-11-22 06:57:19.302613
 """
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0001'
 down_revision = None
