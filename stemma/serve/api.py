@@ -1,0 +1,502 @@
+"""The OpenAI-compatible HTTP API (FastAPI): models, completions, chat completions, health, metrics, admin.
+
+Requests are validated by pydantic at the edge; anything a client can get wrong answers 4xx with an
+OpenAI-style body ``{"error": {"message", "type", "param", "code"}}`` and never a 500. Generation runs on
+the engines' scheduler thread; each sequence reports its events to this event loop through
+``call_soon_threadsafe``. A streaming client that goes away cancels its sequences, which frees their
+slots before the next decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import StemmaError
+from .config import ServeConfig
+from .engine import Event, SamplingParams, Sequence
+from .pool import BusyError, CapacityError, ModelNotFoundError, ModelPool, Target
+from .selector import NoModelError
+
+log = logging.getLogger("stemma.serve")
+
+StrictInt = Annotated[int, Field(strict=True)]
+Number = Annotated[float, Field(allow_inf_nan=False)]
+
+
+# ---------------------------------------------------------------------- request bodies
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    """Fields shared by completions and chat completions (OpenAI names and meanings)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=400)
+    max_tokens: Annotated[int, Field(strict=True, ge=1)] | None = None
+    temperature: Annotated[Number, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[Number, Field(gt=0, le=1)] = 1.0
+    n: Annotated[int, Field(strict=True, ge=1)] = 1
+    stream: Annotated[bool, Field(strict=True)] = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[Annotated[str, Field(min_length=1)]] | None = None
+    seed: StrictInt | None = None
+    presence_penalty: Annotated[Number, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] = 0.0
+    logprobs: Any = None
+    user: str | None = None
+    # stemma extras (OpenAI clients send them with extra_body=...)
+    ignore_eos: Annotated[bool, Field(strict=True)] = False
+    """Generate exactly max_tokens, past the end-of-text token (benchmarks)."""
+    language: str | None = None
+    """For ``model: auto``: language code the model must serve."""
+    domain: str | None = None
+    """For ``model: auto``: domain or sub-domain."""
+    memory_bytes: Annotated[int, Field(strict=True, ge=1)] | None = None
+    """For ``model: auto``: the served footprint must fit."""
+    latency_ms: Annotated[Number, Field(gt=0)] | None = None
+    """For ``model: auto``: per-token latency bound."""
+
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        s = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if len(s) > 4:
+            raise BadRequest("at most 4 stop sequences are allowed", param="stop")
+        if any(not x for x in s):
+            raise BadRequest("stop sequences must not be empty", param="stop")
+        return s
+
+    def requirements(self) -> dict:
+        return {k: v for k, v in (("language", self.language), ("domain", self.domain),
+                                  ("memory_bytes", self.memory_bytes), ("latency_ms", self.latency_ms))
+                if v is not None}
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    max_tokens: Annotated[int, Field(strict=True, ge=1)] | None = 16
+    echo: Annotated[bool, Field(strict=True)] = False
+    best_of: StrictInt | None = None
+    suffix: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for p in self.content:
+            if p.get("type") != "text" or not isinstance(p.get("text"), str):
+                raise BadRequest("only text content parts are supported", param="messages")
+            parts.append(p["text"])
+        return "".join(parts)
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Annotated[int, Field(strict=True, ge=1)] | None = None
+
+
+class AdminRequest(BaseModel):
+    model: str = Field(min_length=1, max_length=400)
+
+
+# ---------------------------------------------------------------------- errors
+class ApiError(Exception):
+    status = 400
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+class BadRequest(ApiError):
+    pass
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None):
+    return JSONResponse(error_body(message, type_, param, code), status_code=status)
+
+
+_STEMMA_ERRORS = [  # (kind, status, type, code)
+    (ModelNotFoundError, 404, "invalid_request_error", "model_not_found"),
+    (NoModelError, 404, "invalid_request_error", "model_not_found"),
+    (CapacityError, 429, "rate_limit_error", "server_busy"),
+    (BusyError, 409, "invalid_request_error", "model_busy"),
+]
+
+
+# ---------------------------------------------------------------------- chat template
+def chat_prompt(messages: list[ChatMessage]) -> str:
+    """The tree's chat template: the models are plain-text LMs, so a transcript they can continue.
+
+    ``system`` text first, then ``User: ...`` / ``Assistant: ...`` lines, ending with ``Assistant:``.
+    Generation stops at a new ``User:`` line (added to the request's stop strings).
+    """
+    out = []
+    for m in messages:
+        text = m.text().strip()
+        if m.role in ("system", "developer"):
+            out.append(f"{text}\n\n")
+        else:
+            out.append(f"{m.role.capitalize()}: {text}\n")
+    out.append("Assistant:")
+    return "".join(out)
+
+
+CHAT_STOP = "\nUser:"
+
+
+# ---------------------------------------------------------------------- metrics
+class _Metrics:
+    def __init__(self, pool: ModelPool):
+        from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+        from prometheus_client.core import GaugeMetricFamily
+
+        disable_created_metrics()  # the *_created series only add noise to every scrape
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("stemma_requests", "Generation requests accepted", ["model", "endpoint"], registry=r)
+        self.http = Counter("stemma_http_responses", "HTTP responses by status", ["path", "status"], registry=r)
+        self.prompt_tokens = Counter("stemma_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.completion_tokens = Counter("stemma_completion_tokens", "Tokens generated", ["model"], registry=r)
+        buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        self.latency = Histogram("stemma_request_latency_seconds", "Request latency, submit to last token",
+                                 ["model"], buckets=buckets, registry=r)
+        self.ttft = Histogram("stemma_time_to_first_token_seconds", "Submit to first token", ["model"],
+                              buckets=buckets, registry=r)
+
+        class EngineCollector:
+            def collect(self_inner):
+                stats = pool.stats()
+                for name, doc, key in (("stemma_queue_depth", "Sequences waiting for a slot", "queue"),
+                                       ("stemma_running_sequences", "Sequences in the batch", "running"),
+                                       ("stemma_batch_size", "Rows in the last decode step", "batch"),
+                                       ("stemma_adapters_loaded", "Adapters in the bank", "adapters"),
+                                       ("stemma_engine_bytes", "Bytes of weights, KV cache and adapters", "bytes")):
+                    g = GaugeMetricFamily(name, doc, labels=["base"])
+                    for s in stats:
+                        g.add_metric([s["base"]], s[key])
+                    yield g
+
+        r.register(EngineCollector())
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+# ---------------------------------------------------------------------- the app
+def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
+    """The server for a workspace. The pool (engines + scheduler thread) lives as long as the app."""
+    cfg = cfg or ServeConfig.from_env()
+    pool = ModelPool(ws, cfg)
+    metrics = _Metrics(pool)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        pool.close()
+
+    app = FastAPI(title="stemma", lifespan=lifespan)
+    app.state.pool = pool
+    app.state.cfg = cfg
+
+    # ------------------------------------------------------------------ error handlers
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        e = errs[0] if errs else {}
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        if e.get("type") == "json_invalid":
+            return _error(400, "the request body is not valid JSON", "invalid_request_error")
+        param = loc[0] if loc else None
+        return _error(400, f"{param or 'body'}: {e.get('msg', 'invalid value')}", "invalid_request_error", param)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return _error(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(StemmaError)
+    async def _stemma_error(request: Request, exc: StemmaError):
+        for kind, status, type_, code in _STEMMA_ERRORS:
+            if isinstance(exc, kind):
+                return _error(status, str(exc), type_, "model" if status == 404 else None, code)
+        return _error(400, str(exc), "invalid_request_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return _error(500, "internal server error", "server_error")
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        resp = await call_next(request)
+        route = request.scope.get("route")
+        metrics.http.labels(getattr(route, "path", "other"), str(resp.status_code)).inc()
+        return resp
+
+    # ------------------------------------------------------------------ plain endpoints
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "engines": pool.stats()}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": await run_in_threadpool(pool.models)}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str):
+        t = await run_in_threadpool(pool.resolve, model)
+        for m in await run_in_threadpool(pool.models):
+            if m["version"] == t.version_id:
+                return m
+        return {"id": model, "object": "model", "owned_by": "stemma", "root": t.base_node, "parent": t.parent_node,
+                "relation": t.relation, "layer": t.layer, "version": t.version_id, "max_model_len": t.context}
+
+    # ------------------------------------------------------------------ admin
+    def _admin(request: Request) -> None:
+        if not cfg.admin_token:
+            raise _Forbidden("admin endpoints are disabled: start the server with STEMMA_ADMIN_TOKEN set")
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), cfg.admin_token.encode()):
+            raise _Unauthorized("missing or wrong admin bearer token")
+
+    @app.post("/admin/load")
+    async def admin_load(body: AdminRequest, request: Request):
+        _admin(request)
+        t = await run_in_threadpool(pool.resolve, body.model)
+        return await run_in_threadpool(pool.load, t)
+
+    @app.post("/admin/unload")
+    async def admin_unload(body: AdminRequest, request: Request):
+        _admin(request)
+        t = await run_in_threadpool(pool.resolve, body.model)
+        return await run_in_threadpool(pool.unload, t)
+
+    # ------------------------------------------------------------------ generation
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        if body.echo or body.suffix or (body.best_of not in (None, 1)):
+            raise BadRequest("echo, suffix and best_of are not supported")
+        t, engine = await _prepare(body)
+        prompts = _prompt_ids(body.prompt, engine)
+        return await _generate(body, t, engine, prompts, chat=False, endpoint="completions",
+                               max_tokens=body.max_tokens, extra_stop=())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        t, engine = await _prepare(body)
+        text = chat_prompt(body.messages)
+        prompts = [engine.tokenizer.encode(text).ids]
+        return await _generate(body, t, engine, prompts, chat=True, endpoint="chat",
+                               max_tokens=body.max_completion_tokens or body.max_tokens, extra_stop=(CHAT_STOP,))
+
+    async def _prepare(body: _Common):
+        if body.n > cfg.max_n:
+            raise BadRequest(f"n is {body.n}; at most {cfg.max_n} choices per request", param="n")
+        if body.logprobs not in (None, False, 0):
+            raise BadRequest("logprobs are not supported", param="logprobs")
+        if body.presence_penalty or body.frequency_penalty:
+            raise BadRequest("presence_penalty and frequency_penalty are not supported")
+        reqs = body.requirements()
+        if reqs and body.model != "auto":
+            raise BadRequest("language/domain/memory_bytes/latency_ms apply to model 'auto' only", param="model")
+        t = await run_in_threadpool(pool.resolve, body.model, reqs)
+        engine = await run_in_threadpool(pool.engine, t)
+        return t, engine
+
+    def _prompt_ids(prompt, engine) -> list[list[int]]:
+        if isinstance(prompt, str):
+            items: list = [prompt]
+        elif prompt and all(isinstance(x, int) for x in prompt):
+            items = [prompt]
+        else:
+            items = list(prompt)
+        if not items:
+            raise BadRequest("prompt is empty", param="prompt")
+        if len(items) > cfg.max_prompts:
+            raise BadRequest(f"{len(items)} prompts; at most {cfg.max_prompts} per request", param="prompt")
+        vocab = engine.decoder.shape.vocab_size
+        out = []
+        for it in items:
+            if isinstance(it, str):
+                ids = engine.tokenizer.encode(it).ids
+            else:
+                if any(not 0 <= x < vocab for x in it):
+                    raise BadRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
+                ids = list(it)
+            out.append(ids or [engine.eos_id])  # an empty prompt starts from end-of-text, as GPT-2 does
+        return out
+
+    async def _generate(body: _Common, t: Target, engine, prompts: list[list[int]], *, chat: bool, endpoint: str,
+                        max_tokens: int | None, extra_stop: tuple[str, ...]):
+        ctx = engine.context
+        longest = max(len(p) for p in prompts)
+        if longest >= ctx:
+            raise BadRequest(f"the prompt is {longest} tokens; {t.node} has a context of {ctx} tokens and needs "
+                             "room for at least one new token", param="prompt", code="context_length_exceeded")
+        if max_tokens is not None and longest + max_tokens > ctx:
+            raise BadRequest(f"the prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds the context "
+                             f"of {t.node} ({ctx} tokens)", param="max_tokens", code="context_length_exceeded")
+        stop = body.stops() + extra_stop
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        seqs: list[Sequence] = []
+        for p in prompts:
+            for j in range(body.n):
+                params = SamplingParams(
+                    max_tokens=max_tokens if max_tokens is not None else ctx - len(p), temperature=body.temperature,
+                    top_p=body.top_p, seed=None if body.seed is None else body.seed + j, stop=stop,
+                    ignore_eos=body.ignore_eos)
+                i = len(seqs)
+
+                def sink(ev: Event, i: int = i) -> None:
+                    loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
+
+                seqs.append(Sequence(prompt=p, params=params, adapter=t.adapters, sink=sink, label=t.node))
+        await run_in_threadpool(pool.submit, t, seqs)
+        metrics.requests.labels(t.node, endpoint).inc()
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        model_name = t.node if body.model == "auto" else body.model
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_stream(seqs, queue, t, rid, created, model_name, chat, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            texts = [""] * len(seqs)
+            finals: list[Event | None] = [None] * len(seqs)
+            while any(f is None for f in finals):
+                i, ev = await queue.get()
+                texts[i] += ev.text
+                if ev.done:
+                    finals[i] = ev
+                    _observe(t, seqs[i], ev)
+        finally:
+            for s in seqs:
+                s.cancel()
+        failed = next((f for f in finals if f.error), None)
+        if failed:
+            return _error(500, f"generation failed: {failed.error}", "server_error")
+        prompt_tokens = sum(len(p) for p in prompts)  # each prompt counted once, as OpenAI does for n > 1
+        completion_tokens = sum(f.completion_tokens for f in finals)
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
+                        "finish_reason": finals[i].finish_reason} for i in range(len(seqs))]
+        else:
+            choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": finals[i].finish_reason}
+                       for i in range(len(seqs))]
+        doc = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+               "model": model_name, "system_fingerprint": t.version_id[:12], "choices": choices,
+               "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                         "total_tokens": prompt_tokens + completion_tokens}}
+        if t.reason:
+            doc["selection"] = {"model": t.node, "version": t.version_id, "reason": t.reason}
+        return doc
+
+    def _observe(t: Target, s: Sequence, ev: Event) -> None:
+        now = time.perf_counter()
+        metrics.prompt_tokens.labels(t.node).inc(ev.prompt_tokens)
+        metrics.completion_tokens.labels(t.node).inc(ev.completion_tokens)
+        metrics.latency.labels(t.node).observe(now - s.t_submit)
+        if s.t_first is not None:
+            metrics.ttft.labels(t.node).observe(s.t_first - s.t_submit)
+
+    async def _stream(seqs, queue, t: Target, rid, created, model_name, chat, include_usage) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        fp = t.version_id[:12]
+
+        def chunk(choices, usage=None) -> str:
+            doc = {"id": rid, "object": obj, "created": created, "model": model_name, "system_fingerprint": fp,
+                   "choices": choices}
+            if include_usage:
+                doc["usage"] = usage
+            return f"data: {json.dumps(doc)}\n\n"
+
+        def choice(i, text, finish):
+            if chat:
+                return {"index": i, "delta": {"content": text} if text or finish is None else {}, "logprobs": None,
+                        "finish_reason": finish}
+            return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+
+        try:
+            if chat:
+                for i in range(len(seqs)):
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}])
+            done, completion_tokens = 0, 0
+            prompt_tokens = sum(len(p) for p in {id(s.prompt): s.prompt for s in seqs}.values())
+            while done < len(seqs):
+                i, ev = await queue.get()
+                if ev.error:
+                    yield f"data: {json.dumps(error_body(f'generation failed: {ev.error}', 'server_error'))}\n\n"
+                    done += 1
+                    continue
+                if ev.text:
+                    yield chunk([choice(i, ev.text, None)])
+                if ev.done:
+                    done += 1
+                    completion_tokens += ev.completion_tokens
+                    _observe(t, seqs[i], ev)
+                    yield chunk([choice(i, "", ev.finish_reason)])
+            if include_usage:
+                yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                 "total_tokens": prompt_tokens + completion_tokens})
+            yield "data: [DONE]\n\n"
+        finally:
+            # Normal end, client gone (the response is cancelled) or server shutting down: free the slots.
+            for s in seqs:
+                s.cancel()
+
+    return app
+
+
+class _Unauthorized(ApiError):
+    status = 401
+    type = "authentication_error"
+
+
+class _Forbidden(ApiError):
+    status = 403
+    type = "permission_error"

@@ -1,0 +1,452 @@
+"""Continuous batching over one base model: requests join and leave between decode steps.
+
+An `Engine` owns one `Decoder` (one base version's weights, KV cache and adapter bank). Each step it
+(1) drops sequences whose client went away, (2) admits waiting sequences into free cache slots and
+prefills them in one right-padded batch, (3) runs one decode step for every running sequence, whatever
+its adapter, and (4) samples, detokenises and reports each row's new text. Finished rows leave at once
+and the last slot moves into the hole, so running rows always occupy slots ``0 .. B-1``.
+
+Adapters load on demand into the bank and are evicted least-recently-used when the engine holds
+``max_adapters`` of them or more than ``adapter_budget_bytes``; an adapter in use by a sequence is never
+evicted (the sequence waits instead). One `Scheduler` thread steps every engine in turn: the machine's
+cores go to the matrix multiplies, not to competing Python threads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import StemmaError
+from .model import Decoder, LoraDelta
+
+log = logging.getLogger("stemma.serve")
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence is generated."""
+
+    max_tokens: int
+    """New tokens at most (the prompt plus these must fit the context)."""
+    temperature: float = 1.0
+    """0 is greedy (argmax); otherwise logits are divided by it before sampling."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches this."""
+    seed: int | None = None
+    """Seed of this sequence's own generator: the same seed gives the same text whatever else is batched."""
+    stop: tuple[str, ...] = ()
+    """Strings that end generation; the text is cut before the first one and never contains it."""
+    ignore_eos: bool = False
+    """Keep generating past the end-of-text token (benchmarks want a fixed length)."""
+
+
+@dataclass
+class Event:
+    """What a sequence reports to its consumer: new text, or the end (with a reason or an error)."""
+
+    text: str = ""
+    done: bool = False
+    finish_reason: str | None = None
+    """``stop`` (end-of-text or a stop string), ``length`` (max_tokens or context), ``error``."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generation: a prompt, its parameters, the adapter chain to apply and where to report events.
+
+    ``sink`` is called from the scheduler thread; it must be quick and thread-safe (the API hands events
+    to its event loop with ``call_soon_threadsafe``).
+    """
+
+    prompt: list[int]
+    params: SamplingParams
+    adapter: tuple[str, ...]
+    """Adapter version ids from the base down (empty: the base itself)."""
+    sink: Callable[[Event], None]
+    label: str = ""
+    """Name for metrics and logs (the requested model)."""
+    id: int = field(default_factory=lambda: next(_ids))
+    generated: list[int] = field(default_factory=list)
+    emitted: int = 0
+    """Characters of the decoded text already reported."""
+    cancelled: bool = False
+    finished: bool = False
+    aid: int = 0
+    """Adapter bank slot while running."""
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this sequence (safe from any thread; takes effect before the next step)."""
+        self.cancelled = True
+
+    @property
+    def position(self) -> int:
+        """Tokens in the cache once the last generated token is fed back."""
+        return len(self.prompt) + len(self.generated) - 1
+
+
+@dataclass
+class _AdapterEntry:
+    slot: int
+    nbytes: int
+    refs: int = 0
+
+
+class Engine:
+    """Batched decoding of one base model and every adapter child of it.
+
+    Args:
+        name: the base's node path (for metrics and messages).
+        decoder: weights, cache and adapter bank.
+        tokenizer: the tree's ``tokenizers.Tokenizer``.
+        eos_id: the end-of-text token.
+        load_adapter: adapter version ids (base first) -> combined delta; called on the scheduler thread.
+        max_adapters: adapters held at once (LRU beyond).
+        adapter_budget_bytes: bytes of adapters held at once (LRU beyond).
+        max_prefill_tokens: padded prompt tokens prefilled per step, so one step stays short for running streams.
+    """
+
+    def __init__(self, name: str, decoder: Decoder, tokenizer, eos_id: int,
+                 load_adapter: Callable[[tuple[str, ...]], LoraDelta], max_adapters: int = 32,
+                 adapter_budget_bytes: int = 512 << 20, max_prefill_tokens: int = 2048):
+        self.name = name
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.eos_id = eos_id
+        self.load_adapter = load_adapter
+        self.max_adapters = max_adapters
+        self.adapter_budget_bytes = adapter_budget_bytes
+        self.max_prefill_tokens = max_prefill_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # index = cache slot
+        self.adapters: OrderedDict[tuple[str, ...], _AdapterEntry] = OrderedDict()  # LRU order, oldest first
+        self.lock = threading.Lock()  # guards `waiting` and `adapters` against the API threads
+        self.last_used = time.monotonic()
+        self.closed = False
+        # Statistics read by /metrics.
+        self.steps = 0
+        self.tokens = 0
+        self.last_batch = 0
+
+    # ------------------------------------------------------------------ API side
+    @property
+    def context(self) -> int:
+        return self.decoder.shape.context
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        with self.lock:
+            if self.closed:
+                raise StemmaError(f"model {self.name} was unloaded; retry")
+            for s in seqs:
+                if s.params.seed is not None:
+                    s.generator = torch.Generator().manual_seed(s.params.seed)
+                elif s.params.temperature > 0:
+                    s.generator = torch.Generator().manual_seed(secrets.randbits(63))
+                self.waiting.append(s)
+            self.last_used = time.monotonic()
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def busy(self) -> bool:
+        return self.has_work()
+
+    def preload(self, adapter: tuple[str, ...]) -> None:
+        """Load an adapter now (admin), so the first request does not pay for it."""
+        with self.lock:
+            if adapter and adapter not in self.adapters:
+                self._load(adapter)
+
+    def unload(self, adapter: tuple[str, ...]) -> bool:
+        """Drop an adapter from the bank; False when a running sequence uses it."""
+        with self.lock:
+            e = self.adapters.get(adapter)
+            if e is None:
+                return True
+            if e.refs:
+                return False
+            self.decoder.bank.remove(e.slot)
+            del self.adapters[adapter]
+            return True
+
+    # ------------------------------------------------------------------ adapters (under self.lock)
+    def _load(self, key: tuple[str, ...]) -> _AdapterEntry | None:
+        delta = self.load_adapter(key)
+        while self.adapters and (len(self.adapters) >= self.max_adapters or
+                                 sum(e.nbytes for e in self.adapters.values()) + delta.nbytes
+                                 > self.adapter_budget_bytes):
+            victim = next((k for k, e in self.adapters.items() if e.refs == 0), None)
+            if victim is None:
+                return None  # every held adapter is in use: wait for one to finish
+            self.decoder.bank.remove(self.adapters.pop(victim).slot)
+        entry = _AdapterEntry(slot=self.decoder.bank.add(delta), nbytes=delta.nbytes)
+        self.adapters[key] = entry
+        return entry
+
+    def _acquire(self, seq: Sequence) -> bool:
+        """Pin the sequence's adapter in the bank (loading it if needed); False if it must wait."""
+        if not seq.adapter:
+            seq.aid = 0
+            return True
+        entry = self.adapters.get(seq.adapter)
+        if entry is None:
+            entry = self._load(seq.adapter)
+            if entry is None:
+                return False
+        self.adapters.move_to_end(seq.adapter)
+        entry.refs += 1
+        seq.aid = entry.slot
+        return True
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.adapter and seq.adapter in self.adapters:
+            self.adapters[seq.adapter].refs -= 1
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> int:
+        """Admit, prefill, decode once; returns the number of tokens produced."""
+        self.steps += 1
+        self.last_used = time.monotonic()
+        with self.lock:
+            self._drop_cancelled()
+            admitted = self._admit()
+        produced = 0
+        if admitted:
+            produced += self._prefill(admitted)
+        decoding = [s for s in self.running if s not in admitted] if admitted else list(self.running)
+        if decoding:
+            produced += self._decode(decoding)
+        with self.lock:
+            self._retire()
+        self.tokens += produced
+        return produced
+
+    def _drop_cancelled(self) -> None:
+        if any(s.cancelled for s in self.waiting):
+            self.waiting = deque(s for s in self.waiting if not s.cancelled)
+        for s in self.running:
+            if s.cancelled:
+                s.finished = True
+
+    def _admit(self) -> list[Sequence]:
+        free = self.decoder.max_slots - len(self.running)
+        admitted: list[Sequence] = []
+        skipped: list[Sequence] = []
+        budget = self.max_prefill_tokens
+        while self.waiting and len(admitted) < free:
+            s = self.waiting[0]
+            longest = max([len(s.prompt)] + [len(a.prompt) for a in admitted])
+            if admitted and longest * (len(admitted) + 1) > budget:
+                break
+            self.waiting.popleft()
+            try:
+                ok = self._acquire(s)
+            except StemmaError as e:
+                self._fail(s, str(e))
+                continue
+            except Exception as e:  # a broken blob must fail this request, not the scheduler
+                log.exception("loading adapter for %s", s.label)
+                self._fail(s, f"cannot load adapter: {e}")
+                continue
+            if not ok:
+                skipped.append(s)
+                continue
+            admitted.append(s)
+        self.waiting.extendleft(reversed(skipped))
+        # Prefill fills the slots right after the running ones, in order.
+        self.running.extend(admitted)
+        return admitted
+
+    def _prefill(self, seqs: list[Sequence]) -> int:
+        slot0 = len(self.running) - len(seqs)
+        T = max(len(s.prompt) for s in seqs)
+        tokens = torch.full((len(seqs), T), self.eos_id, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            tokens[i, : len(s.prompt)] = torch.tensor(s.prompt)
+        lengths = torch.tensor([len(s.prompt) for s in seqs])
+        aids = torch.tensor([s.aid for s in seqs])
+        logits = self.decoder.prefill(tokens, lengths, slot0, aids)
+        now = time.perf_counter()
+        for s in seqs:
+            s.t_first = now
+        self._advance(seqs, logits)
+        return len(seqs)
+
+    def _decode(self, seqs: list[Sequence]) -> int:
+        # `seqs` is a prefix of `self.running` (rows admitted this step sit at the end), so slots are 0..B-1.
+        tokens = torch.tensor([s.generated[-1] for s in seqs])
+        positions = torch.tensor([s.position for s in seqs])
+        aids = torch.tensor([s.aid for s in seqs])
+        self.last_batch = len(seqs)
+        logits = self.decoder.decode(tokens, positions, aids)
+        self._advance(seqs, logits)
+        return len(seqs)
+
+    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        nxt = sample(logits, seqs)
+        for s, t in zip(seqs, nxt):
+            if s.finished:
+                continue
+            self._append(s, t)
+
+    def _append(self, s: Sequence, token: int) -> None:
+        p = s.params
+        if token == self.eos_id and not p.ignore_eos:
+            self._finish(s, "stop", self._text(s))
+            return
+        s.generated.append(token)
+        text = self._text(s)
+        if p.stop:
+            start = max(0, s.emitted - max(len(x) for x in p.stop))
+            hits = [i for i in (text.find(x, start) for x in p.stop) if i >= 0]
+            if hits:
+                self._finish(s, "stop", text[: min(hits)])
+                return
+        if len(s.generated) >= p.max_tokens or len(s.prompt) + len(s.generated) >= self.context:
+            self._finish(s, "length", text)
+            return
+        safe = _safe_prefix(text, p.stop)
+        if safe > s.emitted:
+            _emit(s, Event(text=text[s.emitted : safe]))
+            s.emitted = safe
+
+    def _text(self, s: Sequence) -> str:
+        return self.tokenizer.decode(s.generated, skip_special_tokens=False)
+
+    def _finish(self, s: Sequence, reason: str, text: str) -> None:
+        s.finished = True
+        rest = text[s.emitted :] if len(text) > s.emitted else ""
+        s.emitted = len(text)
+        _emit(s, Event(text=rest, done=True, finish_reason=reason, prompt_tokens=len(s.prompt),
+                       completion_tokens=len(s.generated)))
+
+    def _fail(self, s: Sequence, message: str) -> None:
+        s.finished = True
+        _emit(s, Event(done=True, finish_reason="error", error=message, prompt_tokens=len(s.prompt)))
+
+    def _retire(self) -> None:
+        """Remove finished rows; the last running slot moves into each hole (one cache copy per finish)."""
+        for i in range(len(self.running) - 1, -1, -1):
+            s = self.running[i]
+            if not s.finished:
+                continue
+            self._release(s)
+            last = len(self.running) - 1
+            if i != last:
+                moved = self.running[last]
+                self.decoder.move_slot(last, i, moved.position + 1)
+                self.running[i] = moved
+            self.running.pop()
+
+    def fail_all(self, message: str) -> None:
+        """End every sequence with an error (after a bug in a step), leaving the engine empty and usable."""
+        with self.lock:
+            for s in list(self.waiting) + self.running:
+                if not s.finished:
+                    self._fail(s, message)
+                self._release(s)
+            self.waiting.clear()
+            self.running.clear()
+
+
+def _emit(s: Sequence, ev: Event) -> None:
+    """Hand an event to the consumer; a consumer that is gone (closed event loop) cancels the sequence."""
+    try:
+        s.sink(ev)
+    except Exception:
+        s.cancelled = True
+
+
+def _safe_prefix(text: str, stop: tuple[str, ...]) -> int:
+    """How much of the text can be shown now: not a trailing partial UTF-8 character, nor a possible stop start."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    for x in stop:
+        for k in range(min(len(x) - 1, end), 0, -1):
+            if text[end - k : end] == x[:k]:
+                end -= k
+                break
+    return end
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """Next token per row: argmax for greedy rows, temperature + top-p sampling with the row's own generator."""
+    out = logits.argmax(dim=-1).tolist()
+    for i, s in enumerate(seqs):
+        p = s.params
+        if p.temperature <= 0:
+            continue
+        probs = torch.softmax(logits[i].float() / p.temperature, dim=-1)
+        if p.top_p < 1.0:
+            sp, idx = probs.sort(descending=True)
+            keep = sp.cumsum(0) - sp < p.top_p  # tokens before the mass reached top_p, and the one reaching it
+            sp = sp * keep
+            out[i] = int(idx[torch.multinomial(sp, 1, generator=s.generator)])
+        else:
+            out[i] = int(torch.multinomial(probs, 1, generator=s.generator))
+    return out
+
+
+class Scheduler:
+    """One thread that steps every engine with work, and sleeps when none has any."""
+
+    def __init__(self):
+        self.engines: list[Engine] = []
+        self.cv = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="stemma-scheduler", daemon=True)
+        self.thread.start()
+
+    def add(self, engine: Engine) -> None:
+        with self.cv:
+            self.engines.append(engine)
+
+    def remove(self, engine: Engine) -> None:
+        with self.cv:
+            self.engines.remove(engine)
+
+    def notify(self) -> None:
+        with self.cv:
+            self.cv.notify_all()
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopping = True
+            self.cv.notify_all()
+        self.thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while not self.stopping and not any(e.has_work() for e in self.engines):
+                    self.cv.wait(timeout=1.0)
+                if self.stopping:
+                    return
+                engines = [e for e in self.engines if e.has_work()]
+            for e in engines:
+                try:
+                    e.step()
+                except Exception:  # a bug must not take the server down: fail this engine's requests, go on
+                    log.exception("engine %s step failed", e.name)
+                    e.fail_all("internal error in the decoding engine")

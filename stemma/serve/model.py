@@ -1,0 +1,356 @@
+"""A batched GPT-2 decoder for serving, written against the Hugging Face weights (nanoGPT style).
+
+Training uses transformers' ``GPT2LMHeadModel``; serving runs this smaller re-implementation because it
+needs three things ``generate`` does not give: a KV cache preallocated per *slot* (a request occupies a
+slot from prefill to its last token, and requests join and leave between decode steps), rows at
+different positions in one decode step, and a different LoRA adapter per row.
+
+Per-row LoRA follows S-LoRA / Punica (Sheng et al., 2023; Chen et al., 2023): every loaded adapter's
+A and B matrices are stacked in a `LoraBank`; a decode step gathers each row's pair by adapter index
+and applies them in one batched matmul, ``y = x @ W + b + (x @ A[id]) @ B[id]``. Index 0 is the zero
+adapter, so base-model rows ride in the same batch. A chain (a LoRA trained on a LoRA-merged parent) is
+pre-combined once at load by concatenating ranks (``A = [A1 A2]``, ``B = [s1*B1; s2*B2]``), which is the
+exact sum of the deltas, with no merge rounding.
+
+Orientation: GPT-2's ``Conv1D`` stores weights as ``[in, out]`` (``y = x @ W + b``). PEFT's LoRA on it
+(``fan_in_fan_out=True``) keeps ``lora_A.weight`` as ``[r, in]`` and ``lora_B.weight`` as ``[out, r]`` and
+computes ``lora_B(lora_A(x)) * alpha / r``; the bank stores ``A.T`` (``[in, r]``) and ``scale * B.T``
+(``[r, out]``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import StemmaError
+
+# Linear layers of a GPT-2 block, by their name inside the block ("attn.c_proj" and "mlp.c_proj" differ).
+BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """Shape of a GPT-2 decoder, read from its Hugging Face config."""
+
+    n_layer: int
+    """Transformer blocks."""
+    n_head: int
+    """Attention heads."""
+    n_embd: int
+    """Hidden width."""
+    context: int
+    """Maximum sequence length (position embeddings)."""
+    vocab_size: int
+    """Rows of the token embedding (and of the tied output head)."""
+    eps: float
+    """LayerNorm epsilon."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def linear_dims(self, name: str) -> tuple[int, int]:
+        """(in, out) of a block linear."""
+        d = self.n_embd
+        dims = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, 4 * d), "mlp.c_proj": (4 * d, d)}
+        return dims[name]
+
+
+def shape_of(hf_config) -> DecoderShape:
+    """The decoder shape of a transformers config, refusing what this decoder does not implement."""
+    c = hf_config
+    if c.model_type != "gpt2":
+        raise StemmaError(f"serving supports GPT-2 models only, not {c.model_type!r}")
+    if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise StemmaError(f"serving supports GPT-2 with gelu_new only, not {c.activation_function!r}")
+    if getattr(c, "scale_attn_by_inverse_layer_idx", False) or getattr(c, "reorder_and_upcast_attn", False):
+        raise StemmaError("serving does not support scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn")
+    if not getattr(c, "scale_attn_weights", True):
+        raise StemmaError("serving supports GPT-2 with scaled attention only")
+    return DecoderShape(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, context=c.n_positions,
+                        vocab_size=c.vocab_size, eps=c.layer_norm_epsilon)
+
+
+@dataclass
+class LoraDelta:
+    """One servable adapter (possibly a pre-combined chain): per block linear, ``A.T`` and ``scale * B.T``."""
+
+    a: dict[tuple[int, str], torch.Tensor]
+    """(layer, linear) -> [in, r]."""
+    b: dict[tuple[int, str], torch.Tensor]
+    """(layer, linear) -> [r, out], the scaling folded in."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in list(self.a.values()) + list(self.b.values()))
+
+    def rank(self) -> int:
+        return max((t.shape[1] for t in self.a.values()), default=0)
+
+    @staticmethod
+    def concat(deltas: list[LoraDelta]) -> LoraDelta:
+        """The exact sum of several deltas as one delta of the summed rank (an adapter chain)."""
+        keys = sorted({k for d in deltas for k in d.a})
+        a, b = {}, {}
+        for k in keys:
+            parts = [(d.a[k], d.b[k]) for d in deltas if k in d.a]
+            a[k] = torch.cat([p[0] for p in parts], dim=1)
+            b[k] = torch.cat([p[1] for p in parts], dim=0)
+        return LoraDelta(a=a, b=b)
+
+
+def lora_from_peft(tensors: dict[str, torch.Tensor], adapter_config: dict, shape: DecoderShape) -> LoraDelta:
+    """Convert PEFT ``adapter_model.safetensors`` tensors of a GPT-2 LoRA into a `LoraDelta`."""
+    for flag in ("use_dora", "use_rslora"):
+        if adapter_config.get(flag):
+            raise StemmaError(f"serving does not support LoRA adapters with {flag}")
+    if adapter_config.get("peft_type", "LORA") != "LORA":
+        raise StemmaError(f"serving supports LoRA adapters only, not {adapter_config.get('peft_type')}")
+    r, alpha = int(adapter_config["r"]), float(adapter_config["lora_alpha"])
+    rank_pattern, alpha_pattern = adapter_config.get("rank_pattern") or {}, adapter_config.get("alpha_pattern") or {}
+    if rank_pattern or alpha_pattern:
+        raise StemmaError("serving does not support LoRA adapters with rank_pattern / alpha_pattern")
+    scale = alpha / r
+    a, b = {}, {}
+    for key, t in tensors.items():
+        # base_model.model.transformer.h.0.attn.c_attn.lora_A.weight
+        if ".lora_A." not in key:
+            if ".lora_B." in key:
+                continue
+            raise StemmaError(f"unexpected tensor {key!r} in a LoRA adapter (only lora_A/lora_B are served)")
+        prefix = key.split(".lora_A.")[0]
+        parts = prefix.split(".")
+        try:
+            i = parts.index("h")
+            layer, name = int(parts[i + 1]), ".".join(parts[i + 2 :])
+        except (ValueError, IndexError):
+            raise StemmaError(f"LoRA tensor {key!r} does not target a GPT-2 block linear") from None
+        if name not in BLOCK_LINEARS or not 0 <= layer < shape.n_layer:
+            raise StemmaError(f"LoRA tensor {key!r} does not target a GPT-2 block linear")
+        lb = tensors.get(prefix + ".lora_B.weight")
+        if lb is None:
+            raise StemmaError(f"LoRA adapter has {key} but no matching lora_B")
+        d_in, d_out = shape.linear_dims(name)
+        if tuple(t.shape) != (r, d_in) or tuple(lb.shape) != (d_out, r):
+            raise StemmaError(f"LoRA tensor shapes {tuple(t.shape)}/{tuple(lb.shape)} do not fit {name} "
+                              f"({d_in}->{d_out}, r={r})")
+        a[(layer, name)] = t.float().t().contiguous()  # [in, r]
+        b[(layer, name)] = (lb.float() * scale).t().contiguous()  # [r, out]
+    return LoraDelta(a=a, b=b)
+
+
+class LoraBank:
+    """Stacked adapters of one base: per block linear, ``A [slots, in, R]`` and ``B [slots, R, out]``.
+
+    Slot 0 is the zero adapter. Adapters of smaller rank are zero-padded to the bank's rank R (a zero
+    column of A and row of B add nothing). The bank grows by whole slots when full; freed slots are reused.
+    """
+
+    def __init__(self, shape: DecoderShape):
+        self.shape = shape
+        self.rank = 0
+        self.a: dict[tuple[int, str], torch.Tensor] = {}
+        self.b: dict[tuple[int, str], torch.Tensor] = {}
+        self.n_slots = 1  # the zero adapter
+        self.free: list[int] = []
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in list(self.a.values()) + list(self.b.values()))
+
+    def _resize(self, n_slots: int, rank: int) -> None:
+        for layer in range(self.shape.n_layer):
+            for name in BLOCK_LINEARS:
+                k = (layer, name)
+                d_in, d_out = self.shape.linear_dims(name)
+                a = torch.zeros(n_slots, d_in, rank)
+                b = torch.zeros(n_slots, rank, d_out)
+                if k in self.a:
+                    old_a, old_b = self.a[k], self.b[k]
+                    a[: old_a.shape[0], :, : old_a.shape[2]] = old_a
+                    b[: old_b.shape[0], : old_b.shape[1]] = old_b
+                self.a[k], self.b[k] = a, b
+        self.n_slots, self.rank = n_slots, rank
+
+    def add(self, delta: LoraDelta) -> int:
+        """Store an adapter; returns its slot."""
+        r = delta.rank()
+        if self.free:
+            slot = self.free.pop()
+            if r > self.rank:
+                self._resize(self.n_slots, r)
+        else:
+            slot = self.n_slots
+            self._resize(self.n_slots + 1, max(r, self.rank))
+        for k in self.a:
+            self.a[k][slot].zero_()
+            self.b[k][slot].zero_()
+        for k, ta in delta.a.items():
+            self.a[k][slot, :, : ta.shape[1]] = ta
+            self.b[k][slot, : ta.shape[1]] = delta.b[k]
+        return slot
+
+    def remove(self, slot: int) -> None:
+        for k in self.a:
+            self.a[k][slot].zero_()
+            self.b[k][slot].zero_()
+        self.free.append(slot)
+
+
+class Decoder:
+    """GPT-2 forward over a slot KV cache with per-row LoRA.
+
+    Args:
+        state: the Hugging Face ``GPT2LMHeadModel`` state dict (tensors are used as they are, not copied).
+        shape: its shape.
+        max_slots: rows of the KV cache, i.e. the largest batch.
+    """
+
+    def __init__(self, state: dict[str, torch.Tensor], shape: DecoderShape, max_slots: int):
+        self.shape = shape
+        p = {k.removeprefix("transformer."): v.detach().float() for k, v in state.items()}
+        self.wte, self.wpe = p["wte.weight"], p["wpe.weight"]  # [V, C], [ctx, C]
+        self.lm_head = p.get("lm_head.weight", self.wte)  # tied in GPT-2: the same tensor
+        self.ln_f = (p["ln_f.weight"], p["ln_f.bias"])
+        self.blocks = []
+        for i in range(shape.n_layer):
+            g = lambda n, i=i: p[f"h.{i}.{n}"]  # noqa: E731
+            self.blocks.append({
+                "ln_1": (g("ln_1.weight"), g("ln_1.bias")), "ln_2": (g("ln_2.weight"), g("ln_2.bias")),
+                **{name: (g(f"{name}.weight"), g(f"{name}.bias")) for name in BLOCK_LINEARS},  # W [in, out], b
+            })
+        H, D = shape.n_head, shape.head_dim
+        self.max_slots = max_slots
+        # One K and one V cache per layer: [slot, head, position, head_dim].
+        self.k_cache = [torch.zeros(max_slots, H, shape.context, D) for _ in range(shape.n_layer)]
+        self.v_cache = [torch.zeros(max_slots, H, shape.context, D) for _ in range(shape.n_layer)]
+        self.bank = LoraBank(shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by weights, KV cache and adapter bank (tied weights counted once)."""
+        seen, total = set(), 0
+        tensors = [self.wte, self.wpe, self.lm_head, *self.ln_f, *self.k_cache, *self.v_cache]
+        for blk in self.blocks:
+            for pair in blk.values():
+                tensors.extend(pair)
+        for t in tensors:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total + self.bank.nbytes
+
+    # ------------------------------------------------------------------ pieces
+    def _linear(self, x: torch.Tensor, layer: int, name: str, aids: torch.Tensor | None, uniform: int | None):
+        """``x @ W + b`` plus each row's LoRA delta. x: [B, T, in] -> [B, T, out]."""
+        w, bias = self.blocks[layer][name]
+        y = torch.addmm(bias, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[1])
+        if aids is None or (layer, name) not in self.bank.a:
+            return y
+        a, b = self.bank.a[(layer, name)], self.bank.b[(layer, name)]
+        if uniform is not None:  # every row uses the same adapter: two plain matmuls, no gather
+            return y + (x @ a[uniform]) @ b[uniform]
+        # Punica's BGMV: gather each row's A [B, in, R] and B [B, R, out], two batched matmuls.
+        return y + torch.bmm(torch.bmm(x, a[aids]), b[aids])
+
+    def _attention_inputs(self, x, layer, aids, uniform):
+        B, T, C = x.shape
+        H, D = self.shape.n_head, self.shape.head_dim
+        qkv = self._linear(x, layer, "attn.c_attn", aids, uniform)  # [B, T, 3C]
+        q, k, v = qkv.split(C, dim=2)
+        # [B, T, C] -> [B, H, T, D]
+        return (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))
+
+    def _mlp_and_out(self, x, y, layer, aids, uniform):
+        """Residual after attention output ``y`` [B, T, C], then the MLP block."""
+        blk = self.blocks[layer]
+        B, T, C = x.shape
+        y = y.transpose(1, 2).reshape(B, T, C)  # [B, H, T, D] -> [B, T, C]
+        x = x + self._linear(y, layer, "attn.c_proj", aids, uniform)
+        h = F.layer_norm(x, (C,), *blk["ln_2"], eps=self.shape.eps)
+        h = F.gelu(self._linear(h, layer, "mlp.c_fc", aids, uniform), approximate="tanh")  # [B, T, 4C]
+        return x + self._linear(h, layer, "mlp.c_proj", aids, uniform)
+
+    @staticmethod
+    def _adapter_args(aids: torch.Tensor) -> tuple[torch.Tensor | None, int | None]:
+        """(per-row ids or None when no row has an adapter, the one shared id when all rows share it)."""
+        first = int(aids[0])
+        if bool((aids == first).all()):
+            return (None, None) if first == 0 else (aids, first)
+        return aids, None
+
+    # ------------------------------------------------------------------ steps
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, slot0: int, aids: torch.Tensor) -> torch.Tensor:
+        """Run right-padded prompts into cache slots ``slot0 .. slot0+B-1``; returns next-token logits [B, V].
+
+        Right padding is exact under a causal mask: a real token at position t only sees positions <= t,
+        which are all real. The padded tail writes junk K/V past each prompt; decode overwrites position
+        ``length`` first and never attends past a row's own position.
+
+        Args:
+            tokens: [B, T] token ids, row i real up to ``lengths[i]``.
+            lengths: [B] prompt lengths (>= 1).
+            slot0: first cache slot to fill.
+            aids: [B] adapter slot per row (0: none).
+        """
+        B, T = tokens.shape
+        C = self.shape.n_embd
+        aids_, uniform = self._adapter_args(aids)
+        x = self.wte[tokens] + self.wpe[:T]  # [B, T, C]
+        for layer, blk in enumerate(self.blocks):
+            h = F.layer_norm(x, (C,), *blk["ln_1"], eps=self.shape.eps)
+            q, k, v = self._attention_inputs(h, layer, aids_, uniform)  # [B, H, T, D] each
+            self.k_cache[layer][slot0 : slot0 + B, :, :T] = k
+            self.v_cache[layer][slot0 : slot0 + B, :, :T] = v
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, D]
+            x = self._mlp_and_out(x, y, layer, aids_, uniform)
+        last = x[torch.arange(B), lengths - 1]  # [B, C]: each row's last real position
+        return self._logits(last)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, aids: torch.Tensor) -> torch.Tensor:
+        """One token for each of the first B slots; returns next-token logits [B, V].
+
+        Args:
+            tokens: [B] the token each slot feeds in now.
+            positions: [B] its position (= tokens already in the slot's cache).
+            aids: [B] adapter slot per row.
+        """
+        B = tokens.shape[0]
+        C = self.shape.n_embd
+        aids_, uniform = self._adapter_args(aids)
+        L = int(positions.max()) + 1  # keys to look at: up to the furthest row
+        rows = torch.arange(B)
+        mask = (torch.arange(L)[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        x = (self.wte[tokens] + self.wpe[positions])[:, None, :]  # [B, 1, C]
+        for layer, blk in enumerate(self.blocks):
+            h = F.layer_norm(x, (C,), *blk["ln_1"], eps=self.shape.eps)
+            q, k, v = self._attention_inputs(h, layer, aids_, uniform)  # [B, H, 1, D]
+            kc, vc = self.k_cache[layer], self.v_cache[layer]
+            kc[rows, :, positions] = k[:, :, 0]
+            vc[rows, :, positions] = v[:, :, 0]
+            y = F.scaled_dot_product_attention(q, kc[:B, :, :L], vc[:B, :, :L], attn_mask=mask)  # [B, H, 1, D]
+            x = self._mlp_and_out(x, y, layer, aids_, uniform)
+        return self._logits(x[:, 0])
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = F.layer_norm(h, (self.shape.n_embd,), *self.ln_f, eps=self.shape.eps)
+        return h @ self.lm_head.t()  # [B, V]
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy a slot's cache (its first ``length`` positions) to another slot (compaction)."""
+        for kc, vc in zip(self.k_cache, self.v_cache):
+            kc[dst, :, :length] = kc[src, :, :length]
+            vc[dst, :, :length] = vc[src, :, :length]
+
+    def flops_per_token(self, context: int) -> float:
+        """Forward FLOPs of one token attending to ``context`` keys (2 per multiply-add, LoRA excluded)."""
+        s = self.shape
+        linears = sum(math.prod(s.linear_dims(n)) for n in BLOCK_LINEARS) * s.n_layer
+        attention = 2 * s.n_layer * s.n_embd * context  # q.k and p.v
+        return 2.0 * (linears + s.vocab_size * s.n_embd + attention)

@@ -1,0 +1,263 @@
+"""Which model a request means, and the engines that run them within a memory budget.
+
+A request names a node (``en/software/python``: its current version), a pinned version
+(``en/software/python@6994441f``) or ``auto`` (a selector picks). Every servable version is
+*base + adapter chain*: its nearest ancestor with full weights (the base) and the LoRA adapters below it.
+Versions that share a base share one `Engine` and are batched together; a distilled student or a full
+finetune is a base of its own and gets its own engine. Engines are measured once loaded (weights, KV cache,
+adapters) and evicted least-recently-used while idle when the total exceeds the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import psutil
+
+from ..errors import StemmaError
+from .config import ServeConfig
+from .engine import Engine, Scheduler, Sequence
+from .model import Decoder, LoraDelta, lora_from_peft, shape_of
+from .selector import select
+
+log = logging.getLogger("stemma.serve")
+
+
+class ModelNotFoundError(StemmaError):
+    """The request names no servable model."""
+
+
+class CapacityError(StemmaError):
+    """The server is full (queue or memory budget); retry later."""
+
+
+class BusyError(StemmaError):
+    """An admin action cannot run while the model is in use."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A servable version: the base engine and the adapter chain to apply."""
+
+    node: str
+    version_id: str
+    base_id: str
+    base_node: str
+    adapters: tuple[str, ...]
+    """Adapter version ids, base's child first."""
+    relation: str
+    layer: str
+    parent_node: str | None
+    context: int
+    reason: str | None = None
+    """Why ``auto`` chose it."""
+
+
+class ModelPool:
+    """Resolves model names and owns the engines and the scheduler thread."""
+
+    def __init__(self, ws, cfg: ServeConfig):
+        self.ws = ws
+        self.cfg = cfg
+        self.budget = cfg.memory_budget_bytes or psutil.virtual_memory().available // 2
+        self.engines: OrderedDict[str, Engine] = OrderedDict()  # base version id -> engine, LRU order
+        self.lock = threading.RLock()
+        self.scheduler = Scheduler()
+        self._targets: dict[str, Target] = {}  # version id -> target (versions are immutable)
+        self._names: dict[str, tuple[float, str]] = {}  # model name -> (when, version id)
+        self._flops: float | None = None
+
+    def close(self) -> None:
+        self.scheduler.stop()
+
+    # ------------------------------------------------------------------ names
+    def target(self, version_id: str) -> Target:
+        t = self._targets.get(version_id)
+        if t is not None:
+            return t
+        chain = self.ws.chain(version_id)
+        full = [i for i, v in enumerate(chain) if "model.safetensors" in v.manifest["files"]]
+        if not full:
+            raise ModelNotFoundError(f"{chain[-1].row.node_path} has no full-weight ancestor to serve")
+        start = full[-1]
+        base, below = chain[start], chain[start + 1 :]
+        for v in below:
+            if v.row.relation != "adapter" or "adapter_model.safetensors" not in v.manifest["files"]:
+                raise ModelNotFoundError(f"{v.row.node_path}: only LoRA adapter chains are served, not "
+                                         f"{v.row.relation}")
+            if v.row.tokenizer != base.row.tokenizer:
+                raise ModelNotFoundError(f"{v.row.node_path}: tokenizer differs from its base's; refusing to serve")
+        arch = chain[-1].manifest.get("architecture") or {}
+        if arch.get("model_type", "gpt2") != "gpt2":
+            raise ModelNotFoundError(f"{chain[-1].row.node_path}: serving supports GPT-2 models only")
+        v = chain[-1]
+        node = self.ws.node(v.row.node_path)
+        t = Target(node=v.row.node_path, version_id=v.id, base_id=base.id, base_node=base.row.node_path,
+                   adapters=tuple(x.id for x in below), relation=v.row.relation,
+                   layer=node.layer if node else "", parent_node=node.parent_path if node else None,
+                   context=int(arch.get("context") or 0))
+        self._targets[version_id] = t
+        return t
+
+    def resolve(self, model: str, requirements: dict | None = None) -> Target:
+        """A model name (node, node@version, auto) -> its target; unknown names raise ModelNotFoundError."""
+        if model == "auto":
+            sel = select(self.ws, **(requirements or {}), flops_per_s=self.flops_per_s(),
+                         servable=self._servable)
+            t = self.target(sel.version_id)
+            return Target(**{**t.__dict__, "reason": sel.reason})
+        now = time.monotonic()
+        hit = self._names.get(model)
+        if hit and now - hit[0] < self.cfg.resolve_ttl_s:
+            return self.target(hit[1])
+        if not model or len(model) > 400:
+            raise ModelNotFoundError(f"unknown model {model[:60]!r}")
+        try:
+            v = self.ws.resolve_version(model)
+        except StemmaError:
+            raise ModelNotFoundError(f"the model {model!r} does not exist; see GET /v1/models") from None
+        self._names[model] = (now, v.id)
+        return self.target(v.id)
+
+    def _servable(self, version_id: str) -> bool:
+        try:
+            self.target(version_id)
+            return True
+        except StemmaError:
+            return False
+
+    def models(self) -> list[dict]:
+        """Each node's current version that can be served, as OpenAI model objects (vLLM's adapter fields)."""
+        out = []
+        for n in self.ws.nodes():
+            if not n.current_version:
+                continue
+            try:
+                t = self.target(n.current_version)
+            except StemmaError:
+                continue
+            row = self.ws.version(t.version_id).row
+            out.append({"id": t.node, "object": "model", "created": int(row.created_at.timestamp()),
+                        "owned_by": "stemma", "root": t.base_node, "parent": t.parent_node,
+                        "relation": t.relation, "layer": t.layer, "version": t.version_id,
+                        "max_model_len": t.context, "loaded": t.base_id in self.engines})
+        return out
+
+    def flops_per_s(self) -> float:
+        """Matrix-multiply rate of this machine, measured once (for the selector's latency bound)."""
+        if self._flops is None:
+            import torch
+
+            a = torch.randn(256, 256)
+            a @ a
+            t0 = time.perf_counter()
+            for _ in range(8):
+                a @ a
+            self._flops = 8 * 2 * 256**3 / (time.perf_counter() - t0)
+        return self._flops
+
+    # ------------------------------------------------------------------ engines
+    def engine(self, t: Target) -> Engine:
+        """The engine of a target's base, loading it (and evicting idle ones over the budget) if needed."""
+        with self.lock:
+            e = self.engines.get(t.base_id)
+            if e is not None:
+                self.engines.move_to_end(t.base_id)
+                return e
+            e = self._load_engine(t)
+            need = e.decoder.nbytes
+            used = sum(x.decoder.nbytes for x in self.engines.values())
+            for bid in list(self.engines):
+                if used + need <= self.budget:
+                    break
+                old = self.engines[bid]
+                if old.busy:
+                    continue
+                self._drop(bid)
+                used -= old.decoder.nbytes
+            if used + need > self.budget:
+                raise CapacityError(f"model {t.base_node} needs {need} bytes; the memory budget "
+                                    f"({self.budget}) is held by busy models; retry later")
+            self.engines[t.base_id] = e
+            self.scheduler.add(e)
+            log.info("loaded %s (%d bytes)", t.base_node, need)
+            return e
+
+    def _load_engine(self, t: Target) -> Engine:
+        from ..models.tokenizer import eos_id
+
+        hf = self.ws.load_model(t.base_id)
+        shape = shape_of(hf.config)
+        decoder = Decoder(hf.state_dict(), shape, self.cfg.max_batch)
+        base = self.ws.version(t.base_id)
+        tok = self.ws.tokenizer(base.row.tokenizer)
+
+        def load_adapter(key: tuple[str, ...]) -> LoraDelta:
+            return LoraDelta.concat([self._delta(vid, shape) for vid in key])
+
+        return Engine(t.base_node, decoder, tok, eos_id(tok), load_adapter, max_adapters=self.cfg.max_adapters,
+                      adapter_budget_bytes=self.cfg.adapter_budget_bytes,
+                      max_prefill_tokens=self.cfg.max_prefill_tokens)
+
+    def _delta(self, version_id: str, shape) -> LoraDelta:
+        from safetensors.torch import load_file
+
+        v = self.ws.version(version_id)
+        files = v.manifest["files"]
+        cfg = json.loads(self.ws.store.get_bytes(files["adapter_config.json"]))
+        tensors = load_file(str(self.ws.store.verified_path(files["adapter_model.safetensors"])))
+        return lora_from_peft(tensors, cfg, shape)
+
+    def _drop(self, base_id: str) -> None:
+        e = self.engines.pop(base_id)
+        with e.lock:
+            e.closed = True
+        self.scheduler.remove(e)
+        log.info("unloaded %s", e.name)
+
+    def submit(self, t: Target, seqs: list[Sequence]) -> Engine:
+        """Queue sequences on the target's engine (loaded on demand)."""
+        for _ in range(3):  # an engine evicted between lookup and submit is simply loaded again
+            e = self.engine(t)
+            if len(e.waiting) + len(e.running) + len(seqs) > self.cfg.max_queue:
+                raise CapacityError(f"model {t.node} has {self.cfg.max_queue} sequences queued; retry later")
+            try:
+                e.submit(seqs)
+            except StemmaError:
+                continue
+            self.scheduler.notify()
+            return e
+        raise CapacityError(f"model {t.node} keeps being unloaded; retry later")
+
+    # ------------------------------------------------------------------ admin
+    def load(self, t: Target) -> dict:
+        e = self.engine(t)
+        if t.adapters:
+            e.preload(t.adapters)
+        return {"model": t.node, "version": t.version_id, "base": t.base_node, "bytes": e.decoder.nbytes}
+
+    def unload(self, t: Target) -> dict:
+        """Unload the target's adapter, or its whole engine when it is a base."""
+        with self.lock:
+            e = self.engines.get(t.base_id)
+            if e is None:
+                return {"model": t.node, "unloaded": False, "reason": "not loaded"}
+            if t.adapters:
+                if not e.unload(t.adapters):
+                    raise BusyError(f"adapter {t.node} is in use by running requests")
+                return {"model": t.node, "unloaded": True}
+            if e.busy:
+                raise BusyError(f"model {t.node} has requests in flight")
+            self._drop(t.base_id)
+            return {"model": t.node, "unloaded": True}
+
+    def stats(self) -> list[dict]:
+        with self.lock:
+            return [{"base": e.name, "queue": e.queue_depth, "running": len(e.running), "batch": e.last_batch,
+                     "adapters": len(e.adapters), "bytes": e.decoder.nbytes, "tokens": e.tokens, "steps": e.steps}
+                    for e in self.engines.values()]
