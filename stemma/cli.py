@@ -123,8 +123,9 @@ def tree() -> None:
     if not rows:
         out.print("the registry is empty; run `stemma build`")
         return
-    t = Table("node", "layer", "relation", "version", "params", "bytes", "ppl own", "parent there",
-              "ppl parent split", "parent own", "status", title="stemma tree")
+    t = Table("node", "layer", "relation", "version", "params", "bytes", "ppl own split (vs parent)",
+              "parent on own split", "ppl parent split (forgetting)", "parent on its split", "status",
+              title="stemma tree", caption="perplexity on held-out test splits; lower is better")
     for r in rows:
         fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
         gain = "" if r.gain is None else f" ({r.gain:+.0%})"

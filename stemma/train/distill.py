@@ -19,7 +19,7 @@ from ..errors import StemmaError
 from ..models.arch import GPTConfig, build_gpt, count_params, model_context
 from ..models.io import save_model_files
 from ..models.tokenizer import eos_id
-from .base import TokenStream, TrainConfig, Trainer, kl_to_teacher, lm_loss
+from .base import TrainConfig, Trainer, kl_to_teacher, lm_loss
 from .forgetting import draw, split_batch
 from .registry import BuildContext, BuildMethod, BuildOutput, register
 
@@ -85,9 +85,7 @@ class Distill(BuildMethod):
             raise StemmaError(f"node {ctx.node}: student has {n_s:,} parameters, more than {cfg.max_param_ratio:g} of "
                               f"the teacher's {n_t:,}; shrink n_layer/n_embd or raise max_param_ratio")
         picks = _copy_from_teacher(student, teacher) if cfg.init_from_teacher else []
-        own = TokenStream.from_texts(tok, ctx.texts("train"), context, cfg.seed, name=f"dataset of {ctx.node}")
-        replay = (TokenStream.from_texts(tok, ctx.texts("train", ctx.replay_dataset_id), context, cfg.seed,
-                                         name="teacher's dataset") if ctx.replay_dataset_id else None)
+        own, replay = ctx.streams(tok, context, cfg.seed)
         split = split_batch(cfg.batch_size, cfg.replay_fraction, replay is not None)
 
         def step_loss(step: int):

@@ -9,7 +9,7 @@ import torch
 
 from ..models.arch import count_params, model_context
 from ..models.io import save_model_files
-from .base import TokenStream, TrainConfig, Trainer, kl_to_teacher, lm_loss
+from .base import TrainConfig, Trainer, kl_to_teacher, lm_loss
 from .forgetting import L2SP, draw, split_batch
 from .registry import BuildContext, BuildMethod, BuildOutput, register
 
@@ -38,9 +38,7 @@ class Finetune(BuildMethod):
         tok = ctx.parent_tokenizer()
         model = ctx.load_parent()
         context = model_context(model)
-        own = TokenStream.from_texts(tok, ctx.texts("train"), context, cfg.seed, name=f"dataset of {ctx.node}")
-        replay = (TokenStream.from_texts(tok, ctx.texts("train", ctx.replay_dataset_id), context, cfg.seed,
-                                         name="parent's dataset") if ctx.replay_dataset_id else None)
+        own, replay = ctx.streams(tok, context, cfg.seed)
         split = split_batch(cfg.batch_size, cfg.replay_fraction, replay is not None)
         parent = None
         if split.replay and cfg.replay_kl > 0:

@@ -14,7 +14,7 @@ import torch
 
 from ..models.arch import count_params, model_context
 from ..models.io import save_model_files
-from .base import TokenStream, TrainConfig, Trainer, kl_to_teacher, lm_loss
+from .base import TrainConfig, Trainer, kl_to_teacher, lm_loss
 from .forgetting import draw, split_batch
 from .registry import BuildContext, BuildMethod, BuildOutput, register
 
@@ -68,9 +68,7 @@ class Lora(BuildMethod):
                                   fan_in_fan_out=model_type == "gpt2", bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(base, peft_cfg)
         context = model_context(base)
-        own = TokenStream.from_texts(tok, ctx.texts("train"), context, cfg.seed, name=f"dataset of {ctx.node}")
-        replay = (TokenStream.from_texts(tok, ctx.texts("train", ctx.replay_dataset_id), context, cfg.seed,
-                                         name="parent's dataset") if ctx.replay_dataset_id else None)
+        own, replay = ctx.streams(tok, context, cfg.seed)
         split = split_batch(cfg.batch_size, cfg.replay_fraction, replay is not None and cfg.replay_kl > 0)
 
         def step_loss(step: int):

@@ -22,7 +22,8 @@ def register(cls: type[BuildMethod]) -> type[BuildMethod]:
 
 
 def _load_builtin() -> None:
-    from . import distill, finetune, importer, lora, pretrain  # noqa: F401 - registration side effect
+    from ..compress import lowrank, prune, quantize  # noqa: F401 - registration side effect
+    from . import distill, finetune, importer, lora, pretrain  # noqa: F401
 
 
 def get(name: str) -> BuildMethod:
@@ -56,6 +57,17 @@ class BuildContext:
         if ds is None:
             raise StemmaError(f"node {self.node}: this method needs a dataset")
         return self.ws.dataset_texts(ds, split)
+
+    def streams(self, tok, context: int, seed: int):
+        """Token streams of the node's training data and, if the parent has one, of the parent's (for replay)."""
+        from .base import TokenStream
+
+        own = TokenStream.from_texts(tok, self.texts("train"), context, seed, name=f"dataset of {self.node}")
+        replay = None
+        if self.replay_dataset_id:
+            replay = TokenStream.from_texts(tok, self.texts("train", self.replay_dataset_id), context, seed,
+                                            name=f"parent dataset of {self.node}")
+        return own, replay
 
     def parent_tokenizer(self):
         return self.ws.tokenizer(self.parent.row.tokenizer)
