@@ -6,6 +6,7 @@ The CLI hands in a `RichReporter` (rich progress bars with loss and tokens/s); t
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol
@@ -43,6 +44,32 @@ class _RichTask:
         self._p.update(self._id, advance=n, info=fields.get("info", ""))
 
 
+class _LogTask:
+    """Plain lines for logs and CI, where a live bar would only appear once the task ends."""
+
+    def __init__(self, console, description: str, total: float | None, every_s: float = 15.0):
+        self.console, self.description, self.total, self.every_s = console, description, total, every_s
+        self.done = 0.0
+        self.t0 = self.last = time.perf_counter()
+        self.info = ""
+
+    def advance(self, n: float = 1, **fields: str) -> None:
+        self.done += n
+        self.info = fields.get("info", self.info)
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            self.console.print(f"  {self.description}: {self._count()}  {now - self.t0:.0f}s  {self.info}",
+                               highlight=False)
+
+    def _count(self) -> str:
+        return f"{self.done:.0f}/{self.total:.0f}" if self.total else f"{self.done:.0f}"
+
+    def finish(self) -> None:
+        self.console.print(f"  {self.description}: {self._count()} done in {time.perf_counter() - self.t0:.1f}s  "
+                           f"{self.info}", highlight=False)
+
+
 class RichReporter:
     def __init__(self, console=None):
         from rich.console import Console
@@ -51,6 +78,11 @@ class RichReporter:
 
     @contextmanager
     def task(self, description: str, total: float | None):
+        if not self.console.is_terminal:
+            t = _LogTask(self.console, description, total)
+            yield t
+            t.finish()
+            return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
