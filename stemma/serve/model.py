@@ -6,9 +6,9 @@ slot from prefill to its last token, and requests join and leave between decode 
 different positions in one decode step, and a different LoRA adapter per row.
 
 Per-row LoRA follows S-LoRA / Punica (Sheng et al., 2023; Chen et al., 2023): every loaded adapter's
-A and B matrices are stacked in a `LoraBank`; a decode step gathers each row's pair by adapter index
-and applies them in one batched matmul, ``y = x @ W + b + (x @ A[id]) @ B[id]``. Index 0 is the zero
-adapter, so base-model rows ride in the same batch. A chain (a LoRA trained on a LoRA-merged parent) is
+A and B matrices are stacked in a `LoraBank`; each step groups the batch's rows by adapter (SGMV) and adds
+``(x @ A[id]) @ B[id]`` to the base output ``x @ W + b`` of every row. Slot 0 is no adapter, so base-model
+rows ride in the same batch and skip the LoRA work. A chain (a LoRA trained on a LoRA-merged parent) is
 pre-combined once at load by concatenating ranks (``A = [A1 A2]``, ``B = [s1*B1; s2*B2]``), which is the
 exact sum of the deltas, with no merge rounding.
 
@@ -201,6 +201,32 @@ class LoraBank:
         self.free.append(slot)
 
 
+@dataclass(frozen=True)
+class LoraPlan:
+    """How a batch's rows map to adapters, worked out once per forward and used by every adapted linear."""
+
+    uniform: int | None
+    """The one adapter slot every row uses, if they all use the same one."""
+    perm: torch.Tensor | None
+    """Rows that have an adapter, grouped by adapter."""
+    segments: tuple[tuple[int, int, int], ...]
+    """(adapter slot, start, end) ranges of ``perm``."""
+
+    @staticmethod
+    def of(aids: torch.Tensor) -> LoraPlan | None:
+        """None when no row has an adapter (the LoRA path is skipped entirely)."""
+        first = int(aids[0])
+        if bool((aids == first).all()):
+            return None if first == 0 else LoraPlan(uniform=first, perm=None, segments=())
+        rows = torch.nonzero(aids, as_tuple=True)[0]
+        order = torch.argsort(aids[rows], stable=True)
+        perm = rows[order]
+        slots, counts = torch.unique_consecutive(aids[perm], return_counts=True)
+        ends = counts.cumsum(0).tolist()
+        starts = [0] + ends[:-1]
+        return LoraPlan(uniform=None, perm=perm, segments=tuple(zip(slots.tolist(), starts, ends)))
+
+
 class Decoder:
     """GPT-2 forward over a slot KV cache with per-row LoRA.
 
@@ -245,43 +271,40 @@ class Decoder:
         return total + self.bank.nbytes
 
     # ------------------------------------------------------------------ pieces
-    def _linear(self, x: torch.Tensor, layer: int, name: str, aids: torch.Tensor | None, uniform: int | None):
+    def _linear(self, x: torch.Tensor, layer: int, name: str, plan: LoraPlan | None) -> torch.Tensor:
         """``x @ W + b`` plus each row's LoRA delta. x: [B, T, in] -> [B, T, out]."""
         w, bias = self.blocks[layer][name]
         y = torch.addmm(bias, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[1])
-        if aids is None or (layer, name) not in self.bank.a:
+        if plan is None or (layer, name) not in self.bank.a:
             return y
         a, b = self.bank.a[(layer, name)], self.bank.b[(layer, name)]
-        if uniform is not None:  # every row uses the same adapter: two plain matmuls, no gather
-            return y + (x @ a[uniform]) @ b[uniform]
-        # Punica's BGMV: gather each row's A [B, in, R] and B [B, R, out], two batched matmuls.
-        return y + torch.bmm(torch.bmm(x, a[aids]), b[aids])
+        if plan.uniform is not None:  # every row uses the same adapter: two plain matmuls
+            return y.add_((x @ a[plan.uniform]) @ b[plan.uniform])
+        # Punica's SGMV: rows grouped by adapter, each group multiplied by its own A and B, read once per step
+        # (gathering a copy of A and B per row costs more memory traffic than the base matmul saves).
+        xs = x.index_select(0, plan.perm)  # [Ba, T, in], rows with an adapter, grouped
+        d = torch.empty(*xs.shape[:-1], b.shape[-1])
+        for slot, s, e in plan.segments:
+            torch.matmul(xs[s:e] @ a[slot], b[slot], out=d[s:e])
+        return y.index_add_(0, plan.perm, d)
 
-    def _attention_inputs(self, x, layer, aids, uniform):
+    def _attention_inputs(self, x, layer, plan):
         B, T, C = x.shape
         H, D = self.shape.n_head, self.shape.head_dim
-        qkv = self._linear(x, layer, "attn.c_attn", aids, uniform)  # [B, T, 3C]
+        qkv = self._linear(x, layer, "attn.c_attn", plan)  # [B, T, 3C]
         q, k, v = qkv.split(C, dim=2)
         # [B, T, C] -> [B, H, T, D]
         return (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))
 
-    def _mlp_and_out(self, x, y, layer, aids, uniform):
+    def _mlp_and_out(self, x, y, layer, plan):
         """Residual after attention output ``y`` [B, T, C], then the MLP block."""
         blk = self.blocks[layer]
         B, T, C = x.shape
         y = y.transpose(1, 2).reshape(B, T, C)  # [B, H, T, D] -> [B, T, C]
-        x = x + self._linear(y, layer, "attn.c_proj", aids, uniform)
+        x = x + self._linear(y, layer, "attn.c_proj", plan)
         h = F.layer_norm(x, (C,), *blk["ln_2"], eps=self.shape.eps)
-        h = F.gelu(self._linear(h, layer, "mlp.c_fc", aids, uniform), approximate="tanh")  # [B, T, 4C]
-        return x + self._linear(h, layer, "mlp.c_proj", aids, uniform)
-
-    @staticmethod
-    def _adapter_args(aids: torch.Tensor) -> tuple[torch.Tensor | None, int | None]:
-        """(per-row ids or None when no row has an adapter, the one shared id when all rows share it)."""
-        first = int(aids[0])
-        if bool((aids == first).all()):
-            return (None, None) if first == 0 else (aids, first)
-        return aids, None
+        h = F.gelu(self._linear(h, layer, "mlp.c_fc", plan), approximate="tanh")  # [B, T, 4C]
+        return x + self._linear(h, layer, "mlp.c_proj", plan)
 
     # ------------------------------------------------------------------ steps
     @torch.inference_mode()
@@ -300,15 +323,15 @@ class Decoder:
         """
         B, T = tokens.shape
         C = self.shape.n_embd
-        aids_, uniform = self._adapter_args(aids)
+        plan = LoraPlan.of(aids)
         x = self.wte[tokens] + self.wpe[:T]  # [B, T, C]
         for layer, blk in enumerate(self.blocks):
             h = F.layer_norm(x, (C,), *blk["ln_1"], eps=self.shape.eps)
-            q, k, v = self._attention_inputs(h, layer, aids_, uniform)  # [B, H, T, D] each
+            q, k, v = self._attention_inputs(h, layer, plan)  # [B, H, T, D] each
             self.k_cache[layer][slot0 : slot0 + B, :, :T] = k
             self.v_cache[layer][slot0 : slot0 + B, :, :T] = v
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, D]
-            x = self._mlp_and_out(x, y, layer, aids_, uniform)
+            x = self._mlp_and_out(x, y, layer, plan)
         last = x[torch.arange(B), lengths - 1]  # [B, C]: each row's last real position
         return self._logits(last)
 
@@ -323,19 +346,19 @@ class Decoder:
         """
         B = tokens.shape[0]
         C = self.shape.n_embd
-        aids_, uniform = self._adapter_args(aids)
+        plan = LoraPlan.of(aids)
         L = int(positions.max()) + 1  # keys to look at: up to the furthest row
         rows = torch.arange(B)
         mask = (torch.arange(L)[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, L]
         x = (self.wte[tokens] + self.wpe[positions])[:, None, :]  # [B, 1, C]
         for layer, blk in enumerate(self.blocks):
             h = F.layer_norm(x, (C,), *blk["ln_1"], eps=self.shape.eps)
-            q, k, v = self._attention_inputs(h, layer, aids_, uniform)  # [B, H, 1, D]
+            q, k, v = self._attention_inputs(h, layer, plan)  # [B, H, 1, D]
             kc, vc = self.k_cache[layer], self.v_cache[layer]
             kc[rows, :, positions] = k[:, :, 0]
             vc[rows, :, positions] = v[:, :, 0]
             y = F.scaled_dot_product_attention(q, kc[:B, :, :L], vc[:B, :, :L], attn_mask=mask)  # [B, H, 1, D]
-            x = self._mlp_and_out(x, y, layer, aids_, uniform)
+            x = self._mlp_and_out(x, y, layer, plan)
         return self._logits(x[:, 0])
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,264 @@
+"""Serving throughput: stemma's batched multi-adapter server against PEFT `set_adapter` + `generate` per request.
+
+The tree: a GPT-2 base shaped like the demo's `en` (2 layers, 256 wide, vocab 4096, context 128) and 8 LoRA
+children (r=8), built by stemma itself (cached under .stemma/serve-bench, a second run reuses it).
+The workload: 64 requests, prompts of 16-64 tokens cut from the shipped corpus, 64 new tokens each, greedy,
+`ignore_eos` so every request generates exactly 64 tokens; request i goes to adapter i % 8.
+
+- peer: Hugging Face PEFT with the 8 adapters loaded, `set_adapter` + `generate` per request, sequentially;
+- stemma, mixed: the 64 requests sent at once over HTTP to a real uvicorn server, one per adapter mix;
+- stemma, base: the same requests, all to the base (no adapter rows: the LoRA path is skipped);
+- resident memory (RSS) of a fresh process serving the 64 requests: 8 adapters vs base only;
+- achieved FLOP/s of the mixed run (model FLOPs of prefill + decode, LoRA excluded) over a GEMM peak
+  (1024x1024x1024 fp32 matmul) measured in the same run.
+
+    python benchmarks/serve_bench.py [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import CORPUS, ROOT, parser, print_table, write_json  # noqa: E402
+
+N_ADAPTERS, N_REQUESTS, NEW_TOKENS = 8, 64, 64
+ADAPTERS = [f"a{i}" for i in range(N_ADAPTERS)]  # children of the master
+
+
+def build_tree(home: Path):
+    """The bench tree under ``home`` (reused when already built)."""
+    os.environ["STEMMA_HOME"] = str(home)
+    from stemma.build import build
+    from stemma.spec import load_spec
+    from stemma.workspace import Workspace
+
+    d = home.parent
+    d.mkdir(parents=True, exist_ok=True)
+    corpus = d / "corpus.jsonl"
+    with open(CORPUS / "en-manpages.jsonl") as f, open(corpus, "w") as out:
+        for i, line in enumerate(f):
+            if i >= 120:
+                break
+            doc = json.loads(line)
+            doc["text"] = doc["text"][:4000]
+            out.write(json.dumps(doc) + "\n")
+    child = {"method": "lora", "dataset": "text", "config": {"steps": 4, "batch_size": 4, "warmup": 1, "r": 8}}
+    spec = {"name": "serve-bench", "datasets": {"text": {"paths": ["corpus.jsonl"], "language": "en"}},
+            "nodes": {"master": {"method": "pretrain", "dataset": "text",
+                                 "config": {"n_layer": 2, "n_embd": 256, "n_head": 4, "context": 128,
+                                            "vocab_size": 4096, "steps": 30, "batch_size": 8, "warmup": 3}}}}
+    for i, name in enumerate(ADAPTERS):
+        spec["nodes"][name] = {**child, "config": {**child["config"], "seed": i + 1}}
+    (d / "stemma.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    ws = Workspace.init(home)
+    build(ws, load_spec(d / "stemma.yaml"))
+    return ws
+
+
+def make_requests(ws, n: int) -> list[list[int]]:
+    """``n`` prompts of 16-64 tokens cut from the corpus (seeded)."""
+    base = ws.resolve_version("master")
+    tok = ws.tokenizer(base.row.tokenizer)
+    texts = [json.loads(line)["text"] for line in open(CORPUS / "en-vim.jsonl")]
+    rng = random.Random(0)
+    out = []
+    while len(out) < n:
+        ids = tok.encode(rng.choice(texts)).ids
+        k = rng.randint(16, 64)
+        if len(ids) > k + 1:
+            s = rng.randint(0, len(ids) - k - 1)
+            out.append(ids[s : s + k])
+    return out
+
+
+def gemm_peak(n: int = 1024, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return reps * 2 * n**3 / (time.perf_counter() - t0)
+
+
+def peer_peft(ws, prompts: list[list[int]]) -> float:
+    """PEFT: every adapter loaded in one PeftModel; per request set_adapter + generate. Returns tokens/s."""
+    import tempfile
+
+    from peft import PeftModel
+
+    from stemma.models.io import materialise
+
+    base = ws.load_model(ws.resolve_version("master").id)
+    model = None
+    with tempfile.TemporaryDirectory() as d:
+        for i, name in enumerate(ADAPTERS):
+            v = ws.resolve_version(name)
+            files = {n: ws.store.verified_path(dg) for n, dg in v.manifest["files"].items()}
+            path = materialise(files, Path(d) / f"a{i}")
+            if model is None:
+                model = PeftModel.from_pretrained(base, str(path), adapter_name=f"a{i}")
+            else:
+                model.load_adapter(str(path), adapter_name=f"a{i}")
+    model.eval()
+    eos = model.config.eos_token_id
+    with torch.inference_mode():
+        model.set_adapter("a0")
+        model.generate(torch.tensor([prompts[0]]), max_new_tokens=4, do_sample=False, pad_token_id=eos)  # warm-up
+        t0 = time.perf_counter()
+        tokens = 0
+        for i, p in enumerate(prompts):
+            model.set_adapter(f"a{i % N_ADAPTERS}")
+            out = model.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                 do_sample=False, pad_token_id=eos)
+            tokens += out.shape[1] - len(p)
+    return tokens / (time.perf_counter() - t0)
+
+
+async def _fire(url: str, prompts: list[list[int]], models: list[str]) -> tuple[int, float]:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=128)) as c:
+        async def one(p, m):
+            r = await c.post("/v1/completions", json={"model": m, "prompt": p, "max_tokens": NEW_TOKENS,
+                                                      "temperature": 0, "ignore_eos": True})
+            r.raise_for_status()
+            return r.json()["usage"]["completion_tokens"]
+
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*(one(p, m) for p, m in zip(prompts, models)))
+        return sum(counts), time.perf_counter() - t0
+
+
+def stemma_runs(ws, prompts, rounds: int) -> dict:
+    """Mixed adapters and base alone, alternating, through a real server on loopback."""
+    from stemma.serve.api import create_app
+    from stemma.serve.config import ServeConfig
+    from stemma.serve.server import ServerThread
+
+    app = create_app(ws, ServeConfig(max_batch=64))
+    mixed_models = [ADAPTERS[i % N_ADAPTERS] for i in range(len(prompts))]
+    base_models = ["master"] * len(prompts)
+    res = {"mixed": [], "base": [], "mixed_seconds": []}
+    with ServerThread(app) as url:
+        asyncio.run(_fire(url, prompts[:8], mixed_models[:8]))  # warm-up: load the engine and the adapters
+        for _ in range(rounds):
+            for kind, models in (("mixed", mixed_models), ("base", base_models)):
+                n, s = asyncio.run(_fire(url, prompts, models))
+                res[kind].append(n / s)
+                if kind == "mixed":
+                    res["mixed_seconds"].append(s)
+        engine = next(iter(app.state.pool.engines.values()))
+        res["decoder"] = engine.decoder
+    return res
+
+
+def rss_probe(kind: str) -> None:
+    """Child process: serve the 64 requests (engine only, no HTTP) and print the resident set size."""
+    import psutil
+
+    from stemma.serve.config import ServeConfig
+    from stemma.serve.engine import SamplingParams, Sequence
+    from stemma.serve.pool import ModelPool
+    from stemma.workspace import Workspace
+
+    ws = Workspace.open()
+    prompts = make_requests(ws, N_REQUESTS)
+    pool = ModelPool(ws, ServeConfig(max_batch=64))
+    done = []
+    seqs = []
+    for i, p in enumerate(prompts):
+        t = pool.resolve(ADAPTERS[i % N_ADAPTERS] if kind == "mixed" else "master")
+        s = Sequence(prompt=p, params=SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True),
+                     adapter=t.adapters, sink=lambda ev: done.append(1) if ev.done else None)
+        seqs.append((t, s))
+    for t, s in seqs:
+        pool.submit(t, [s])
+    while len(done) < len(seqs):
+        time.sleep(0.01)
+    pool.close()
+    engine = next(iter(pool.engines.values()))
+    print(json.dumps({"rss": psutil.Process().memory_info().rss, "engine_bytes": engine.decoder.nbytes,
+                      "adapters": len(engine.adapters)}))
+
+
+def probe(home: Path, kind: str) -> dict:
+    env = {**os.environ, "STEMMA_HOME": str(home)}
+    out = subprocess.run([sys.executable, __file__, "--rss-probe", kind], env=env, capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--rss-probe", choices=["base", "mixed"], help=argparse_hidden())
+    args = p.parse_args()
+    if args.rss_probe:
+        rss_probe(args.rss_probe)
+        return
+    home = ROOT / ".stemma" / "serve-bench" / "home"
+    t0 = time.perf_counter()
+    ws = build_tree(home)
+    print(f"bench tree ready in {time.perf_counter() - t0:.1f}s ({home})")
+    prompts = make_requests(ws, N_REQUESTS)
+    rounds = 1 if args.quick else 3
+    peak = gemm_peak()
+    peer_prompts = prompts[:16] if args.quick else prompts
+    peer = peer_peft(ws, peer_prompts)
+    runs = stemma_runs(ws, prompts, rounds)
+    mixed, base = statistics.median(runs["mixed"]), statistics.median(runs["base"])
+    dec = runs["decoder"]
+    # Model FLOPs of the mixed run: each prompt prefilled, then NEW_TOKENS - 1 decode steps at growing context.
+    flops = 0.0
+    for p in prompts:
+        flops += sum(dec.flops_per_token(t + 1) for t in range(len(p)))
+        flops += sum(dec.flops_per_token(len(p) + t + 1) for t in range(NEW_TOKENS - 1))
+    achieved = flops / statistics.median(runs["mixed_seconds"])
+    rss_base, rss_mixed = probe(home, "base"), probe(home, "mixed")
+    figures = {
+        "speedup_vs_peft": mixed / peer, "mixed_vs_base": mixed / base,
+        "rss_ratio": rss_mixed["rss"] / rss_base["rss"], "gemm_fraction": achieved / peak,
+        "peer": "PEFT set_adapter + generate per request, sequential",
+        "peer_tokens_per_s": peer, "mixed_tokens_per_s": mixed, "base_tokens_per_s": base,
+        "runs": {k: runs[k] for k in ("mixed", "base")}, "rss_base": rss_base, "rss_mixed": rss_mixed,
+        "gemm_peak_flops": peak, "achieved_flops": achieved, "requests": N_REQUESTS, "new_tokens": NEW_TOKENS,
+        "adapters": N_ADAPTERS, "peer_requests": len(peer_prompts),
+    }
+    mb = 1 << 20
+    print_table(
+        f"serving, GPT-2 2x256 vocab 4096 + {N_ADAPTERS} LoRA children, {N_REQUESTS} requests x {NEW_TOKENS} new "
+        f"tokens, greedy, {rounds} round(s)",
+        [("tokens/s: PEFT per request vs stemma mixed", f"{peer:,.0f}", f"{mixed:,.0f}", f"{mixed / peer:.1f}x"),
+         ("tokens/s: stemma base only vs mixed", f"{base:,.0f}", f"{mixed:,.0f}", f"{mixed / base:.2f}"),
+         ("RSS: base only vs 8 adapters (MB)", f"{rss_base['rss'] / mb:.0f}", f"{rss_mixed['rss'] / mb:.0f}",
+          f"{rss_mixed['rss'] / rss_base['rss']:.3f}"),
+         ("engine bytes: base only vs 8 adapters (MB)", f"{rss_base['engine_bytes'] / mb:.1f}",
+          f"{rss_mixed['engine_bytes'] / mb:.1f}", f"{rss_mixed['engine_bytes'] / rss_base['engine_bytes']:.3f}"),
+         ("FLOP/s: GEMM peak vs achieved (mixed)", f"{peak / 1e9:.1f} G", f"{achieved / 1e9:.1f} G",
+          f"{achieved / peak:.3f}")],
+    )
+    print(f"targets: speedup_vs_peft >= 10 ({figures['speedup_vs_peft']:.1f}), mixed_vs_base >= 0.8 "
+          f"({figures['mixed_vs_base']:.2f}), rss_ratio <= 1.15 ({figures['rss_ratio']:.3f}); "
+          f"gemm_fraction {figures['gemm_fraction']:.3f}")
+    write_json(args.json, figures)
+
+
+def argparse_hidden():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()
