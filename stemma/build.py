@@ -105,7 +105,9 @@ class Evaluator:
 
 
 def build(ws: Workspace, spec: TreeSpec, reporter: Reporter | None = None, only: list[str] | None = None,
-          evaluate: bool = True) -> list[BuildEvent]:
+          evaluate: bool = True, footprint: bool = False) -> list[BuildEvent]:
+    """Reconcile the registry to ``spec``; with ``footprint``, measure each version's footprint once (a child process
+    per version: disk, peak memory, tokens/s; see `stemma.footprint`)."""
     reporter = reporter or NullReporter()
     events: list[BuildEvent] = []
     with ws.build_lock():
@@ -166,6 +168,13 @@ def build(ws: Workspace, spec: TreeSpec, reporter: Reporter | None = None, only:
             built[path] = v
             if evaluate:
                 evaluator.evaluate_version(v)
+            if footprint:
+                from .footprint import ensure
+
+                fp = ensure(ws, v.id)
+                if action == "built":
+                    reporter.log(f"{path}: {fp.rss_generate_bytes / 2**20:.0f} MiB peak to generate, "
+                                 f"{fp.tokens_per_s:.0f} tokens/s")
             events.append(BuildEvent(path, action, v.id, time.perf_counter() - t0))
     return events
 

@@ -95,6 +95,8 @@ def data_show(ref: str) -> None:
 def build(
     spec: Path = typer.Argument(Path("stemma.yaml"), help="The tree as code."),
     node: list[str] = typer.Option(None, "--node", help="Build only these nodes (and their ancestors)."),
+    footprint: bool = typer.Option(True, "--footprint/--no-footprint",
+                                   help="Measure each version's memory and speed once (a child process each)."),
 ) -> None:
     """Reconcile the registry to stemma.yaml: build only what changed."""
     import time
@@ -107,7 +109,7 @@ def build(
     tree = load_spec(spec)
     ws = Workspace.init()
     t0 = time.perf_counter()
-    events = run_build(ws, tree, reporter=RichReporter(err), only=node or None)
+    events = run_build(ws, tree, reporter=RichReporter(err), only=node or None, footprint=footprint)
     built = sum(e.action == "built" for e in events)
     for e in events:
         out.print(f"  {e.action:7} {e.node:28} {e.version[:12]}  {e.seconds:7.1f}s")

@@ -273,9 +273,22 @@ class Workspace:
         return out[::-1]
 
     def load_model(self, version_id: str):
-        """The model a version stands for, as a plain transformers model (adapter chain merged)."""
-        from .models.io import apply_adapter, load_hf_dir, materialise
+        """The model a version stands for, as a plain transformers model (adapter chain merged).
 
+        A relation with its own storage format (a compressed variant) loads through the loader registered for it
+        (`stemma.models.io.register_loader`), standalone: variants store their parent's chain merged in.
+        """
+        from .models.io import apply_adapter, custom_load, has_loader, load_hf_dir, materialise
+
+        v = self.version(version_id)
+        if has_loader(v.row.relation):
+            with tempfile.TemporaryDirectory(prefix="stemma-load-") as d:
+                files = {n: self.store.verified_path(dg) for n, dg in v.manifest["files"].items()}
+                target = materialise(files, Path(d))
+                model = custom_load(v.row.relation, {n: target / n for n in files}, v.manifest)
+            if model is not None:
+                model.eval()
+                return model
         chain = self.chain(version_id)
         for child, parent in zip(chain[1:], chain[:-1]):
             if child.row.relation == "adapter" and child.row.tokenizer != parent.row.tokenizer:

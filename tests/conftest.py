@@ -118,3 +118,56 @@ def tree_copy(built_tree, tmp_path, monkeypatch):
     from stemma.workspace import Workspace
 
     return {"home": dst / "home", "spec": dst / "stemma.yaml", "dir": dst, "ws": Workspace.open(dst / "home")}
+
+
+VARIANTS = {
+    "int8": {"method": "quantized", "config": {"bits": 8}},
+    "int4": {"method": "quantized", "config": {"bits": 4}},
+    "lowrank": {"method": "lowrank", "config": {"rank": 8}},
+    "sparse": {"method": "pruned", "config": {"sparsity": 0.5}},
+    "slim": {"method": "pruned", "config": {"mode": "structured", "neurons": 0.5, "heads": 0.5, "recovery_steps": 4}},
+}
+
+
+def add_variants(spec_path: Path, node: str = "en/software/python") -> Path:
+    """Declare every compression variant of ``node`` as a device-layer child in the spec file."""
+    spec = yaml.safe_load(spec_path.read_text())
+    for name, v in VARIANTS.items():
+        spec["nodes"][f"{node}/{name}"] = {**v, "parent": node, "layer": "device"}
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return spec_path
+
+
+@pytest.fixture(scope="session")
+def variant_tree(built_tree, tmp_path_factory):
+    """The session tree plus every compression variant of en/software/python, with measured footprints."""
+    from stemma.build import build
+    from stemma.spec import load_spec
+    from stemma.workspace import Workspace
+
+    d = tmp_path_factory.mktemp("variants") / "tree"
+    shutil.copytree(built_tree["dir"], d, symlinks=True)
+    spec_path = add_variants(d / "stemma.yaml")
+    old = os.environ.get("STEMMA_HOME")
+    os.environ["STEMMA_HOME"] = str(d / "home")
+    try:
+        ws = Workspace.open(d / "home")
+        events = build(ws, load_spec(spec_path), footprint=True)
+    finally:
+        if old is None:
+            os.environ.pop("STEMMA_HOME", None)
+        else:
+            os.environ["STEMMA_HOME"] = old
+    return {"home": d / "home", "spec": spec_path, "dir": d, "events": events}
+
+
+@pytest.fixture
+def variants(variant_tree, tmp_path, monkeypatch):
+    """A private, writable copy of the variant tree."""
+    dst = tmp_path / "vtree"
+    shutil.copytree(variant_tree["dir"], dst, symlinks=True)
+    monkeypatch.setenv("STEMMA_HOME", str(dst / "home"))
+    monkeypatch.delenv("STEMMA_REGISTRY_URL", raising=False)
+    from stemma.workspace import Workspace
+
+    return {"home": dst / "home", "spec": dst / "stemma.yaml", "dir": dst, "ws": Workspace.open(dst / "home")}
