@@ -5,12 +5,16 @@ children (r=8), built by stemma itself (cached under .stemma/serve-bench, a seco
 The workload: 64 requests, prompts of 16-64 tokens cut from the shipped corpus, 64 new tokens each, greedy,
 `ignore_eos` so every request generates exactly 64 tokens; request i goes to adapter i % 8.
 
-- peer: Hugging Face PEFT with the 8 adapters loaded, `set_adapter` + `generate` per request, sequentially;
+- peer: Hugging Face PEFT with the 8 adapters loaded, `set_adapter` + `generate` per request, sequentially
+  (a slice of the requests per round: it is the slow side);
 - stemma, mixed: the 64 requests sent at once over HTTP to a real uvicorn server, one per adapter mix;
 - stemma, base: the same requests, all to the base (no adapter rows: the LoRA path is skipped);
 - resident memory (RSS) of a fresh process serving the 64 requests: 8 adapters vs base only;
 - achieved FLOP/s of the mixed run (model FLOPs of prefill + decode, LoRA excluded) over a GEMM peak
   (1024x1024x1024 fp32 matmul) measured in the same run.
+
+Rounds interleave peer, stemma mixed and stemma base, so load from other processes hits all alike; medians
+are reported. Peer and stemma each run at 1 thread and at torch's default, each reported at its better one.
 
     python benchmarks/serve_bench.py [--quick] [--json out.json]
 """
@@ -92,8 +96,8 @@ def gemm_peak(n: int = 1024, reps: int = 5) -> float:
     return reps * 2 * n**3 / (time.perf_counter() - t0)
 
 
-def peer_peft(ws, prompts: list[list[int]]) -> float:
-    """PEFT: every adapter loaded in one PeftModel; per request set_adapter + generate. Returns tokens/s."""
+def load_peer(ws):
+    """PEFT with every adapter loaded in one PeftModel (the usual way to serve several LoRA children)."""
     import tempfile
 
     from peft import PeftModel
@@ -112,14 +116,17 @@ def peer_peft(ws, prompts: list[list[int]]) -> float:
             else:
                 model.load_adapter(str(path), adapter_name=f"a{i}")
     model.eval()
+    return model
+
+
+def peer_run(model, prompts: list[list[int]], offset: int = 0) -> float:
+    """Per request: set_adapter + greedy generate of NEW_TOKENS tokens, sequentially. Returns tokens/s."""
     eos = model.config.eos_token_id
     with torch.inference_mode():
-        model.set_adapter("a0")
-        model.generate(torch.tensor([prompts[0]]), max_new_tokens=4, do_sample=False, pad_token_id=eos)  # warm-up
         t0 = time.perf_counter()
         tokens = 0
         for i, p in enumerate(prompts):
-            model.set_adapter(f"a{i % N_ADAPTERS}")
+            model.set_adapter(f"a{(i + offset) % N_ADAPTERS}")
             out = model.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                  do_sample=False, pad_token_id=eos)
             tokens += out.shape[1] - len(p)
@@ -141,26 +148,29 @@ async def _fire(url: str, prompts: list[list[int]], models: list[str]) -> tuple[
         return sum(counts), time.perf_counter() - t0
 
 
-def stemma_runs(ws, prompts, rounds: int) -> dict:
-    """Mixed adapters and base alone, alternating, through a real server on loopback."""
+def measure(ws, prompts, rounds: int, peer_per_round: int) -> dict:
+    """Rounds of (peer, stemma mixed, stemma base), interleaved so drifts in machine load hit all three alike."""
     from stemma.serve.api import create_app
     from stemma.serve.config import ServeConfig
     from stemma.serve.server import ServerThread
 
+    peer = load_peer(ws)
+    peer_run(peer, prompts[:2])  # warm-up
     app = create_app(ws, ServeConfig(max_batch=64))
     mixed_models = [ADAPTERS[i % N_ADAPTERS] for i in range(len(prompts))]
     base_models = ["master"] * len(prompts)
-    res = {"mixed": [], "base": [], "mixed_seconds": []}
+    res = {"peer": [], "mixed": [], "base": [], "mixed_seconds": []}
     with ServerThread(app) as url:
-        asyncio.run(_fire(url, prompts[:8], mixed_models[:8]))  # warm-up: load the engine and the adapters
-        for _ in range(rounds):
+        asyncio.run(_fire(url, prompts[:16], mixed_models[:16]))  # warm-up: load the engine and the adapters
+        for r in range(rounds):
+            start = (r * peer_per_round) % len(prompts)
+            res["peer"].append(peer_run(peer, prompts[start : start + peer_per_round], offset=start))
             for kind, models in (("mixed", mixed_models), ("base", base_models)):
-                n, s = asyncio.run(_fire(url, prompts, models))
-                res[kind].append(n / s)
+                n, secs = asyncio.run(_fire(url, prompts, models))
+                res[kind].append(n / secs)
                 if kind == "mixed":
-                    res["mixed_seconds"].append(s)
-        engine = next(iter(app.state.pool.engines.values()))
-        res["decoder"] = engine.decoder
+                    res["mixed_seconds"].append(secs)
+        res["decoder"] = next(iter(app.state.pool.engines.values())).decoder
     return res
 
 
@@ -189,7 +199,10 @@ def rss_probe(kind: str) -> None:
         time.sleep(0.01)
     pool.close()
     engine = next(iter(pool.engines.values()))
+    import resource
+
     print(json.dumps({"rss": psutil.Process().memory_info().rss, "engine_bytes": engine.decoder.nbytes,
+                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                       "adapters": len(engine.adapters)}))
 
 
@@ -212,37 +225,51 @@ def main() -> None:
     ws = build_tree(home)
     print(f"bench tree ready in {time.perf_counter() - t0:.1f}s ({home})")
     prompts = make_requests(ws, N_REQUESTS)
-    rounds = 1 if args.quick else 3
-    peak = gemm_peak()
-    peer_prompts = prompts[:16] if args.quick else prompts
-    peer = peer_peft(ws, peer_prompts)
-    runs = stemma_runs(ws, prompts, rounds)
-    mixed, base = statistics.median(runs["mixed"]), statistics.median(runs["base"])
-    dec = runs["decoder"]
+    rounds, peer_per_round = (2, 8) if args.quick else (4, 16)
+    # Each side at its best thread count: on a shared 2-core machine two OpenMP threads can lose more to
+    # waiting for each other than they gain (small sequential ops suffer most, i.e. the peer).
+    by_threads = {}
+    for nt in sorted({1, torch.get_num_threads()}):
+        torch.set_num_threads(nt)
+        runs = measure(ws, prompts, rounds, peer_per_round)
+        by_threads[nt] = {"peak": gemm_peak(), "runs": {k: runs[k] for k in ("peer", "mixed", "base")},
+                          "mixed_seconds": statistics.median(runs["mixed_seconds"]), "decoder": runs["decoder"],
+                          **{k: statistics.median(runs[k]) for k in ("peer", "mixed", "base")}}
+        print(f"threads {nt}: PEFT {by_threads[nt]['peer']:,.0f} tokens/s, stemma mixed "
+              f"{by_threads[nt]['mixed']:,.0f}, base {by_threads[nt]['base']:,.0f}")
+    peer_nt = max(by_threads, key=lambda k: by_threads[k]["peer"])
+    nt = max(by_threads, key=lambda k: by_threads[k]["mixed"])
+    best = by_threads[nt]
+    peer, mixed, base = by_threads[peer_nt]["peer"], best["mixed"], best["base"]
+    peak = max(b["peak"] for b in by_threads.values())
+    dec = best["decoder"]
     # Model FLOPs of the mixed run: each prompt prefilled, then NEW_TOKENS - 1 decode steps at growing context.
     flops = 0.0
     for p in prompts:
         flops += sum(dec.flops_per_token(t + 1) for t in range(len(p)))
         flops += sum(dec.flops_per_token(len(p) + t + 1) for t in range(NEW_TOKENS - 1))
-    achieved = flops / statistics.median(runs["mixed_seconds"])
+    achieved = flops / best["mixed_seconds"]
     rss_base, rss_mixed = probe(home, "base"), probe(home, "mixed")
     figures = {
         "speedup_vs_peft": mixed / peer, "mixed_vs_base": mixed / base,
         "rss_ratio": rss_mixed["rss"] / rss_base["rss"], "gemm_fraction": achieved / peak,
         "peer": "PEFT set_adapter + generate per request, sequential",
         "peer_tokens_per_s": peer, "mixed_tokens_per_s": mixed, "base_tokens_per_s": base,
-        "runs": {k: runs[k] for k in ("mixed", "base")}, "rss_base": rss_base, "rss_mixed": rss_mixed,
+        "threads": {"peer": peer_nt, "stemma": nt}, "rss_base": rss_base, "rss_mixed": rss_mixed,
+        "by_threads": {k: {x: v[x] for x in ("peak", "peer", "mixed", "base", "runs")} for k, v in by_threads.items()},
         "gemm_peak_flops": peak, "achieved_flops": achieved, "requests": N_REQUESTS, "new_tokens": NEW_TOKENS,
-        "adapters": N_ADAPTERS, "peer_requests": len(peer_prompts),
+        "adapters": N_ADAPTERS, "peer_requests_per_round": peer_per_round, "rounds": rounds,
     }
     mb = 1 << 20
     print_table(
         f"serving, GPT-2 2x256 vocab 4096 + {N_ADAPTERS} LoRA children, {N_REQUESTS} requests x {NEW_TOKENS} new "
-        f"tokens, greedy, {rounds} round(s)",
+        f"tokens, greedy, {rounds} round(s); threads: PEFT {peer_nt}, stemma {nt}",
         [("tokens/s: PEFT per request vs stemma mixed", f"{peer:,.0f}", f"{mixed:,.0f}", f"{mixed / peer:.1f}x"),
          ("tokens/s: stemma base only vs mixed", f"{base:,.0f}", f"{mixed:,.0f}", f"{mixed / base:.2f}"),
          ("RSS: base only vs 8 adapters (MB)", f"{rss_base['rss'] / mb:.0f}", f"{rss_mixed['rss'] / mb:.0f}",
           f"{rss_mixed['rss'] / rss_base['rss']:.3f}"),
+         ("peak RSS: base only vs 8 adapters (MB)", f"{rss_base['peak_rss'] / mb:.0f}",
+          f"{rss_mixed['peak_rss'] / mb:.0f}", f"{rss_mixed['peak_rss'] / rss_base['peak_rss']:.3f}"),
          ("engine bytes: base only vs 8 adapters (MB)", f"{rss_base['engine_bytes'] / mb:.1f}",
           f"{rss_mixed['engine_bytes'] / mb:.1f}", f"{rss_mixed['engine_bytes'] / rss_base['engine_bytes']:.3f}"),
          ("FLOP/s: GEMM peak vs achieved (mixed)", f"{peak / 1e9:.1f} G", f"{achieved / 1e9:.1f} G",

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -264,12 +264,25 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
         log.exception("unhandled error on %s", request.url.path)
         return _error(500, "internal server error", "server_error")
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        resp = await call_next(request)
-        route = request.scope.get("route")
-        metrics.http.labels(getattr(route, "path", "other"), str(resp.status_code)).inc()
-        return resp
+    class CountResponses:
+        """Plain ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the endpoints)."""
+
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.app(scope, receive, send)
+
+            async def counting_send(message):
+                if message["type"] == "http.response.start":
+                    route = scope.get("route")
+                    metrics.http.labels(getattr(route, "path", "other"), str(message["status"])).inc()
+                await send(message)
+
+            await self.app(scope, receive, counting_send)
+
+    app.add_middleware(CountResponses)
 
     # ------------------------------------------------------------------ plain endpoints
     @app.get("/health")
@@ -321,7 +334,7 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
             raise BadRequest("echo, suffix and best_of are not supported")
         t, engine = await _prepare(body)
         prompts = _prompt_ids(body.prompt, engine)
-        return await _generate(body, t, engine, prompts, chat=False, endpoint="completions",
+        return await _generate(request, body, t, engine, prompts, chat=False, endpoint="completions",
                                max_tokens=body.max_tokens, extra_stop=())
 
     @app.post("/v1/chat/completions")
@@ -329,7 +342,7 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
         t, engine = await _prepare(body)
         text = chat_prompt(body.messages)
         prompts = [engine.tokenizer.encode(text).ids]
-        return await _generate(body, t, engine, prompts, chat=True, endpoint="chat",
+        return await _generate(request, body, t, engine, prompts, chat=True, endpoint="chat",
                                max_tokens=body.max_completion_tokens or body.max_tokens, extra_stop=(CHAT_STOP,))
 
     async def _prepare(body: _Common):
@@ -342,8 +355,10 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
         reqs = body.requirements()
         if reqs and body.model != "auto":
             raise BadRequest("language/domain/memory_bytes/latency_ms apply to model 'auto' only", param="model")
-        t = await run_in_threadpool(pool.resolve, body.model, reqs)
-        engine = await run_in_threadpool(pool.engine, t)
+        # The common case (name resolved recently, engine loaded) touches no disk or database: answer it on the
+        # event loop, so a burst of requests reaches the scheduler together and starts in one batch.
+        t = pool.resolve_cached(body.model, reqs) or await run_in_threadpool(pool.resolve, body.model, reqs)
+        engine = pool.engines.get(t.base_id) or await run_in_threadpool(pool.engine, t)
         return t, engine
 
     def _prompt_ids(prompt, engine) -> list[list[int]]:
@@ -369,8 +384,8 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
             out.append(ids or [engine.eos_id])  # an empty prompt starts from end-of-text, as GPT-2 does
         return out
 
-    async def _generate(body: _Common, t: Target, engine, prompts: list[list[int]], *, chat: bool, endpoint: str,
-                        max_tokens: int | None, extra_stop: tuple[str, ...]):
+    async def _generate(request: Request, body: _Common, t: Target, engine, prompts: list[list[int]], *, chat: bool,
+                        endpoint: str, max_tokens: int | None, extra_stop: tuple[str, ...]):
         ctx = engine.context
         longest = max(len(p) for p in prompts)
         if longest >= ctx:
@@ -394,8 +409,12 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
                 def sink(ev: Event, i: int = i) -> None:
                     loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
 
-                seqs.append(Sequence(prompt=p, params=params, adapter=t.adapters, sink=sink, label=t.node))
-        await run_in_threadpool(pool.submit, t, seqs)
+                seqs.append(Sequence(prompt=p, params=params, adapter=t.adapters, sink=sink, label=t.node,
+                                     stream=body.stream))
+        if t.base_id in pool.engines:
+            pool.submit(t, seqs)  # a lock and an append
+        else:  # evicted since _prepare: loading again reads the store, off the event loop
+            await run_in_threadpool(pool.submit, t, seqs)
         metrics.requests.labels(t.node, endpoint).inc()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
@@ -408,7 +427,12 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
             texts = [""] * len(seqs)
             finals: list[Event | None] = [None] * len(seqs)
             while any(f is None for f in finals):
-                i, ev = await queue.get()
+                try:
+                    i, ev = await asyncio.wait_for(queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():  # nobody to answer: free the slots now
+                        return Response(status_code=499)
+                    continue
                 texts[i] += ev.text
                 if ev.done:
                     finals[i] = ev

@@ -6,11 +6,11 @@ slot from prefill to its last token, and requests join and leave between decode 
 different positions in one decode step, and a different LoRA adapter per row.
 
 Per-row LoRA follows S-LoRA / Punica (Sheng et al., 2023; Chen et al., 2023): every loaded adapter's
-A and B matrices are stacked in a `LoraBank`; each step groups the batch's rows by adapter (SGMV) and adds
-``(x @ A[id]) @ B[id]`` to the base output ``x @ W + b`` of every row. Slot 0 is no adapter, so base-model
-rows ride in the same batch and skip the LoRA work. A chain (a LoRA trained on a LoRA-merged parent) is
-pre-combined once at load by concatenating ranks (``A = [A1 A2]``, ``B = [s1*B1; s2*B2]``), which is the
-exact sum of the deltas, with no merge rounding.
+A and B matrices are stacked in a `LoraBank`; a `LoraPlan` groups the batch's rows by adapter (SGMV) and
+adds ``(x @ A[id]) @ B[id]`` to the base output ``x @ W + b`` of every row in two batched matmuls.
+Slot 0 is no adapter, so base-model rows ride in the same batch and skip the LoRA work. A chain (a LoRA
+trained on a LoRA-merged parent) is pre-combined once at load by concatenating ranks (``A = [A1 A2]``,
+``B = [s1*B1; s2*B2]``), which is the exact sum of the deltas, with no merge rounding.
 
 Orientation: GPT-2's ``Conv1D`` stores weights as ``[in, out]`` (``y = x @ W + b``). PEFT's LoRA on it
 (``fan_in_fan_out=True``) keeps ``lora_A.weight`` as ``[r, in]`` and ``lora_B.weight`` as ``[out, r]`` and
@@ -21,7 +21,7 @@ computes ``lora_B(lora_A(x)) * alpha / r``; the bank stores ``A.T`` (``[in, r]``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +157,8 @@ class LoraBank:
         self.b: dict[tuple[int, str], torch.Tensor] = {}
         self.n_slots = 1  # the zero adapter
         self.free: list[int] = []
+        self.version = 0
+        """Bumped on every change, so cached gathers of the bank's weights are never stale."""
 
     @property
     def nbytes(self) -> int:
@@ -178,6 +180,7 @@ class LoraBank:
 
     def add(self, delta: LoraDelta) -> int:
         """Store an adapter; returns its slot."""
+        self.version += 1
         r = delta.rank()
         if self.free:
             slot = self.free.pop()
@@ -195,36 +198,56 @@ class LoraBank:
         return slot
 
     def remove(self, slot: int) -> None:
+        self.version += 1
         for k in self.a:
             self.a[k][slot].zero_()
             self.b[k][slot].zero_()
         self.free.append(slot)
 
 
-@dataclass(frozen=True)
+@dataclass
 class LoraPlan:
-    """How a batch's rows map to adapters, worked out once per forward and used by every adapted linear."""
+    """How a batch's rows map to adapters, worked out once per batch composition.
 
-    uniform: int | None
+    Rows are grouped by adapter and each group padded to the largest group's size ``L``, so every adapted
+    linear is two batched matmuls over the ``G`` adapters present (``[G, L*T, in] @ [G, in, R] @ [G, R, out]``):
+    each adapter's weights are read once per step, not copied per row, and the op count does not grow with
+    the number of adapters. The gathered per-group weights are kept here and reused while the batch is unchanged.
+    """
+
+    uniform: int | None = None
     """The one adapter slot every row uses, if they all use the same one."""
-    perm: torch.Tensor | None
-    """Rows that have an adapter, grouped by adapter."""
-    segments: tuple[tuple[int, int, int], ...]
-    """(adapter slot, start, end) ranges of ``perm``."""
+    idx: torch.Tensor | None = None
+    """[G*L] batch row of each padded position (padding points at a real row; its result is masked out)."""
+    mask: torch.Tensor | None = None
+    """[G*L, 1, 1] 1 for real positions, 0 for padding; None when no group needed padding."""
+    slots: torch.Tensor | None = None
+    """[G] adapter slot of each group."""
+    groups: int = 0
+    width: int = 0
+    """L: rows per group after padding."""
+    weights: dict = field(default_factory=dict)
+    """(layer, linear) -> (A [G, in, R], B [G, R, out]), filled on first use."""
 
     @staticmethod
     def of(aids: torch.Tensor) -> LoraPlan | None:
         """None when no row has an adapter (the LoRA path is skipped entirely)."""
         first = int(aids[0])
         if bool((aids == first).all()):
-            return None if first == 0 else LoraPlan(uniform=first, perm=None, segments=())
+            return None if first == 0 else LoraPlan(uniform=first)
         rows = torch.nonzero(aids, as_tuple=True)[0]
-        order = torch.argsort(aids[rows], stable=True)
-        perm = rows[order]
-        slots, counts = torch.unique_consecutive(aids[perm], return_counts=True)
-        ends = counts.cumsum(0).tolist()
-        starts = [0] + ends[:-1]
-        return LoraPlan(uniform=None, perm=perm, segments=tuple(zip(slots.tolist(), starts, ends)))
+        slots, counts = torch.unique(aids[rows], return_counts=True)
+        G, L = len(slots), int(counts.max())
+        idx = torch.zeros(G, L, dtype=torch.long)
+        mask = torch.zeros(G, L)
+        for g, slot in enumerate(slots.tolist()):
+            members = rows[aids[rows] == slot]
+            idx[g, : len(members)] = members
+            idx[g, len(members) :] = members[0]
+            mask[g, : len(members)] = 1
+        padded = bool((mask == 0).any())
+        return LoraPlan(idx=idx.view(-1), mask=mask.view(-1, 1, 1) if padded else None, slots=slots, groups=G,
+                        width=L)
 
 
 class Decoder:
@@ -240,7 +263,8 @@ class Decoder:
         self.shape = shape
         p = {k.removeprefix("transformer."): v.detach().float() for k, v in state.items()}
         self.wte, self.wpe = p["wte.weight"], p["wpe.weight"]  # [V, C], [ctx, C]
-        self.lm_head = p.get("lm_head.weight", self.wte)  # tied in GPT-2: the same tensor
+        # [C, V]: the output head pre-transposed once (a contiguous copy multiplies faster than a transposed view)
+        self.lm_head_t = p.get("lm_head.weight", self.wte).t().contiguous()
         self.ln_f = (p["ln_f.weight"], p["ln_f.bias"])
         self.blocks = []
         for i in range(shape.n_layer):
@@ -255,12 +279,20 @@ class Decoder:
         self.k_cache = [torch.zeros(max_slots, H, shape.context, D) for _ in range(shape.n_layer)]
         self.v_cache = [torch.zeros(max_slots, H, shape.context, D) for _ in range(shape.n_layer)]
         self.bank = LoraBank(shape)
+        self._plan: tuple[tuple, LoraPlan | None] | None = None  # (key, plan) of the last batch composition
+
+    def plan(self, aids: torch.Tensor) -> LoraPlan | None:
+        """The LoRA plan of a batch, reused while neither the rows' adapters nor the bank change."""
+        key = (self.bank.version, tuple(aids.tolist()))
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, LoraPlan.of(aids))
+        return self._plan[1]
 
     @property
     def nbytes(self) -> int:
         """Bytes held by weights, KV cache and adapter bank (tied weights counted once)."""
         seen, total = set(), 0
-        tensors = [self.wte, self.wpe, self.lm_head, *self.ln_f, *self.k_cache, *self.v_cache]
+        tensors = [self.wte, self.wpe, self.lm_head_t, *self.ln_f, *self.k_cache, *self.v_cache]
         for blk in self.blocks:
             for pair in blk.values():
                 tensors.extend(pair)
@@ -280,13 +312,17 @@ class Decoder:
         a, b = self.bank.a[(layer, name)], self.bank.b[(layer, name)]
         if plan.uniform is not None:  # every row uses the same adapter: two plain matmuls
             return y.add_((x @ a[plan.uniform]) @ b[plan.uniform])
-        # Punica's SGMV: rows grouped by adapter, each group multiplied by its own A and B, read once per step
-        # (gathering a copy of A and B per row costs more memory traffic than the base matmul saves).
-        xs = x.index_select(0, plan.perm)  # [Ba, T, in], rows with an adapter, grouped
-        d = torch.empty(*xs.shape[:-1], b.shape[-1])
-        for slot, s, e in plan.segments:
-            torch.matmul(xs[s:e] @ a[slot], b[slot], out=d[s:e])
-        return y.index_add_(0, plan.perm, d)
+        # Punica's SGMV, padded: rows grouped by adapter, one batched matmul pair over the groups.
+        ab = plan.weights.get((layer, name))
+        if ab is None:
+            ab = plan.weights[(layer, name)] = (a[plan.slots], b[plan.slots])  # [G, in, R], [G, R, out]
+        B, T, d_in = x.shape
+        G, L = plan.groups, plan.width
+        xs = x.index_select(0, plan.idx).view(G, L * T, d_in)  # [G, L*T, in]
+        d = torch.bmm(torch.bmm(xs, ab[0]), ab[1]).view(G * L, T, -1)  # [G*L, T, out]
+        if plan.mask is not None:
+            d.mul_(plan.mask)  # padding rows repeat a real row; they must add nothing
+        return y.index_add_(0, plan.idx, d)
 
     def _attention_inputs(self, x, layer, plan):
         B, T, C = x.shape
@@ -323,7 +359,7 @@ class Decoder:
         """
         B, T = tokens.shape
         C = self.shape.n_embd
-        plan = LoraPlan.of(aids)
+        plan = self.plan(aids)
         x = self.wte[tokens] + self.wpe[:T]  # [B, T, C]
         for layer, blk in enumerate(self.blocks):
             h = F.layer_norm(x, (C,), *blk["ln_1"], eps=self.shape.eps)
@@ -346,7 +382,7 @@ class Decoder:
         """
         B = tokens.shape[0]
         C = self.shape.n_embd
-        plan = LoraPlan.of(aids)
+        plan = self.plan(aids)
         L = int(positions.max()) + 1  # keys to look at: up to the furthest row
         rows = torch.arange(B)
         mask = (torch.arange(L)[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, L]
@@ -363,7 +399,7 @@ class Decoder:
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         h = F.layer_norm(h, (self.shape.n_embd,), *self.ln_f, eps=self.shape.eps)
-        return h @ self.lm_head.t()  # [B, V]
+        return h @ self.lm_head_t  # [B, V]
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy a slot's cache (its first ``length`` positions) to another slot (compaction)."""

@@ -70,6 +70,7 @@ class ModelPool:
         self.scheduler = Scheduler()
         self._targets: dict[str, Target] = {}  # version id -> target (versions are immutable)
         self._names: dict[str, tuple[float, str]] = {}  # model name -> (when, version id)
+        self._auto: dict[str, tuple[float, Target]] = {}  # requirements -> (when, selected target)
         self._flops: float | None = None
 
     def close(self) -> None:
@@ -104,14 +105,30 @@ class ModelPool:
         self._targets[version_id] = t
         return t
 
+    def resolve_cached(self, model: str, requirements: dict | None = None) -> Target | None:
+        """The target of a name resolved less than ``resolve_ttl_s`` ago, else None (no I/O)."""
+        now = time.monotonic()
+        if model == "auto":
+            hit = self._auto.get("auto " + repr(sorted((requirements or {}).items())))
+            return hit[1] if hit and now - hit[0] < self.cfg.resolve_ttl_s else None
+        hit = self._names.get(model)
+        if hit and now - hit[0] < self.cfg.resolve_ttl_s:
+            return self._targets.get(hit[1])
+        return None
+
     def resolve(self, model: str, requirements: dict | None = None) -> Target:
         """A model name (node, node@version, auto) -> its target; unknown names raise ModelNotFoundError."""
+        now = time.monotonic()
         if model == "auto":
+            key = "auto " + repr(sorted((requirements or {}).items()))
+            hit = self._auto.get(key)
+            if hit and now - hit[0] < self.cfg.resolve_ttl_s:
+                return hit[1]
             sel = select(self.ws, **(requirements or {}), flops_per_s=self.flops_per_s(),
                          servable=self._servable)
-            t = self.target(sel.version_id)
-            return Target(**{**t.__dict__, "reason": sel.reason})
-        now = time.monotonic()
+            t = Target(**{**self.target(sel.version_id).__dict__, "reason": sel.reason})
+            self._auto[key] = (now, t)
+            return t
         hit = self._names.get(model)
         if hit and now - hit[0] < self.cfg.resolve_ttl_s:
             return self.target(hit[1])

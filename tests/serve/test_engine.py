@@ -62,6 +62,13 @@ def test_mixed_batch_equals_hf_generate(pool, references):
     seqs, _ = run_sequences(pool, jobs)
     got = {(m, i): s.generated for (m, i), s in zip([(m, i) for m in MODELS for i in range(len(prompts))], seqs)}
     assert got == {k: refs[k] for k in got}
+    # Uneven groups (5 rows of one adapter, 2 of the chain, 1 base row): the padded grouping must stay exact.
+    jobs = ([("en/software", p, _greedy()) for p in prompts] + [("en/software/python", p, _greedy())
+                                                                for p in prompts[:2]] + [("en", prompts[3], _greedy())])
+    seqs, _ = run_sequences(pool, jobs)
+    expect = [refs["en/software", i] for i in range(5)] + [refs["en/software/python", i] for i in range(2)] + \
+        [refs["en", 3]]
+    assert [s.generated for s in seqs] == expect
     en = pool.engines[pool.resolve("en").base_id]
     assert len(en.adapters) == 2  # en/software and the pre-combined chain en/software/python
     assert not en.running and not en.waiting
