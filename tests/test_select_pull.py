@@ -1,0 +1,200 @@
+"""Selection under budgets, pulling for a device (HF, safetensors, GGUF in llama.cpp), the trade-off plot."""
+
+import json
+
+import pytest
+import torch
+
+from stemma.errors import StemmaError
+from stemma.footprint import stored
+from stemma.select import Profile, parse_bytes, parse_ms, select
+
+SP = "en/software/python"
+
+
+def test_sizes_and_latencies_parse():
+    assert parse_bytes("300MB") == 300_000_000 and parse_bytes("1.5GiB") == int(1.5 * 2**30)
+    assert parse_ms("25ms") == 25 and parse_ms("0.5s") == 500
+    with pytest.raises(StemmaError, match="memory size"):
+        parse_bytes("lots")
+
+
+def test_select_never_picks_a_version_over_the_memory_budget(variants):
+    ws = variants["ws"]
+    sel = select(ws, "en", "software/python")
+    mems = sorted({c.memory for c in sel.ranked})
+    assert {c.node for c in sel.ranked} >= {SP, "en/software", "en", "master", f"{SP}/int8", f"{SP}/int4"}
+    assert "en/legal" not in {c.node for c in sel.ranked}
+    budgets = [mems[0] - 1] + [m + d for m in mems for d in (-1, 0, 1)] + [mems[-1] * 2]
+    for budget in budgets:
+        s = select(ws, "en", "software/python", memory_bytes=budget)
+        fitting = [c for c in s.ranked if c.memory <= budget]
+        if not fitting:
+            assert s.choice is None
+            with pytest.raises(StemmaError, match="nothing fits: closest is .* over the"):
+                s.require()
+            continue
+        assert s.choice is not None and s.choice.memory <= budget
+        assert s.choice.perplexity == min(c.perplexity for c in fitting)
+        for c in s.ranked[1:]:
+            assert c.reason and ("worse than" in c.reason or "over the" in c.reason)
+
+
+def test_select_explains_latency_and_quality_misses_and_scales_to_the_target_machine(variants):
+    ws = variants["ws"]
+    base = select(ws, "en", "software/python")
+    fastest = min(c.ms_per_token for c in base.ranked)
+    s = select(ws, "en", "software/python", latency_ms=fastest / 2)
+    assert s.choice is None and "ms/token" in s.nothing_fits()
+    # The same budget on a machine twice as fast (by GEMM throughput) halves every measured latency.
+    gflops = stored(ws, base.ranked[0].version.id).machine["gemm_gflops"]
+    s2 = select(ws, "en", "software/python", latency_ms=fastest * 0.6, machine={"gemm_gflops": gflops * 2})
+    assert s2.choice is not None
+    worst = max(c.perplexity for c in base.ranked)
+    s3 = select(ws, "en", "software/python", min_quality=min(c.perplexity for c in base.ranked) * 0.5)
+    assert s3.choice is None and "perplexity" in s3.nothing_fits() and worst > 0
+
+
+def test_select_refuses_unknown_nodes(variants):
+    with pytest.raises(StemmaError, match="unknown node 'xx/software'"):
+        select(variants["ws"], "xx", "software")
+
+
+def test_profile_file_drives_select(variants, tmp_path):
+    p = tmp_path / "device.json"
+    p.write_text(json.dumps({"language": "en", "domain": "software/python", "memory": "10GB"}))
+    prof = Profile.load(p)
+    assert prof.memory_bytes == 10**10
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"ram": 3}))
+    with pytest.raises(StemmaError, match="unknown field"):
+        Profile.load(bad)
+
+
+@pytest.mark.parametrize("node", [f"{SP}/int8", f"{SP}/int4", f"{SP}/lowrank", f"{SP}/sparse", SP])
+def test_pulled_hf_directory_loads_in_plain_transformers_with_stemmas_logits(variants, node, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from stemma.pull import pull
+
+    ws = variants["ws"]
+    v = ws.resolve_version(node)
+    out = pull(ws, v, tmp_path / "hf", "hf")
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(0, 500, (1, 24))
+    with torch.no_grad():
+        assert torch.allclose(hf(input_ids=ids).logits, ws.load_model(v.id)(input_ids=ids).logits, atol=1e-4)
+    card = (out / "README.md").read_text()
+    meta = card.split("---")[1]
+    for key in ("base_model:", "base_model_relation:", "datasets:", "license:", "model-index:"):
+        assert key in meta
+    assert f"stemma:{v.row.parent_id}" in meta
+
+
+def test_pulled_safetensors_keeps_the_compressed_form(variants, tmp_path):
+    from stemma.compress.layers import load_variant
+    from stemma.pull import pull
+
+    ws = variants["ws"]
+    v = ws.resolve_version(f"{SP}/int4")
+    out = pull(ws, v, tmp_path / "st", "safetensors")
+    assert (out / "variant.safetensors").stat().st_size == ws.store.size(v.manifest["files"]["variant.safetensors"])
+    m = load_variant({n: out / n for n in ("config.json", "variant.json", "variant.safetensors")})
+    ids = torch.randint(0, 500, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(m(input_ids=ids).logits, ws.load_model(v.id)(input_ids=ids).logits)
+
+
+def test_pull_errors_leave_nothing_behind(variants, tmp_path):
+    from stemma.pull import pull
+
+    ws = variants["ws"]
+    v = ws.resolve_version("en")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("x")
+    with pytest.raises(StemmaError, match="not empty"):
+        pull(ws, v, taken, "hf")
+    assert [p.name for p in taken.iterdir()] == ["mine.txt"]
+    blocker = tmp_path / "a-file"  # a directory cannot be made under a file (root ignores permissions)
+    blocker.write_text("x")
+    with pytest.raises(StemmaError, match="cannot write"):
+        pull(ws, v, blocker / "sub" / "out", "hf")
+    with pytest.raises(StemmaError, match="unknown format"):
+        pull(ws, v, tmp_path / "x", "onnx")
+    assert not (tmp_path / "x").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written temp dirs
+
+
+def test_gguf_refuses_architectures_it_cannot_express(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stemma.pull import write_gguf
+
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2))
+    with pytest.raises(StemmaError, match="GPT-2 architecture"):
+        write_gguf(m, None, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+PROMPTS = ["The grep command searches", "To install the package, run", "Copyright and licence",
+           "def main():", "The options are as follows"]
+
+
+@pytest.mark.parametrize("gguf_type", ["f32", "f16"])
+def test_llama_cpp_greedy_output_equals_stemmas(variants, tmp_path, gguf_type):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from stemma.pull import pull
+
+    ws = variants["ws"]
+    v = ws.resolve_version("en/legal")
+    out = pull(ws, v, tmp_path / "g", "gguf", gguf_type=gguf_type)
+    assert json.loads((out / "stemma.json").read_text())["gguf_type"] == gguf_type
+    tok = ws.tokenizer(v.row.tokenizer)
+    ref = ws.load_model(v.id)
+    if gguf_type == "f16":  # compare against the weights llama.cpp holds
+        ref = ref.half().float()
+    llm = llama_cpp.Llama(str(out / "model.gguf"), n_ctx=64, verbose=False, seed=0)
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt).ids
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=False) == ids
+        llm.reset()
+        got = []
+        for t in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+            got.append(t)
+            if len(got) == 16:
+                break
+        want = ref.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                            pad_token_id=0)[0, len(ids):].tolist()
+        assert got == want, prompt
+
+
+def test_tradeoff_marks_the_pareto_front_and_writes_a_png(variants, tmp_path):
+    from stemma.tradeoff import Point, pareto, plot, tradeoff_points
+
+    pts = [Point("a", "a", 10, 5.0, None), Point("b", "b", 5, 6.0, None), Point("c", "c", 12, 7.0, None)]
+    assert [p.node for p in pareto(pts)] == ["a", "b"]
+    ws = variants["ws"]
+    pts = tradeoff_points(ws, SP)
+    assert {p.label for p in pts} >= {"int8", "int4", "lowrank", "sparse", "slim"}
+    smallest = min(pts, key=lambda p: p.bytes)
+    assert smallest.front
+    png = plot(pts, SP, tmp_path / "t.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_select_pull_auto_and_nothing_fits(variants, tmp_path):
+    from typer.testing import CliRunner
+
+    from stemma.cli import app
+
+    r = CliRunner().invoke(app, ["select", "--language", "en", "--domain", "software/python", "--memory", "10GB"])
+    assert r.exit_code == 0, r.output
+    assert "choice:" in r.output
+    r = CliRunner().invoke(app, ["select", "--language", "en", "--domain", "software/python", "--memory", "1MB"])
+    assert r.exit_code != 0 and isinstance(r.exception, StemmaError) and "nothing fits" in str(r.exception)
+    r = CliRunner().invoke(app, ["pull", "auto", "--language", "en", "--domain", "software/python", "--memory",
+                                 "10GB", "--out", str(tmp_path / "auto"), "--format", "safetensors"])
+    assert r.exit_code == 0, r.output
+    assert "selected_because" in json.loads((tmp_path / "auto" / "stemma.json").read_text())
