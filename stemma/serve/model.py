@@ -48,6 +48,8 @@ class DecoderShape:
     """Rows of the token embedding (and of the tied output head)."""
     eps: float
     """LayerNorm epsilon."""
+    n_inner: int = 0
+    """MLP width (0: 4 * n_embd, GPT-2's default)."""
 
     @property
     def head_dim(self) -> int:
@@ -55,8 +57,8 @@ class DecoderShape:
 
     def linear_dims(self, name: str) -> tuple[int, int]:
         """(in, out) of a block linear."""
-        d = self.n_embd
-        dims = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, 4 * d), "mlp.c_proj": (4 * d, d)}
+        d, f = self.n_embd, self.n_inner or 4 * self.n_embd
+        dims = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, f), "mlp.c_proj": (f, d)}
         return dims[name]
 
 
@@ -72,7 +74,7 @@ def shape_of(hf_config) -> DecoderShape:
     if not getattr(c, "scale_attn_weights", True):
         raise StemmaError("serving supports GPT-2 with scaled attention only")
     return DecoderShape(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, context=c.n_positions,
-                        vocab_size=c.vocab_size, eps=c.layer_norm_epsilon)
+                        vocab_size=c.vocab_size, eps=c.layer_norm_epsilon, n_inner=c.n_inner or 0)
 
 
 @dataclass

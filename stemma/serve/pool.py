@@ -26,6 +26,9 @@ from .model import Decoder, LoraDelta, lora_from_peft, shape_of
 from .selector import select
 
 log = logging.getLogger("stemma.serve")
+PLAIN_FILES = {"config.json", "generation_config.json", "model.safetensors"}
+"""Files of a full-weight version the engine can serve; anything more is a format of its own."""
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 
 
 class ModelNotFoundError(StemmaError):
@@ -82,6 +85,15 @@ class ModelPool:
         if t is not None:
             return t
         chain = self.ws.chain(version_id)
+        for v in chain[::-1]:
+            custom = set(v.manifest["files"]) - PLAIN_FILES - ADAPTER_FILES
+            if custom:  # e.g. a quantized variant's variant.json: its layers are not plain GPT-2 linears
+                raise ModelNotFoundError(
+                    f"{chain[-1].row.node_path}: {v.row.node_path} is a {v.row.relation} variant stored in its own "
+                    f"format ({', '.join(sorted(custom))}); the batched engine serves plain GPT-2 weights and LoRA "
+                    "chains")
+            if v.row.relation != "adapter":
+                break
         full = [i for i, v in enumerate(chain) if "model.safetensors" in v.manifest["files"]]
         if not full:
             raise ModelNotFoundError(f"{chain[-1].row.node_path} has no full-weight ancestor to serve")
