@@ -7,7 +7,8 @@ The workload: 64 requests, prompts of 16-64 tokens cut from the shipped corpus, 
 
 - peer: Hugging Face PEFT with the 8 adapters loaded, `set_adapter` + `generate` per request, sequentially
   (a slice of the requests per round: it is the slow side);
-- stemma, mixed: the 64 requests sent at once over HTTP to a real uvicorn server, one per adapter mix;
+- stemma, mixed: the 64 requests sent at once over HTTP to a real uvicorn server, request i to adapter i % 8
+  (the httpx client runs in the benchmark's own process: its CPU time counts against stemma);
 - stemma, base: the same requests, all to the base (no adapter rows: the LoRA path is skipped);
 - resident memory (RSS) of a fresh process serving the 64 requests: 8 adapters vs base only;
 - achieved FLOP/s of the mixed run (model FLOPs of prefill + decode, LoRA excluded) over a GEMM peak

@@ -173,7 +173,8 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return self.has_work()
+        """Sequences still to serve (finished rows waiting to be retired at the end of a step do not count)."""
+        return bool(self.waiting) or any(not s.finished for s in self.running)
 
     def preload(self, adapter: tuple[str, ...]) -> None:
         """Load an adapter now (admin), so the first request does not pay for it."""

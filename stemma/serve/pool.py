@@ -74,6 +74,7 @@ class ModelPool:
         self._targets: dict[str, Target] = {}  # version id -> target (versions are immutable)
         self._names: dict[str, tuple[float, str]] = {}  # model name -> (when, version id)
         self._auto: dict[str, tuple[float, Target]] = {}  # requirements -> (when, selected target)
+        self._refreshing: set[str] = set()
         self._flops: float | None = None
 
     def close(self) -> None:
@@ -118,15 +119,32 @@ class ModelPool:
         return t
 
     def resolve_cached(self, model: str, requirements: dict | None = None) -> Target | None:
-        """The target of a name resolved less than ``resolve_ttl_s`` ago, else None (no I/O)."""
+        """The target of a name resolved before, else None; no I/O on the caller's thread.
+
+        An entry older than ``resolve_ttl_s`` is still answered (names move rarely: when a build sets a new
+        current version) while one background thread asks the registry again, so a burst of requests never
+        queues up on registry lookups.
+        """
         now = time.monotonic()
         if model == "auto":
-            hit = self._auto.get("auto " + repr(sorted((requirements or {}).items())))
-            return hit[1] if hit and now - hit[0] < self.cfg.resolve_ttl_s else None
-        hit = self._names.get(model)
-        if hit and now - hit[0] < self.cfg.resolve_ttl_s:
-            return self._targets.get(hit[1])
-        return None
+            key = "auto " + repr(sorted((requirements or {}).items()))
+            hit = self._auto.get(key)
+            target = hit[1] if hit else None
+        else:
+            key, hit = model, self._names.get(model)
+            target = self._targets.get(hit[1]) if hit else None
+        if hit and now - hit[0] >= self.cfg.resolve_ttl_s and key not in self._refreshing:
+            self._refreshing.add(key)
+            threading.Thread(target=self._refresh, args=(key, model, requirements), daemon=True).start()
+        return target
+
+    def _refresh(self, key: str, model: str, requirements: dict | None) -> None:
+        try:
+            self.resolve(model, requirements)  # the entry is stale, so this asks the registry
+        except Exception:  # the name went away or the registry is busy: the next request resolves it again
+            log.debug("refreshing %s failed", model, exc_info=True)
+        finally:
+            self._refreshing.discard(key)
 
     def resolve(self, model: str, requirements: dict | None = None) -> Target:
         """A model name (node, node@version, auto) -> its target; unknown names raise ModelNotFoundError."""
