@@ -230,6 +230,8 @@ class LoraPlan:
     """L: rows per group after padding."""
     weights: dict = field(default_factory=dict)
     """(layer, linear) -> (A [G, in, R], B [G, R, out]), filled on first use."""
+    aids: torch.Tensor | None = None
+    """[B] adapter slot per row (prefill gathers per row)."""
 
     @staticmethod
     def of(aids: torch.Tensor) -> LoraPlan | None:
@@ -249,7 +251,7 @@ class LoraPlan:
             mask[g, : len(members)] = 1
         padded = bool((mask == 0).any())
         return LoraPlan(idx=idx.view(-1), mask=mask.view(-1, 1, 1) if padded else None, slots=slots, groups=G,
-                        width=L)
+                        width=L, aids=aids)
 
 
 class Decoder:
@@ -314,7 +316,11 @@ class Decoder:
         a, b = self.bank.a[(layer, name)], self.bank.b[(layer, name)]
         if plan.uniform is not None:  # every row uses the same adapter: two plain matmuls
             return y.add_((x @ a[plan.uniform]) @ b[plan.uniform])
-        # Punica's SGMV, padded: rows grouped by adapter, one batched matmul pair over the groups.
+        if x.shape[1] > 1:
+            # Prefill (T > 1): per-row gathered A and B (Punica's BGMV). The weight copies ([B, in, R]) are small
+            # next to the activations, which grouping would have to copy and scatter back.
+            return y.add_(torch.bmm(torch.bmm(x, a[plan.aids]), b[plan.aids]))
+        # Decode: Punica's SGMV, padded: rows grouped by adapter, one batched matmul pair over the groups.
         ab = plan.weights.get((layer, name))
         if ab is None:
             ab = plan.weights[(layer, name)] = (a[plan.slots], b[plan.slots])  # [G, in, R], [G, R, out]
