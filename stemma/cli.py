@@ -277,8 +277,8 @@ def pull(
     domain: str = typer.Option(None, "--domain", help="For auto: domain (overrides the profile)."),
     memory: str = typer.Option(None, "--memory", help="For auto: memory budget (overrides the profile)."),
     latency: str = typer.Option(None, "--latency", help="For auto: latency budget (overrides the profile)."),
-    gguf_type: str = typer.Option("auto", "--gguf-type", help="auto (q8_0 for int8 variants, else f32), f32, "
-                                  "f16, q8_0."),
+    gguf_type: str = typer.Option("auto", "--gguf-type", help="auto (f16 for quantised variants, else f32), "
+                                  "f32, f16."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
 ) -> None:
     """Materialise a version (or the best fit for a device) as a HF, safetensors or GGUF directory + model card."""

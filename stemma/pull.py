@@ -5,7 +5,8 @@ Formats:
   weights), loadable by ``AutoModelForCausalLM.from_pretrained`` with no stemma code.
 - ``safetensors``: the version's own stored form: a compressed variant stays compressed (``variant.json`` +
   ``variant.safetensors``, loaded by `stemma.compress.layers.load_variant`); other versions are merged.
-- ``gguf``: one ``model.gguf`` for llama.cpp (GPT-2 architecture), f32 or f16, or q8_0 for an int8 variant.
+- ``gguf``: one ``model.gguf`` for llama.cpp (GPT-2 architecture), f32, or f16 for a quantised variant. (q8_0
+  tensors written with the ``gguf`` package crash llama-cpp-python 0.3.36 at decode here, so it is not offered.)
 
 Every format carries the tokenizer, ``stemma.json`` (content-addressed lineage) and a model card (``README.md``)
 whose metadata names the base model, the Hugging Face ``base_model_relation``, datasets, licence and metrics.
@@ -27,7 +28,7 @@ from .errors import StemmaError
 from .workspace import VersionInfo, Workspace
 
 FORMATS = ("hf", "safetensors", "gguf")
-GGUF_TYPES = ("auto", "f32", "f16", "q8_0")
+GGUF_TYPES = ("auto", "f32", "f16")
 # Hugging Face's base_model_relation words (https://huggingface.co/docs/hub/model-cards#specifying-a-base-model).
 HF_RELATIONS = {"adapter": "adapter", "finetune": "finetune", "distill": "finetune", "quantized": "quantized",
                 "pruned": "finetune", "lowrank": "finetune", "merge": "merge", "update": "finetune"}
@@ -128,8 +129,8 @@ def write_gguf(model: nn.Module, tok, path: Path, out_type: str = "f32") -> None
     cfg = model.config
     if getattr(cfg, "model_type", None) != "gpt2":
         raise StemmaError(f"GGUF export supports the GPT-2 architecture stemma trains, not {cfg.model_type!r}")
-    if out_type not in ("f32", "f16", "q8_0"):
-        raise StemmaError(f"unknown GGUF type {out_type!r} (one of f32, f16, q8_0)")
+    if out_type not in ("f32", "f16"):
+        raise StemmaError(f"unknown GGUF type {out_type!r} (one of f32, f16)")
     n_inner = cfg.n_inner or 4 * cfg.n_embd
     w = gguf.GGUFWriter(str(path), "gpt2")
     w.add_name("stemma")
@@ -139,8 +140,7 @@ def write_gguf(model: nn.Module, tok, path: Path, out_type: str = "f32") -> None
     w.add_block_count(cfg.n_layer)
     w.add_head_count(cfg.n_head)
     w.add_layer_norm_eps(cfg.layer_norm_epsilon)
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type]
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}[out_type]
     w.add_file_type(ftype)
     # Tokenizer: byte-level BPE with GPT-2's split, which llama.cpp calls pre-tokenizer "gpt-2".
     vocab = tok.get_vocab(with_added_tokens=True)
@@ -163,14 +163,9 @@ def write_gguf(model: nn.Module, tok, path: Path, out_type: str = "f32") -> None
 
     def put(name: str, t: torch.Tensor) -> None:
         a = t.detach().float().contiguous().numpy()
-        if a.ndim == 2 and out_type != "f32" and name != "position_embd.weight":
-            if out_type == "f16":
-                w.add_tensor(name, a.astype(np.float16))
-                return
-            if a.shape[-1] % 32 == 0:
-                w.add_tensor(name, gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0),
-                             raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-                return
+        if a.ndim == 2 and out_type == "f16" and name != "position_embd.weight":
+            w.add_tensor(name, a.astype(np.float16))
+            return
         w.add_tensor(name, a.astype(np.float32))
 
     tr = model.transformer
@@ -229,7 +224,7 @@ def pull(ws: Workspace, version: VersionInfo, out: Path, fmt: str = "hf", gguf_t
             plain = dense_model(model)
             kind = gguf_type
             if kind == "auto":
-                kind = "q8_0" if variant.get("method") == "quantized" else "f32"
+                kind = "f16" if variant.get("method") == "quantized" else "f32"
             write_gguf(plain, tok, tmp / "model.gguf", kind)
             files["gguf_type"] = kind
         hf_tokenizer(tok).save_pretrained(tmp)
