@@ -90,6 +90,6 @@ def test_every_method_config_field_is_documented(name):
     fields = {f.name for f in dataclasses.fields(method.config_cls)}
     assert fields <= documented, f"undocumented fields in {name}: {sorted(fields - documented)}"
     assert method.relation and method.name == name
-    # Every field has a default or is required by design, and a default config round-trips through YAML.
-    yaml.safe_dump({k: v for k, v in dataclasses.asdict(method.make_config({"path": "x"} if name == "import" else {},
-                                                                             "t")).items()})
+    # Every field has a default or is required by design, and a minimal config round-trips through YAML.
+    required = {"import": {"path": "x"}, "lowrank": {"rank": 8}}
+    yaml.safe_dump(dataclasses.asdict(method.make_config(required.get(name, {}), "t")))
