@@ -9,6 +9,7 @@ every descendant, so they rebuild.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass
@@ -94,8 +95,9 @@ class Evaluator:
         own = ds.get("train")
         if own:
             self.ppl(v, own)
-        if v.row.parent_id:
-            parent = self.ws.version(v.row.parent_id)
+        parent_id = self.ws.tree_parent_id(v.id)
+        if parent_id:
+            parent = self.ws.version(parent_id)
             pds = self.ws.version_datasets(parent.id).get("train")
             if pds:
                 self.ppl(v, pds)
@@ -159,12 +161,16 @@ def build(ws: Workspace, spec: TreeSpec, reporter: Reporter | None = None, only:
             key = sha256_bytes(canonical_json(recipe))
             existing = ws.find_by_recipe(path, key)
             if existing is not None:
-                ws.set_current(path, existing.id, node.layer, node.parent)
-                v = ws.version(existing.id)
-                action = "reused"
+                # Accepted updates sit on top of the version the recipe made: keep the newest of them.
+                head = ws.update_head(path, existing.id)
+                ws.set_current(path, head, node.layer, node.parent)
+                v = ws.version(head)
+                action = "reused" if head == existing.id else "reused (updated)"
             else:
-                v = _run(ws, spec, node, method, parent, datasets, recipe, key, reporter)
-                action = "built"
+                old = _rebase_source(ws, node, recipe, parent)
+                v = _run(ws, spec, node, method, parent, datasets, recipe, key, reporter, rebase_from=old)
+                action = "rebased" if old is not None else "built"
+            ws.set_gate(path, dataclasses.asdict(node.gate) if node.gate is not None else None)
             built[path] = v
             if evaluate:
                 evaluator.evaluate_version(v)
@@ -179,14 +185,37 @@ def build(ws: Workspace, spec: TreeSpec, reporter: Reporter | None = None, only:
     return events
 
 
+def _rebase_source(ws: Workspace, node: NodeSpec, recipe: dict, parent: VersionInfo | None) -> VersionInfo | None:
+    """The node's current version, when the node rebases and only its parent changed since it was built."""
+    from .update.rebase import comparable
+
+    if node.on_parent_update != "rebase" or parent is None:
+        return None
+    n = ws.node(node.path)
+    if n is None or not n.current_version:
+        return None
+    old = ws.version(n.current_version)
+    if old.row.relation != "adapter" or old.row.parent_id == parent.id:
+        return None
+    if comparable(old.manifest["recipe"]) != comparable(recipe) or old.row.tokenizer != parent.row.tokenizer:
+        return None
+    return old
+
+
 def _run(ws: Workspace, spec: TreeSpec, node: NodeSpec, method, parent: VersionInfo | None,
-         datasets: dict[str, str], recipe: dict, key: str, reporter: Reporter) -> VersionInfo:
+         datasets: dict[str, str], recipe: dict, key: str, reporter: Reporter,
+         rebase_from: VersionInfo | None = None) -> VersionInfo:
     work = ws.work_dir_for(key)
     ctx = BuildContext(ws=ws, node=node.path, spec_dir=spec.root_dir, parent=parent, dataset_id=datasets.get("train"),
                        replay_dataset_id=datasets.get("replay"), work_dir=work, reporter=reporter)
     if parent is not None and parent.row.tokenizer != ws.version(parent.id).row.tokenizer:  # pragma: no cover
         raise StemmaError(f"node {node.path}: parent tokenizer changed during the build")
-    out = method.run(ctx, node.config)
+    if rebase_from is not None:
+        from .update.rebase import run_rebase
+
+        out = run_rebase(ctx, node.config, node.rebase, rebase_from)
+    else:
+        out = method.run(ctx, node.config)
     needs_same_tokenizer = method.relation in ("adapter", "merge", "update")
     if parent is not None and needs_same_tokenizer and out.tokenizer != parent.row.tokenizer:
         from .errors import TokenizerMismatchError

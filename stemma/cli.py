@@ -110,7 +110,7 @@ def build(
     ws = Workspace.init()
     t0 = time.perf_counter()
     events = run_build(ws, tree, reporter=RichReporter(err), only=node or None, footprint=footprint)
-    built = sum(e.action == "built" for e in events)
+    built = sum(e.action in ("built", "rebased") for e in events)
     for e in events:
         out.print(f"  {e.action:7} {e.node:28} {e.version[:12]}  {e.seconds:7.1f}s")
     out.print(f"{built} built, {len(events) - built} reused in {time.perf_counter() - t0:.1f}s")
@@ -312,6 +312,15 @@ def tradeoff(
                   "-" if p.tokens_per_s is None else f"{p.tokens_per_s:.0f}", "yes" if p.front else "")
     out.print(t)
     out.print(f"plot written to {plot(pts, node, out_file)}")
+
+
+def _add_update_commands() -> None:
+    from .update.cli import update_app
+
+    app.add_typer(update_app, name="update")
+
+
+_add_update_commands()
 
 
 def main() -> None:

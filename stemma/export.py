@@ -29,7 +29,7 @@ def export(ws: Workspace, ref: str, out: Path, fmt: str = "merged", force: bool 
     out = Path(out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise StemmaError(f"{out} exists and is not empty; choose another --out or pass --force")
-    if fmt == "adapter" and v.row.relation != "adapter":
+    if fmt == "adapter" and "adapter_model.safetensors" not in v.manifest["files"]:
         raise StemmaError(f"{v.row.node_path} is a {v.row.relation} version, not an adapter; export it merged")
     parent_dir = out.parent
     try:
@@ -45,7 +45,7 @@ def export(ws: Workspace, ref: str, out: Path, fmt: str = "merged", force: bool 
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
         else:
-            base = ws.load_model(v.row.parent_id)
+            base = ws.load_model(ws.model_chain(v.id)[-2].id)
             base.save_pretrained(tmp / "base", safe_serialization=True)
             tok.save_pretrained(tmp / "base")
             for name, digest in v.manifest["files"].items():

@@ -55,7 +55,7 @@ def tree_rows(ws: Workspace, forgetting_limit: float = 0.15) -> list[NodeRow]:
         children.setdefault(parent, []).append(n.path)
     rows: list[NodeRow] = []
 
-    def visit(path: str, depth: int) -> None:
+    def visit(path: str, depth: int, parent_stale: bool = False) -> None:
         n = nodes[path]
         v = ws.version(n.current_version) if n.current_version else None
         row = NodeRow(path=path, layer=n.layer, depth=depth, version=v, relation=None, params=None, own_params=None,
@@ -69,22 +69,23 @@ def tree_rows(ws: Workspace, forgetting_limit: float = 0.15) -> list[NodeRow]:
             if own:
                 row.ppl_own = ws.get_metric(v.id, "perplexity", own, "test")
             status = "ok"
-            if v.row.parent_id:
+            parent_id = ws.tree_parent_id(v.id)
+            if parent_id:
                 parent = nodes.get(n.parent_path) if n.parent_path else None
-                pds = ws.version_datasets(v.row.parent_id).get("train")
+                pds = ws.version_datasets(parent_id).get("train")
                 if own:
-                    row.parent_ppl_own = ws.get_metric(v.row.parent_id, "perplexity", own, "test")
+                    row.parent_ppl_own = ws.get_metric(parent_id, "perplexity", own, "test")
                 if pds:
                     row.ppl_parent_split = ws.get_metric(v.id, "perplexity", pds, "test")
-                    row.parent_ppl_parent_split = ws.get_metric(v.row.parent_id, "perplexity", pds, "test")
-                if parent is not None and parent.current_version != v.row.parent_id:
-                    status = "stale"
+                    row.parent_ppl_parent_split = ws.get_metric(parent_id, "perplexity", pds, "test")
+                if parent_stale or (parent is not None and parent.current_version != parent_id):
+                    status = "stale"  # its parent moved on (an accepted update, a rebuild), or an ancestor did
                 elif row.forgetting is not None and row.forgetting > forgetting_limit:
                     status = "forgetting"
             row.status = status
         rows.append(row)
         for c in sorted(children.get(path, [])):
-            visit(c, depth + 1)
+            visit(c, depth + 1, row.status == "stale")
 
     for root in sorted(children.get(None, [])):
         visit(root, 0)

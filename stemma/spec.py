@@ -48,6 +48,9 @@ class _NodeYaml(BaseModel):
     dataset: str | None = None
     config: dict[str, Any] = Field(default_factory=dict)
     description: str | None = None
+    gate: dict[str, Any] | None = None
+    on_parent_update: str = "retrain"
+    rebase: dict[str, Any] = Field(default_factory=dict)
 
 
 class _TreeYaml(BaseModel):
@@ -80,6 +83,13 @@ class NodeSpec:
     config: Any
     """The method's config dataclass, validated."""
     raw_config: dict[str, Any] = field(default_factory=dict, compare=False)
+    gate: Any = None
+    """`stemma.update.gate.GateConfig`: when this node accepts its contributors' updates."""
+    on_parent_update: str = "retrain"
+    """``retrain`` (build anew from the recipe) or ``rebase`` (a LoRA child re-fits its adapter onto the new parent,
+    distilling from its previous version)."""
+    rebase: Any = None
+    """`stemma.update.rebase.RebaseConfig` when ``on_parent_update`` is ``rebase``."""
 
 
 @dataclass(frozen=True)
@@ -186,8 +196,20 @@ def parse_spec(data: Any, root_dir: Path, source: str = "stemma.yaml") -> TreeSp
         if method.needs_dataset and not n.dataset:
             raise SpecError(f"{source}: node {path}: method {n.method} needs a dataset")
         cfg = method.make_config(n.config, where=f"{source}: node {path}")
+        from .update.gate import make_gate
+        from .update.rebase import make_rebase
+
+        gate = make_gate(n.gate, f"{source}: node {path}")
+        if n.on_parent_update not in ("retrain", "rebase"):
+            raise SpecError(f"{source}: node {path}: on_parent_update must be retrain or rebase")
+        if n.on_parent_update == "rebase" and method.relation != "adapter":
+            raise SpecError(f"{source}: node {path}: only adapter children can rebase (method {n.method} retrains)")
+        if n.rebase and n.on_parent_update != "rebase":
+            raise SpecError(f"{source}: node {path}: rebase settings given but on_parent_update is not rebase")
+        rebase = make_rebase(n.rebase, f"{source}: node {path}") if n.on_parent_update == "rebase" else None
         nodes[path] = NodeSpec(path=path, method=n.method, parent=parent, layer=layer, dataset=n.dataset,
-                               config=cfg, raw_config=dict(n.config))
+                               config=cfg, raw_config=dict(n.config), gate=gate,
+                               on_parent_update=n.on_parent_update, rebase=rebase)
     order = _toposort(nodes)
     return TreeSpec(name=tree.name or root_dir.name, root_dir=root_dir, datasets=datasets, nodes=nodes, order=order)
 

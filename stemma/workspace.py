@@ -22,7 +22,7 @@ from sqlalchemy import select
 from .data.ingest import BuiltDataset, IngestOptions, build_dataset, read_docs
 from .errors import StemmaError
 from .registry.db import Database
-from .registry.tables import Dataset, Metric, Node, Version, VersionDataset
+from .registry.tables import Dataset, Metric, Node, Round, Update, Version, VersionDataset
 from .settings import Settings, load_settings
 from .store import BlobStore, FsckReport
 
@@ -232,6 +232,28 @@ class Workspace:
             else:
                 n.current_version, n.layer, n.parent_path = version_id, layer, parent_path
 
+    def update_head(self, node: str, version_id: str) -> str:
+        """The node's current version if it descends from ``version_id`` by accepted updates only, else the id."""
+        n = self.node(node)
+        if n is None or not n.current_version or n.current_version == version_id:
+            return version_id
+        cur, seen = n.current_version, set()
+        while cur and cur not in seen:
+            seen.add(cur)
+            v = self.version(cur)
+            if v.row.relation != "update" or v.row.node_path != node:
+                return version_id
+            cur = v.row.parent_id
+            if cur == version_id:
+                return n.current_version
+        return version_id
+
+    def set_gate(self, node: str, gate: dict | None) -> None:
+        with self.db.session() as s:
+            n = s.get(Node, node)
+            if n is not None and n.gate != gate:
+                n.gate = gate
+
     # ------------------------------------------------------------------ metrics
     def get_metric(self, version_id: str, name: str, dataset_id: str | None, split: str | None) -> float | None:
         with self.db.session() as s:
@@ -272,6 +294,24 @@ class Workspace:
             cur = v.row.parent_id
         return out[::-1]
 
+    def tree_parent_id(self, version_id: str) -> str | None:
+        """The version of the parent node this version derives from (past the node's own accepted updates)."""
+        v = self.version(version_id)
+        while v.row.relation == "update" and v.row.parent_id:
+            p = self.version(v.row.parent_id)
+            if p.row.node_path != v.row.node_path:
+                break
+            v = p
+        return v.row.parent_id
+
+    def model_chain(self, version_id: str) -> list[VersionInfo]:
+        """The chain that makes up a version's model, root first: like `chain`, without the versions an accepted
+        update replaced (an update version stores its node's whole model: full weights or the whole adapter)."""
+        chain = self.chain(version_id)
+        return [v for i, v in enumerate(chain)
+                if not (i + 1 < len(chain) and chain[i + 1].row.relation == "update"
+                        and chain[i + 1].row.node_path == v.row.node_path)]
+
     def load_model(self, version_id: str):
         """The model a version stands for, as a plain transformers model (adapter chain merged).
 
@@ -289,9 +329,9 @@ class Workspace:
             if model is not None:
                 model.eval()
                 return model
-        chain = self.chain(version_id)
+        chain = self.model_chain(version_id)
         for child, parent in zip(chain[1:], chain[:-1]):
-            if child.row.relation == "adapter" and child.row.tokenizer != parent.row.tokenizer:
+            if "adapter_model.safetensors" in child.manifest["files"] and child.row.tokenizer != parent.row.tokenizer:
                 from .errors import TokenizerMismatchError
 
                 raise TokenizerMismatchError(
@@ -326,6 +366,12 @@ class Workspace:
                 refs.add(v.id)
                 refs.add(v.tokenizer)
                 refs.update(v.files.values())
+            for u in s.scalars(select(Update)):
+                refs.add(u.id)
+            for r in s.scalars(select(Round)):
+                refs.add(r.delta)
+                if (r.config or {}).get("heldout"):
+                    refs.add(r.config["heldout"])
         return refs
 
     def fsck(self) -> FsckReport:

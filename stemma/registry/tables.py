@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -54,6 +54,8 @@ class Node(Base):
     parent_path: Mapped[str | None] = mapped_column(String(300))
     current_version: Mapped[str | None] = mapped_column(DIGEST)
     """The alias: which version of this node is current."""
+    gate: Mapped[dict | None] = mapped_column(JSON)
+    """The node's update gate as declared in stemma.yaml (recorded by `stemma build`)."""
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
@@ -102,3 +104,68 @@ class Metric(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     __table_args__ = (UniqueConstraint("version_id", "name", "dataset_id", "split", name="uq_metric"),)
+
+
+class Contributor(Base):
+    """A party allowed to send updates to one node, identified by its ed25519 public key."""
+
+    __tablename__ = "contributors"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    node_path: Mapped[str] = mapped_column(String(300), ForeignKey("nodes.path"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    public_key: Mapped[str] = mapped_column(String(64))
+    """Raw ed25519 public key, hex."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("node_path", "name", name="uq_contributor_node_name"),)
+
+
+class Update(Base):
+    """A verified update submitted against one version of a node (the signed file is a blob in the store)."""
+
+    __tablename__ = "updates"
+
+    id: Mapped[str] = mapped_column(DIGEST, primary_key=True)
+    """sha256 of the signed update file."""
+    node_path: Mapped[str] = mapped_column(String(300), ForeignKey("nodes.path"), index=True)
+    parent_id: Mapped[str] = mapped_column(DIGEST, ForeignKey("versions.id"), index=True)
+    """The version the update was trained against."""
+    contributor_id: Mapped[int] = mapped_column(Integer, ForeignKey("contributors.id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    """``lora`` (trained as an adapter, sent as its dense product) or ``full``."""
+    n_examples: Mapped[int] = mapped_column(Integer)
+    n_tokens: Mapped[int] = mapped_column(BigInteger)
+    header: Mapped[dict] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    """``pending`` until a round uses it, then ``used``."""
+    round_id: Mapped[str | None] = mapped_column(DIGEST)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Round(Base):
+    """One aggregation of updates into a candidate for a node, with the gate's verdict and reasons."""
+
+    __tablename__ = "rounds"
+
+    id: Mapped[str] = mapped_column(DIGEST, primary_key=True)
+    """sha256 of the round's record (target, strategy, updates, aggregate)."""
+    node_path: Mapped[str] = mapped_column(String(300), ForeignKey("nodes.path"), index=True)
+    """The node the aggregate was applied to (the updates' node, or a sibling it was offered to)."""
+    parent_id: Mapped[str] = mapped_column(DIGEST, ForeignKey("versions.id"))
+    source_round: Mapped[str | None] = mapped_column(DIGEST)
+    """For an offer to a sibling: the accepted round whose aggregate is offered."""
+    strategy: Mapped[str] = mapped_column(String(32))
+    config: Mapped[dict] = mapped_column(JSON)
+    """Strategy and gate settings used."""
+    update_ids: Mapped[list] = mapped_column(JSON)
+    selected: Mapped[list] = mapped_column(JSON)
+    """Update ids the strategy kept."""
+    delta: Mapped[str] = mapped_column(DIGEST)
+    """Blob of the aggregated delta (safetensors)."""
+    accepted: Mapped[bool] = mapped_column(Boolean)
+    reasons: Mapped[list] = mapped_column(JSON)
+    metrics: Mapped[dict] = mapped_column(JSON)
+    version_id: Mapped[str | None] = mapped_column(DIGEST, ForeignKey("versions.id"))
+    """The new version (relation ``update``) when accepted."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -85,7 +85,7 @@ class ModelPool:
         t = self._targets.get(version_id)
         if t is not None:
             return t
-        chain = self.ws.chain(version_id)
+        chain = self.ws.model_chain(version_id)
         for v in chain[::-1]:
             custom = set(v.manifest["files"]) - PLAIN_FILES - ADAPTER_FILES
             if custom:  # e.g. a quantized variant's variant.json: its layers are not plain GPT-2 linears
@@ -93,7 +93,7 @@ class ModelPool:
                     f"{chain[-1].row.node_path}: {v.row.node_path} is a {v.row.relation} variant stored in its own "
                     f"format ({', '.join(sorted(custom))}); the batched engine serves plain GPT-2 weights and LoRA "
                     "chains")
-            if v.row.relation != "adapter":
+            if "adapter_model.safetensors" not in v.manifest["files"]:
                 break
         full = [i for i, v in enumerate(chain) if "model.safetensors" in v.manifest["files"]]
         if not full:
@@ -101,7 +101,7 @@ class ModelPool:
         start = full[-1]
         base, below = chain[start], chain[start + 1 :]
         for v in below:
-            if v.row.relation != "adapter" or "adapter_model.safetensors" not in v.manifest["files"]:
+            if "adapter_model.safetensors" not in v.manifest["files"]:
                 raise ModelNotFoundError(f"{v.row.node_path}: only LoRA adapter chains are served, not "
                                          f"{v.row.relation}")
             if v.row.tokenizer != base.row.tokenizer:
