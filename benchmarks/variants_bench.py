@@ -3,10 +3,9 @@
 One run builds a small tree in a temporary STEMMA_HOME (a master pretrained on the shipped corpus, then its
 `quantized` int8 and int4 variants, exactly as stemma.yaml declares them), reads the perplexities stemma's build
 measured on the master's test split, and times greedy single-stream decoding of the same prompt: stemma fp32,
-stemma int8 (weight-only, dequantising forward), and the peer, llama.cpp (llama-cpp-python) running the int8
-variant exported by `stemma pull --format gguf` at f16 (q8_0 GGUFs written with the `gguf` package crash
-llama-cpp-python 0.3.36 here, so `int8_vs_llamacpp_q8_speed` is null and
-`int8_vs_llamacpp_f16_speed` is given). Rounds alternate so drift hits every contender; medians.
+stemma int8 (weight-only, int8 matmul forward), and the peer, llama.cpp (llama-cpp-python) running the same
+model exported by `stemma pull --format gguf --gguf-type q8_0` (an f32 GGUF quantised to q8_0 by llama.cpp's own
+quantizer), and at f16 for reference. Rounds alternate so drift hits every contender; medians.
 
     python benchmarks/variants_bench.py [--quick] [--json out.json]
 """
@@ -80,37 +79,42 @@ def main() -> None:
         prompt = tok.encode("The grep command searches the named input files for lines containing")
         ids = prompt.ids
         m32, m8 = ws.load_model(fp32.id), ws.load_model(int8.id)
-        peer = None
+        peers = {}
         try:
             import llama_cpp
 
-            g = pull(ws, int8, Path(d) / "gguf", "gguf", gguf_type="f16")
-            peer = llama_cpp.Llama(str(g / "model.gguf"), n_ctx=128, verbose=False,
-                                   n_threads=torch.get_num_threads())
+            for kind in ("q8_0", "f16"):
+                g = pull(ws, fp32, Path(d) / f"gguf-{kind}", "gguf", gguf_type=kind)
+                peers[f"llama.cpp {kind}"] = llama_cpp.Llama(str(g / "model.gguf"), n_ctx=128, verbose=False,
+                                                             n_threads=torch.get_num_threads())
         except ImportError:
-            print("llama-cpp-python is not installed (pip install 'stemma[gguf]'); the llama.cpp column is empty")
-        runs: dict[str, list[float]] = {"fp32": [], "int8": [], "llama.cpp f16": []}
+            print("llama-cpp-python is not installed (pip install 'stemma[gguf]'); the llama.cpp columns are empty")
+        runs: dict[str, list[float]] = {"fp32": [], "int8": [], "llama.cpp q8_0": [], "llama.cpp f16": []}
         stemma_decode(m32, ids, 4), stemma_decode(m8, ids, 4)  # warm-up
+        for peer in peers.values():
+            llama_decode(peer, ids, 4)
         for _ in range(rounds):
             runs["fp32"].append(stemma_decode(m32, ids, new))
             runs["int8"].append(stemma_decode(m8, ids, new))
-            if peer is not None:
-                runs["llama.cpp f16"].append(llama_decode(peer, ids, new))
+            for name, peer in peers.items():
+                runs[name].append(llama_decode(peer, ids, new))
     med = {k: statistics.median(v) if v else None for k, v in runs.items()}
     figures = {
         "int8_size_ratio": size["fp32"] / size["int8"], "int8_ppl_increase": ppl["int8"] / ppl["fp32"] - 1,
         "int4_size_ratio": size["fp32"] / size["int4"], "int4_ppl_increase": ppl["int4"] / ppl["fp32"] - 1,
         "int8_vs_fp32_speed": med["int8"] / med["fp32"],
-        "int8_vs_llamacpp_q8_speed": None,
+        "int8_vs_llamacpp_q8_speed": med["int8"] / med["llama.cpp q8_0"] if med["llama.cpp q8_0"] else None,
         "int8_vs_llamacpp_f16_speed": med["int8"] / med["llama.cpp f16"] if med["llama.cpp f16"] else None,
         "tokens_per_s": med, "runs": runs, "bytes": size, "perplexity": ppl, "new_tokens": new, "rounds": rounds,
-        "peer": "llama.cpp (llama-cpp-python) on the int8 variant's GGUF at f16",
+        "peer": "llama.cpp (llama-cpp-python) on the model's GGUF, q8_0 by llama.cpp's quantizer (and f16)",
     }
     fmt = lambda x: "-" if x is None else f"{x:,.0f}"  # noqa: E731
     print_table(
         f"variants: GPT-2 4x256, greedy decode of {new} tokens x {rounds} rounds (medians)",
         [("decode tokens/s: stemma fp32 vs int8", fmt(med["fp32"]), fmt(med["int8"]),
           f"{figures['int8_vs_fp32_speed']:.2f}"),
+         ("decode tokens/s: llama.cpp q8_0 vs stemma int8", fmt(med["llama.cpp q8_0"]), fmt(med["int8"]),
+          "-" if figures["int8_vs_llamacpp_q8_speed"] is None else f"{figures['int8_vs_llamacpp_q8_speed']:.2f}"),
          ("decode tokens/s: llama.cpp f16 vs stemma int8", fmt(med["llama.cpp f16"]), fmt(med["int8"]),
           "-" if figures["int8_vs_llamacpp_f16_speed"] is None else f"{figures['int8_vs_llamacpp_f16_speed']:.2f}"),
          ("bytes: fp32 vs int8", f"{size['fp32']:,}", f"{size['int8']:,}", f"{figures['int8_size_ratio']:.2f}x"),

@@ -278,7 +278,7 @@ def pull(
     memory: str = typer.Option(None, "--memory", help="For auto: memory budget (overrides the profile)."),
     latency: str = typer.Option(None, "--latency", help="For auto: latency budget (overrides the profile)."),
     gguf_type: str = typer.Option("auto", "--gguf-type", help="auto (f16 for quantised variants, else f32), "
-                                  "f32, f16."),
+                                  "f32, f16, q8_0 (llama.cpp's quantizer)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
 ) -> None:
     """Materialise a version (or the best fit for a device) as a HF, safetensors or GGUF directory + model card."""

@@ -5,8 +5,9 @@ Formats:
   weights), loadable by ``AutoModelForCausalLM.from_pretrained`` with no stemma code.
 - ``safetensors``: the version's own stored form: a compressed variant stays compressed (``variant.json`` +
   ``variant.safetensors``, loaded by `stemma.compress.layers.load_variant`); other versions are merged.
-- ``gguf``: one ``model.gguf`` for llama.cpp (GPT-2 architecture), f32, or f16 for a quantised variant. (q8_0
-  tensors written with the ``gguf`` package crash llama-cpp-python 0.3.36 at decode here, so it is not offered.)
+- ``gguf``: one ``model.gguf`` for llama.cpp (GPT-2 architecture), f32, or f16 for a quantised variant; ``q8_0``
+  is made from the f32 file by llama.cpp's own quantizer (``llama_model_quantize`` through llama-cpp-python),
+  because q8_0 tensors written with the ``gguf`` package crash llama-cpp-python 0.3.36 at decode here.
 
 Every format carries the tokenizer, ``stemma.json`` (content-addressed lineage) and a model card (``README.md``)
 whose metadata names the base model, the Hugging Face ``base_model_relation``, datasets, licence and metrics.
@@ -28,7 +29,7 @@ from .errors import StemmaError
 from .workspace import VersionInfo, Workspace
 
 FORMATS = ("hf", "safetensors", "gguf")
-GGUF_TYPES = ("auto", "f32", "f16")
+GGUF_TYPES = ("auto", "f32", "f16", "q8_0")
 # Hugging Face's base_model_relation words (https://huggingface.co/docs/hub/model-cards#specifying-a-base-model).
 HF_RELATIONS = {"adapter": "adapter", "finetune": "finetune", "distill": "finetune", "quantized": "quantized",
                 "pruned": "finetune", "lowrank": "finetune", "merge": "merge", "update": "finetune"}
@@ -193,6 +194,20 @@ def write_gguf(model: nn.Module, tok, path: Path, out_type: str = "f32") -> None
     w.close()
 
 
+def quantize_gguf(src: Path, dst: Path, kind: str = "q8_0") -> None:
+    """Quantise a GGUF file with llama.cpp's own quantizer (the ``gguf`` extra: llama-cpp-python)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise StemmaError(f"GGUF {kind} needs llama.cpp's quantizer: pip install 'stemma[gguf]'") from None
+    ftypes = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftypes[kind]
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0 or not dst.is_file():
+        raise StemmaError(f"llama.cpp could not quantise the GGUF to {kind} (code {rc})")
+
+
 def pull(ws: Workspace, version: VersionInfo, out: Path, fmt: str = "hf", gguf_type: str = "auto",
          force: bool = False, why: str | None = None) -> Path:
     """Write ``version`` to ``out`` in ``fmt``; see the module docstring. Returns the directory."""
@@ -225,7 +240,12 @@ def pull(ws: Workspace, version: VersionInfo, out: Path, fmt: str = "hf", gguf_t
             kind = gguf_type
             if kind == "auto":
                 kind = "f16" if variant.get("method") == "quantized" else "f32"
-            write_gguf(plain, tok, tmp / "model.gguf", kind)
+            if kind == "q8_0":
+                write_gguf(plain, tok, tmp / "model-f32.gguf", "f32")
+                quantize_gguf(tmp / "model-f32.gguf", tmp / "model.gguf", kind)
+                (tmp / "model-f32.gguf").unlink()
+            else:
+                write_gguf(plain, tok, tmp / "model.gguf", kind)
             files["gguf_type"] = kind
         hf_tokenizer(tok).save_pretrained(tmp)
         chain = ws.chain(version.id)

@@ -170,6 +170,35 @@ def test_llama_cpp_greedy_output_equals_stemmas(variants, tmp_path, gguf_type):
         assert got == want, prompt
 
 
+def test_gguf_q8_0_by_llama_cpps_quantizer_loads_and_tracks_stemma(variants, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from stemma.pull import pull
+
+    ws = variants["ws"]
+    v = ws.resolve_version("en/legal")
+    f32 = pull(ws, v, tmp_path / "f32", "gguf", gguf_type="f32")
+    q8 = pull(ws, v, tmp_path / "q8", "gguf", gguf_type="q8_0")
+    assert json.loads((q8 / "stemma.json").read_text())["gguf_type"] == "q8_0"
+    assert sorted(p.name for p in q8.iterdir() if p.suffix == ".gguf") == ["model.gguf"]
+    assert (f32 / "model.gguf").stat().st_size / (q8 / "model.gguf").stat().st_size > 3.0
+    tok = ws.tokenizer(v.row.tokenizer)
+    ref = ws.load_model(v.id)
+    llm = llama_cpp.Llama(str(q8 / "model.gguf"), n_ctx=64, verbose=False, seed=0)
+    agree = 0
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt).ids
+        llm.reset()
+        got = []
+        for t in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+            got.append(t)
+            if len(got) == 8:
+                break
+        want = ref.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                            pad_token_id=0)[0, len(ids):].tolist()
+        agree += got == want
+    assert agree >= 3, f"q8_0 greedy output matched stemma's fp32 on only {agree} of {len(PROMPTS)} prompts"
+
+
 def test_tradeoff_marks_the_pareto_front_and_writes_a_png(variants, tmp_path):
     from stemma.tradeoff import Point, pareto, plot, tradeoff_points
 
