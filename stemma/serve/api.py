@@ -125,6 +125,13 @@ class AdminRequest(BaseModel):
     model: str = Field(min_length=1, max_length=400)
 
 
+class AggregateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    node: str = Field(min_length=1, max_length=300)
+    strategy: str | None = None
+    strategy_config: dict[str, Any] | None = None
+
+
 # ---------------------------------------------------------------------- errors
 class ApiError(Exception):
     status = 400
@@ -326,6 +333,33 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
         _admin(request)
         t = await run_in_threadpool(pool.resolve, body.model)
         return await run_in_threadpool(pool.unload, t)
+
+    @app.post("/admin/updates")
+    async def admin_submit_update(request: Request):
+        """A signed update file as the request body: verified like `stemma update submit`, or refused (400)."""
+        from ..update import service as updates
+
+        _admin(request)
+        raw = await request.body()
+        if not raw:
+            raise BadRequest("the body must be a signed update file (application/octet-stream)")
+        row = await run_in_threadpool(updates.submit, pool.ws, raw, "request body")
+        return {"id": row.id, "node": row.node_path, "parent": row.parent_id, "status": row.status}
+
+    @app.post("/admin/aggregate")
+    async def admin_aggregate(body: AggregateRequest, request: Request):
+        """One round over a node's pending updates, judged by its gate; an accepted version is served at once."""
+        from ..update import service as updates
+
+        _admin(request)
+        res = await run_in_threadpool(updates.aggregate, pool.ws, body.node, None, body.strategy,
+                                      body.strategy_config)
+        if res.version is not None:
+            pool.forget_names()
+        r = res.round
+        return {"round": r.id, "node": r.node_path, "parent": r.parent_id, "strategy": r.strategy,
+                "accepted": r.accepted, "reasons": r.reasons, "selected": r.selected,
+                "version": res.version.id if res.version else None}
 
     # ------------------------------------------------------------------ generation
     @app.post("/v1/completions")

@@ -171,6 +171,11 @@ class ModelPool:
         self._names[model] = (now, v.id)
         return self.target(v.id)
 
+    def forget_names(self) -> None:
+        """Drop cached name resolutions (a node's current version moved: an accepted update)."""
+        self._names.clear()
+        self._auto.clear()
+
     def _servable(self, version_id: str) -> bool:
         try:
             self.target(version_id)

@@ -71,8 +71,7 @@ def run_rebase(ctx: BuildContext, cfg, rb: RebaseConfig, old) -> BuildOutput:
         raise StemmaError(f"{ctx.node}: the new parent uses another tokenizer; rebase impossible, retrain instead")
     tok = ctx.parent_tokenizer()
     base = ctx.load_parent()
-    teacher = ctx.ws.load_model(old.id)
-    teacher.eval()
+    teacher = ctx.ws.load_model(old.id) if rb.alpha > 0 else None
     with tempfile.TemporaryDirectory(prefix="stemma-rebase-") as d:
         files = {n: ctx.ws.store.verified_path(dg) for n, dg in old.manifest["files"].items()}
         model = PeftModel.from_pretrained(base, str(materialise(files, Path(d))), is_trainable=True)
@@ -87,11 +86,11 @@ def run_rebase(ctx: BuildContext, cfg, rb: RebaseConfig, old) -> BuildOutput:
         rows = a if b is None else torch.cat([a, b])
         logits = model(input_ids=rows[:, :-1]).logits
         own_logits = logits[: split.own]
-        with torch.no_grad():
-            t_logits = teacher(input_ids=a[:, :-1]).logits
-        loss = rb.alpha * kl_to_teacher(own_logits, t_logits, rb.temperature)
-        if rb.alpha < 1:
-            loss = loss + (1 - rb.alpha) * lm_loss(own_logits, a[:, 1:])
+        loss = (1 - rb.alpha) * lm_loss(own_logits, a[:, 1:])
+        if rb.alpha > 0:
+            with torch.no_grad():
+                t_logits = teacher(input_ids=a[:, :-1]).logits
+            loss = loss + rb.alpha * kl_to_teacher(own_logits, t_logits, rb.temperature)
         if b is not None:
             with torch.no_grad(), model.disable_adapter():
                 p_logits = model(input_ids=b[:, :-1]).logits
