@@ -101,20 +101,9 @@ class BuildMethod:
 
     def make_config(self, raw: dict[str, Any] | None, where: str) -> Any:
         """Validate a config mapping against the method's dataclass (types and unknown fields)."""
-        from pydantic import TypeAdapter, ValidationError
+        from ..configs import parse_dataclass
 
-        raw = dict(raw or {})
-        known = {f.name for f in dataclasses.fields(self.config_cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise SpecError(f"{where}: unknown config field(s) {', '.join(unknown)} for method {self.name} "
-                            f"(known: {', '.join(sorted(known))})")
-        try:
-            return TypeAdapter(self.config_cls).validate_python(raw)
-        except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"])
-            raise SpecError(f"{where}: config field {loc}: {err['msg']}") from None
+        return parse_dataclass(self.config_cls, raw, f"{where} (method {self.name})")
 
     def recipe_config(self, cfg: Any) -> dict[str, Any]:
         """The config as it enters the recipe key (everything, unless a field only locates an input)."""

@@ -43,18 +43,9 @@ class GateConfig:
 
 
 def make_gate(raw: dict[str, Any] | None, where: str) -> GateConfig:
-    from pydantic import TypeAdapter, ValidationError
+    from ..configs import parse_dataclass
 
-    raw = dict(raw or {})
-    known = set(GateConfig.__dataclass_fields__)
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise SpecError(f"{where}: unknown gate field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    try:
-        cfg = TypeAdapter(GateConfig).validate_python(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise SpecError(f"{where}: gate field {'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+    cfg = parse_dataclass(GateConfig, raw, where, "gate")
     if cfg.min_contributors < 1:
         raise SpecError(f"{where}: gate min_contributors must be >= 1")
     if cfg.server_lr <= 0:

@@ -29,28 +29,21 @@ from ..train.registry import BuildContext, BuildOutput
 class RebaseConfig:
     """How an adapter child follows its parent's update."""
 
-    steps_fraction: float = 0.25
+    steps_fraction: float = 0.2
     """Optimiser steps of the rebase as a share of the node's own training steps."""
-    lr_scale: float = 0.5
-    """Learning rate as a share of the node's own (the adapter starts close to where it should end)."""
+    lr_scale: float = 1.0
+    """Learning rate as a share of the node's own."""
     temperature: float = 1.0
     """Softening of the old child's and the student's distributions in the KL term."""
-    alpha: float = 0.8
-    """Weight of KL(old child || new child); ``1 - alpha`` goes to the hard-label loss."""
+    alpha: float = 0.2
+    """Weight of KL(old child || new child); ``1 - alpha`` goes to the hard-label loss. Measured on the update
+    simulation: 0.2 keeps about 99% of a retrained child's gain at a fifth of the steps, 0.8 about 88%."""
 
 
 def make_rebase(raw: dict | None, where: str) -> RebaseConfig:
-    from pydantic import TypeAdapter, ValidationError
+    from ..configs import parse_dataclass
 
-    raw = dict(raw or {})
-    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(RebaseConfig)})
-    if unknown:
-        raise SpecError(f"{where}: unknown rebase field(s) {', '.join(unknown)}")
-    try:
-        cfg = TypeAdapter(RebaseConfig).validate_python(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise SpecError(f"{where}: rebase field {'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+    cfg = parse_dataclass(RebaseConfig, raw, where, "rebase")
     if not 0 < cfg.steps_fraction <= 1 or not 0 <= cfg.alpha <= 1 or cfg.lr_scale <= 0 or cfg.temperature <= 0:
         raise SpecError(f"{where}: rebase needs 0 < steps_fraction <= 1, 0 <= alpha <= 1, lr_scale > 0, "
                         "temperature > 0")
