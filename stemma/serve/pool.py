@@ -75,7 +75,6 @@ class ModelPool:
         self._names: dict[str, tuple[float, str]] = {}  # model name -> (when, version id)
         self._auto: dict[str, tuple[float, Target]] = {}  # requirements -> (when, selected target)
         self._refreshing: set[str] = set()
-        self._flops: float | None = None
 
     def close(self) -> None:
         self.scheduler.stop()
@@ -154,8 +153,7 @@ class ModelPool:
             hit = self._auto.get(key)
             if hit and now - hit[0] < self.cfg.resolve_ttl_s:
                 return hit[1]
-            sel = select(self.ws, **(requirements or {}), flops_per_s=self.flops_per_s(),
-                         servable=self._servable)
+            sel = select(self.ws, **(requirements or {}), servable=self._servable)
             t = Target(**{**self.target(sel.version_id).__dict__, "reason": sel.reason})
             self._auto[key] = (now, t)
             return t
@@ -199,19 +197,6 @@ class ModelPool:
                         "relation": t.relation, "layer": t.layer, "version": t.version_id,
                         "max_model_len": t.context, "loaded": t.base_id in self.engines})
         return out
-
-    def flops_per_s(self) -> float:
-        """Matrix-multiply rate of this machine, measured once (for the selector's latency bound)."""
-        if self._flops is None:
-            import torch
-
-            a = torch.randn(256, 256)
-            a @ a
-            t0 = time.perf_counter()
-            for _ in range(8):
-                a @ a
-            self._flops = 8 * 2 * 256**3 / (time.perf_counter() - t0)
-        return self._flops
 
     # ------------------------------------------------------------------ engines
     def engine(self, t: Target) -> Engine:

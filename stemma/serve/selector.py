@@ -1,7 +1,8 @@
-"""A simple selector for ``model: auto``: requirements -> the deepest servable node that meets them, with why.
+"""``model: auto``: the server's requirements (language, domain, memory, latency) through `stemma.select`.
 
-Kept deliberately small; a full selector (profiles, variants, measured quality) replaces it behind the same
-call: ``select(ws, language=..., domain=..., memory_bytes=..., latency_ms=...) -> Selection``.
+The device selector ranks the requested node, its ancestors and their variants by measured quality under
+measured memory and latency; this adapter maps a domain name to its node, keeps the versions this server can
+run, and answers in the server's terms (a version, a node and the reason).
 """
 
 from __future__ import annotations
@@ -22,63 +23,56 @@ class Selection:
     reason: str
 
 
-def _language(path: str, layer: str) -> str | None:
-    return None if layer == "master" else path.split("/")[0]
-
-
-def _footprint(ws, version_id: str) -> tuple[int, int]:
-    """(bytes, params) of a version as served: its nearest full-weight ancestor plus the adapters below it."""
-    chain = ws.chain(version_id)
-    start = max(i for i, v in enumerate(chain) if "model.safetensors" in v.manifest["files"])
-    return sum(v.row.bytes for v in chain[start:]), chain[-1].row.params
+def _domain_path(ws, language: str, domain: str | None) -> tuple[str | None, str | None]:
+    """(domain path under the language node, note): ``python`` finds ``en/software/python``; no match: None."""
+    if not domain:
+        return None, None
+    domain = domain.strip("/")
+    paths = {n.path for n in ws.nodes() if n.current_version}
+    if f"{language}/{domain}" in paths:
+        return domain, None
+    last = domain.split("/")[-1]
+    hits = sorted((p for p in paths if p.startswith(language + "/") and p.split("/")[-1] == last),
+                  key=lambda p: (p.count("/"), p))
+    if hits:
+        return hits[0][len(language) + 1:], None
+    return None, f"no node for domain {domain!r} under {language}, using {language} itself"
 
 
 def select(ws, *, language: str | None = None, domain: str | None = None, memory_bytes: int | None = None,
-           latency_ms: float | None = None, flops_per_s: float | None = None, servable=None) -> Selection:
-    """Pick a version for the requirements.
+           latency_ms: float | None = None, servable=None) -> Selection:
+    """Pick a servable version for the requirements with `stemma.select` (the device selector).
 
-    Args:
-        ws: the workspace.
-        language: language code the model must be specialised in (``en``); None: any, the master preferred.
-        domain: domain or sub-domain (``software``, ``python``); the deepest node naming it wins.
-        memory_bytes: the served footprint (full weights + adapter chain, as stored) must fit.
-        latency_ms: per-token latency bound, checked against a lower bound ``2 * params / flops_per_s``.
-        flops_per_s: measured matrix-multiply rate of this machine (needed for ``latency_ms``).
-        servable: optional predicate on a version id (e.g. the server only runs GPT-2).
+    Candidates are the requested node, its ancestors and their variants, ranked by perplexity on the requested
+    node's test split among those whose measured peak memory and per-token latency fit; the first that this
+    server can run (``servable``) wins. Without a language, the tree's master is served.
     """
-    cands = []
-    for n in ws.nodes():
-        if not n.current_version or (servable is not None and not servable(n.current_version)):
+    from ..select import select as rank
+
+    if not language:
+        roots = [n for n in ws.nodes() if n.current_version and not n.parent_path
+                 and (servable is None or servable(n.current_version))]
+        if not roots:
+            raise NoModelError("no servable model")
+        return Selection(roots[0].current_version, roots[0].path, f"{roots[0].path}: no language asked, the master")
+    if not any(n.path == language and n.current_version for n in ws.nodes()):
+        raise NoModelError(f"no model for language {language!r}")
+    dom, note = _domain_path(ws, language, domain)
+    try:
+        ranked = rank(ws, language, dom, memory_bytes=memory_bytes, latency_ms=latency_ms)
+    except StemmaError as e:
+        raise NoModelError(str(e)) from None
+    unservable = []
+    for c in ranked.ranked:
+        if not c.fits:
+            break
+        if servable is not None and not servable(c.version.id):
+            unservable.append(c.node)
             continue
-        lang = _language(n.path, n.layer)
-        if language and lang != language:
-            continue
-        parts = n.path.split("/")[1:] if lang else []
-        dom_depth = max((i + 1 for i, p in enumerate(parts) if p == domain), default=0) if domain else 0
-        nbytes, params = _footprint(ws, n.current_version)
-        cands.append((n, dom_depth, len(parts), nbytes, params))
-    if not cands:
-        raise NoModelError(f"no servable model for language {language!r}" if language else "no servable model")
-    notes = []
-    if memory_bytes is not None:
-        fit = [c for c in cands if c[3] <= memory_bytes]
-        if not fit:
-            raise NoModelError(f"no model for these requirements fits in {memory_bytes} bytes "
-                               f"(smallest needs {min(c[3] for c in cands)})")
-        cands = fit
-    if latency_ms is not None and flops_per_s:
-        fit = [c for c in cands if 2 * c[4] / flops_per_s * 1e3 <= latency_ms]
-        if not fit:
-            raise NoModelError(f"no model for these requirements can reach {latency_ms} ms per token here")
-        cands = fit
-    if domain and not any(c[1] for c in cands):
-        notes.append(f"no node for domain {domain!r}, using the most general match")
-    # Domain match first (deepest), then: with a domain, the most specific node; without one, the most general.
-    best = max(cands, key=lambda c: (c[1] > 0, c[1], c[2] if domain else -c[2], -c[3]))
-    n, _, _, nbytes, _ = best
-    why = [f"language {language}" if language else "any language",
-           f"domain {domain}" if domain and best[1] else None,
-           f"{nbytes} bytes" + (f" <= {memory_bytes}" if memory_bytes is not None else ""),
-           f"latency bound {latency_ms} ms" if latency_ms is not None and flops_per_s else None]
-    reason = f"{n.path}: " + ", ".join(w for w in why if w) + ("; " + "; ".join(notes) if notes else "")
-    return Selection(version_id=n.current_version, node=n.path, reason=reason)
+        reason = f"{c.node}: {c.reason}" + (f"; {note}" if note else "")
+        if unservable:
+            reason += f"; better fits this server cannot run: {', '.join(unservable)}"
+        return Selection(c.version.id, c.node, reason)
+    if unservable:
+        raise NoModelError(f"only variants this server cannot run fit: {', '.join(unservable)}")
+    raise NoModelError(ranked.nothing_fits())

@@ -106,9 +106,13 @@ def test_auto_selects_with_a_reason(client):
     doc = _complete(client, model="auto", prompt="x", max_tokens=2, language="en", domain="python")
     assert doc["model"] == "en/software/python"
     assert "python" in doc["selection"]["reason"]
-    small = _complete(client, model="auto", prompt="x", max_tokens=2, language="en", domain="python",
-                      memory_bytes=600_000)
-    assert small["model"] in ("en", "en/legal")  # the adapter chain does not fit; a 0.55 MB model does
+    assert "best perplexity" in doc["selection"]["reason"]  # ranked by stemma.select on measured footprints
+    legal = _complete(client, model="auto", prompt="x", max_tokens=2, language="en", domain="legal",
+                      memory_bytes=64 << 30)
+    assert legal["model"] == "en/legal"
+    r = client.post("/v1/completions", json={"model": "auto", "prompt": "x", "language": "en", "domain": "python",
+                                             "memory_bytes": 1 << 20})
+    assert r.status_code == 404 and "nothing fits: closest is" in r.json()["error"]["message"]
     r = client.post("/v1/completions", json={"model": "auto", "prompt": "x", "language": "xx"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
