@@ -1,13 +1,18 @@
 """Aggregation strategies, registered by name, shared by the registry path and the Flower server.
 
 Each strategy turns n updates (dicts of tensors with equal keys and shapes) into one. They work on the
-updates flattened into an n x D matrix:
+updates flattened into one n x D float32 matrix (the only full-size copy; the rest runs in place or over
+column chunks):
 - ``fedavg``: the mean weighted by example counts (McMahan et al., 2017);
 - ``median``: the coordinate-wise median (Yin et al., 2018);
 - ``trimmed_mean``: per coordinate, the mean after dropping the largest and smallest ``trim`` share (Yin et al.);
-- ``krum`` / ``multikrum``: the update(s) closest to their n - f - 2 nearest neighbours (Blanchard et al., 2017).
-Every strategy can first clip each update's L2 norm to a bound or to the round's median norm, which takes
-the teeth out of scaled updates (a contributor multiplying its delta by 50).
+- ``krum`` / ``multikrum``: the update(s) closest to their n - f - 2 nearest neighbours (Blanchard et al., 2017);
+  multikrum averages the ``m`` best, weighted like fedavg.
+The weights only matter to ``fedavg`` and ``multikrum``; the median, the trimmed mean and Krum treat every
+update alike (a weight is a claim by the contributor, and these strategies exist not to trust claims).
+
+Every strategy can first clip each update's L2 norm (over all its tensors) to a bound or to the round's
+median norm, which takes the teeth out of scaled updates (a contributor multiplying its delta by 50).
 
 Flower ships these strategies too, but bound to its own message types and server loop; the registry path must
 aggregate stored updates without a Flower server, so the arithmetic lives here, once, and the Flower server
@@ -25,6 +30,9 @@ import torch
 
 from ..errors import SpecError, StemmaError
 
+_CHUNK = 1 << 22
+"""Elements per column chunk for the coordinate-wise strategies and the Krum distances (16 MB of float32)."""
+
 
 @dataclass(frozen=True)
 class AggregateResult:
@@ -38,72 +46,94 @@ class AggregateResult:
 
 @dataclass(frozen=True)
 class ClipConfig:
-    """Norm clipping, applied to each update before aggregation."""
+    """Norm clipping, applied to each update before aggregation (every strategy has it)."""
 
     clip: float | Literal["median"] | None = None
-    """Largest L2 norm an update keeps (scaled down beyond it); ``median``: the round's median norm; none: off."""
+    """Largest L2 norm an update keeps, over all its tensors (scaled down beyond it); ``median``: the round's
+    median norm; none: off."""
 
 
 _STRATEGIES: dict[str, type[Strategy]] = {}
 
 
 def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make a strategy available to `get` under ``cls.name``."""
     _STRATEGIES[cls.name] = cls
     return cls
 
 
 def names() -> list[str]:
+    """Registered strategy names, sorted."""
     return sorted(_STRATEGIES)
 
 
 def get(name: str, params: dict[str, Any] | None = None) -> Strategy:
-    """A configured strategy; unknown names and bad settings raise `SpecError`."""
+    """A configured strategy; unknown names and bad settings raise `SpecError` with a one-line message."""
     from pydantic import TypeAdapter, ValidationError
 
     cls = _STRATEGIES.get(name)
     if cls is None:
         raise SpecError(f"unknown aggregation strategy {name!r} (known: {', '.join(names())})")
+    if params is not None and not isinstance(params, dict):
+        raise SpecError(f"strategy {name}: settings must be a mapping, got {type(params).__name__}")
     raw = dict(params or {})
-    known = {f.name for f in dataclasses.fields(cls.config_cls)}
-    unknown = sorted(set(raw) - known)
+    fields = {f.name: f for f in dataclasses.fields(cls.config_cls)}
+    unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise SpecError(f"strategy {name}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        raise SpecError(f"strategy {name}: unknown setting(s) {', '.join(map(str, unknown))} "
+                        f"(known: {', '.join(sorted(fields))})")
+    for key, value in raw.items():  # pydantic reads true as 1 in lax mode; no setting here is a switch
+        if isinstance(value, bool) and "bool" not in str(fields[key].type):
+            raise SpecError(f"strategy {name}: setting {key}: expected a number, got {str(value).lower()}")
     try:
         cfg = TypeAdapter(cls.config_cls).validate_python(raw)
     except ValidationError as e:
         err = e.errors()[0]
         raise SpecError(f"strategy {name}: setting {'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
-    if isinstance(cfg.clip, float) and cfg.clip <= 0:
-        raise SpecError(f"strategy {name}: clip must be > 0")
     cls.check(cfg, name)
     return cls(cfg)
 
 
 def _flatten(deltas: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, list[tuple[str, torch.Size, int]]]:
-    if not deltas:
+    """The updates as one n x D float32 matrix (keys in sorted order) and the layout to undo it."""
+    if not isinstance(deltas, (list, tuple)) or not deltas:
         raise StemmaError("nothing to aggregate: no updates")
+    for i, d in enumerate(deltas):
+        if not isinstance(d, dict) or not d:
+            raise StemmaError(f"update {i} holds no tensors")
+        for k, t in d.items():
+            if not isinstance(t, torch.Tensor):
+                raise StemmaError(f"update {i}: {k} is a {type(t).__name__}, not a tensor")
     keys = sorted(deltas[0])
     layout, total = [], 0
     for k in keys:
-        layout.append((k, deltas[0][k].shape, deltas[0][k].numel()))
-        total += deltas[0][k].numel()
+        t = deltas[0][k]
+        layout.append((k, t.shape, t.numel()))
+        total += t.numel()
+    for i, d in enumerate(deltas[1:], start=1):
+        if sorted(d) != keys:
+            extra, missing = sorted(set(d) - set(keys)), sorted(set(keys) - set(d))
+            what = "; ".join(x for x in (f"extra {', '.join(extra)}" if extra else "",
+                                         f"missing {', '.join(missing)}" if missing else "") if x)
+            raise StemmaError(f"update {i} changes other weights than update 0 ({what}); they cannot be aggregated")
+        for k, shape, _ in layout:
+            if d[k].shape != shape:
+                raise StemmaError(f"update {i}: {k} has shape {tuple(d[k].shape)}, update 0 has {tuple(shape)}")
     mat = torch.empty(len(deltas), total, dtype=torch.float32)
     for i, d in enumerate(deltas):
-        if sorted(d) != keys:
-            raise StemmaError(f"update {i} changes other weights than update 0; they cannot be aggregated")
         off = 0
-        for k, shape, n in layout:
-            t = d[k]
-            if t.shape != shape:
-                raise StemmaError(f"update {i}: {k} has shape {tuple(t.shape)}, update 0 has {tuple(shape)}")
-            mat[i, off:off + n] = t.reshape(-1).float()
+        for k, _, n in layout:
+            mat[i, off:off + n] = d[k].detach().reshape(-1)
             off += n
         if not bool(torch.isfinite(mat[i]).all()):
-            raise StemmaError(f"update {i} holds NaN or infinite values")
+            bad = next(k for k, _, _ in layout if not bool(torch.isfinite(d[k].float()).all()))
+            why = "NaN or infinite values" if not bool(torch.isfinite(d[bad]).all()) else "values beyond float32"
+            raise StemmaError(f"update {i} holds {why} (in {bad})")
     return mat, layout
 
 
 def _unflatten(vec: torch.Tensor, layout) -> dict[str, torch.Tensor]:
+    """Independent float32 tensors (no shared storage, so safetensors can save them)."""
     out, off = {}, 0
     for k, shape, n in layout:
         out[k] = vec[off:off + n].reshape(shape).clone()
@@ -111,7 +141,29 @@ def _unflatten(vec: torch.Tensor, layout) -> dict[str, torch.Tensor]:
     return out
 
 
+def _row_norms(mat: torch.Tensor) -> torch.Tensor:
+    """L2 norm of every row, accumulated in float64 without a float64 copy of the matrix."""
+    return torch.stack([torch.linalg.vector_norm(mat[i], dtype=torch.float64) for i in range(mat.shape[0])])
+
+
+def _by_columns(mat: torch.Tensor, fn) -> torch.Tensor:
+    """``fn`` applied to column chunks of ``mat`` (each n x c -> c), so temporaries stay chunk-sized."""
+    n, d = mat.shape
+    step = max(1, _CHUNK // max(n, 1))
+    out = torch.empty(d, dtype=torch.float32)
+    for lo in range(0, d, step):
+        out[lo:lo + step] = fn(mat[:, lo:lo + step])
+    return out
+
+
+def _weighted_sum(w: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i * row_i for float64 weights that sum to 1 (zero weights drop rows without copying them)."""
+    return w.float() @ mat
+
+
 class Strategy:
+    """One aggregation rule with its validated settings (``cfg``, an instance of ``config_cls``)."""
+
     name: ClassVar[str]
     config_cls: ClassVar[type] = ClipConfig
 
@@ -121,50 +173,81 @@ class Strategy:
     @classmethod
     def check(cls, cfg, name: str) -> None:
         """Validate settings that types alone cannot."""
+        clip = cfg.clip
+        if isinstance(clip, float) and not (math.isfinite(clip) and clip > 0):
+            raise SpecError(f"strategy {name}: clip must be a finite number > 0 or 'median', got {clip}")
 
     def aggregate(self, deltas: list[dict[str, torch.Tensor]], weights: list[float] | None = None) -> AggregateResult:
+        """Aggregate ``deltas`` (weights: e.g. example counts; default equal); bad input raises `StemmaError`."""
         mat, layout = _flatten(deltas)
         n = mat.shape[0]
-        w = torch.ones(n, dtype=torch.float64) if weights is None else torch.tensor(weights, dtype=torch.float64)
-        if w.numel() != n or bool((w < 0).any()) or float(w.sum()) <= 0 or not bool(torch.isfinite(w).all()):
-            raise StemmaError("aggregation weights must be one non-negative number per update, with a positive sum")
-        norms = mat.double().norm(dim=1)
-        info: dict[str, Any] = {"n": n, "norms": [round(float(x), 6) for x in norms]}
+        w = self._weights(weights, n)
+        norms = _row_norms(mat)
+        info: dict[str, Any] = {"strategy": self.name, "n": n, "norms": [round(float(x), 6) for x in norms]}
         bound = self.cfg.clip
         if bound == "median":
             bound = float(torch.quantile(norms, 0.5))  # the mean of the middle two for even n
         if bound is not None:
             scale = torch.clamp(bound / norms.clamp_min(1e-30), max=1.0)
-            mat = mat * scale.float()[:, None]
-            info["clip"] = float(bound)
+            mat.mul_(scale.float()[:, None])
+            info["clip"] = round(float(bound), 6)
             info["clipped"] = [i for i in range(n) if float(scale[i]) < 1.0]
+            info["norms_after"] = [round(float(x), 6) for x in norms * scale]
+        else:
+            info["norms_after"] = list(info["norms"])
         vec, selected, extra = self.combine(mat, w)
         info.update(extra)
         return AggregateResult(_unflatten(vec, layout), selected, info)
 
+    @staticmethod
+    def _weights(weights: list[float] | None, n: int) -> torch.Tensor:
+        if weights is None:
+            return torch.full((n,), 1.0 / n, dtype=torch.float64)
+        try:
+            w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+        except (TypeError, ValueError):
+            raise StemmaError("aggregation weights must be numbers") from None
+        if w.numel() != n:
+            raise StemmaError(f"aggregation weights: {w.numel()} given for {n} updates")
+        for i in range(n):
+            if not math.isfinite(float(w[i])) or float(w[i]) < 0:
+                raise StemmaError(f"aggregation weight {i} is {float(w[i])}; weights must be finite and >= 0")
+        if float(w.sum()) <= 0:
+            raise StemmaError("aggregation weights sum to 0; at least one must be positive")
+        return w / w.sum()
+
     def combine(self, mat: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, list[int], dict]:
+        """The aggregate vector, the rows used, extra info; ``mat`` may be modified, ``w`` sums to 1."""
         raise NotImplementedError
 
 
 @register
 class FedAvg(Strategy):
+    """The weighted mean of all updates."""
+
     name = "fedavg"
 
     def combine(self, mat, w):
-        ww = (w / w.sum()).float()
-        return ww @ mat, list(range(mat.shape[0])), {}
+        return _weighted_sum(w, mat), list(range(mat.shape[0])), {}
+
+
+def _median_cols(block: torch.Tensor) -> torch.Tensor:
+    # torch.median returns the lower of the two middle values for even n; the median is the mean of both.
+    n = block.shape[0]
+    if n % 2:
+        return block.median(dim=0).values
+    s, _ = torch.sort(block, dim=0)
+    return (s[n // 2 - 1] + s[n // 2]) / 2
 
 
 @register
 class Median(Strategy):
+    """The coordinate-wise median."""
+
     name = "median"
 
     def combine(self, mat, w):
-        # torch.median returns the lower of the two middle values for even n; the mean of both is the median.
-        s, _ = torch.sort(mat, dim=0)
-        n = mat.shape[0]
-        med = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-        return med, list(range(n)), {}
+        return _by_columns(mat, _median_cols), list(range(mat.shape[0])), {}
 
 
 @dataclass(frozen=True)
@@ -172,63 +255,98 @@ class TrimmedMeanConfig(ClipConfig):
     """Coordinate-wise trimmed mean."""
 
     trim: float = 0.2
-    """Share of the values dropped at each end of every coordinate (0.2 of 20 updates: the 4 largest and 4
-    smallest)."""
+    """Share of the values dropped at each end of every coordinate, in [0, 0.5): floor(trim * n) from each end
+    (0.2 of 20 updates: the 4 largest and the 4 smallest)."""
 
 
 @register
 class TrimmedMean(Strategy):
+    """Per coordinate, the mean of the values left after dropping the ``trim`` share at both ends."""
+
     name = "trimmed_mean"
     config_cls = TrimmedMeanConfig
 
     @classmethod
     def check(cls, cfg, name):
+        super().check(cfg, name)
         if not 0 <= cfg.trim < 0.5:
-            raise SpecError(f"strategy {name}: trim must be in [0, 0.5)")
+            raise SpecError(f"strategy {name}: trim must be in [0, 0.5), got {cfg.trim} (nothing would remain)")
 
     def combine(self, mat, w):
         n = mat.shape[0]
         k = int(math.floor(self.cfg.trim * n))
-        if n - 2 * k < 1:
+        if n - 2 * k < 1:  # unreachable with trim < 0.5; kept so a looser check cannot average nothing
             raise StemmaError(f"trimmed_mean: trimming {k} from each end of {n} updates leaves none")
-        s, _ = torch.sort(mat, dim=0)
-        return s[k:n - k].mean(dim=0), list(range(n)), {"trimmed_each_end": k}
+
+        def cols(block):
+            s, _ = torch.sort(block, dim=0)
+            return s[k:n - k].mean(dim=0)
+
+        return _by_columns(mat, cols), list(range(n)), {"trimmed_each_end": k}
 
 
 @dataclass(frozen=True)
 class KrumConfig(ClipConfig):
-    """Krum: keep the update(s) whose nearest neighbours are closest."""
+    """Krum: keep the update whose nearest neighbours are closest."""
 
     f: int | None = None
-    """Byzantine updates assumed among the n; default: the most Krum tolerates, (n - 3) // 2."""
+    """Byzantine updates assumed among the n (Krum needs n >= 2f + 3); default: the most it tolerates,
+    (n - 3) // 2."""
+
+
+@dataclass(frozen=True)
+class MultiKrumConfig(KrumConfig):
+    """Multi-Krum: average the best-scored updates."""
+
     m: int | None = None
-    """Updates averaged by multikrum (ignored by krum); default n - f."""
+    """Updates averaged (the ``m`` lowest Krum scores, weighted like fedavg); default n - f."""
 
 
-def _krum_scores(mat: torch.Tensor, f: int) -> torch.Tensor:
-    d = torch.cdist(mat.double(), mat.double()) ** 2
+def _sq_distances(mat: torch.Tensor) -> torch.Tensor:
+    """n x n squared L2 distances in float64, from a Gram matrix summed over column chunks."""
+    n, d = mat.shape
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    step = max(1, _CHUNK // max(n, 1))
+    for lo in range(0, d, step):
+        block = mat[:, lo:lo + step].double()
+        gram += block @ block.T
+    sq = gram.diagonal().clone()
+    return (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)
+
+
+def krum_scores(mat: torch.Tensor, f: int) -> torch.Tensor:
+    """Each row's sum of squared distances to its n - f - 2 nearest other rows (Blanchard et al., 2017)."""
     n = mat.shape[0]
-    k = n - f - 2
+    d = _sq_distances(mat)
     d.fill_diagonal_(float("inf"))
-    nearest, _ = torch.topk(d, k, dim=1, largest=False)
+    nearest, _ = torch.topk(d, n - f - 2, dim=1, largest=False)
     return nearest.sum(dim=1)
 
 
 @register
 class Krum(Strategy):
+    """The single update with the lowest Krum score."""
+
     name = "krum"
     config_cls = KrumConfig
 
+    @classmethod
+    def check(cls, cfg, name):
+        super().check(cfg, name)
+        if cfg.f is not None and cfg.f < 0:
+            raise SpecError(f"strategy {name}: f must be >= 0, got {cfg.f}")
+
     def _f(self, n: int) -> int:
         f = self.cfg.f if self.cfg.f is not None else max(0, (n - 3) // 2)
-        if f < 0 or n < 2 * f + 3:
-            raise StemmaError(f"{self.name}: {n} updates cannot tolerate f={f} Byzantine ones (needs n >= 2f + 3)")
+        if n < 2 * f + 3:
+            raise StemmaError(f"{self.name}: {n} updates cannot tolerate f={f} Byzantine ones (needs n >= 2f + 3 = "
+                              f"{2 * f + 3})")
         return f
 
     def _select(self, mat: torch.Tensor, m: int) -> tuple[list[int], dict]:
         f = self._f(mat.shape[0])
-        scores = _krum_scores(mat, f)
-        order = torch.argsort(scores).tolist()
+        scores = krum_scores(mat, f)
+        order = torch.argsort(scores, stable=True).tolist()
         return sorted(order[:m]), {"f": f, "scores": [round(float(s), 6) for s in scores]}
 
     def combine(self, mat, w):
@@ -238,14 +356,26 @@ class Krum(Strategy):
 
 @register
 class MultiKrum(Krum):
+    """The weighted mean of the ``m`` updates with the lowest Krum scores."""
+
     name = "multikrum"
+    config_cls = MultiKrumConfig
+
+    @classmethod
+    def check(cls, cfg, name):
+        super().check(cfg, name)
+        if cfg.m is not None and cfg.m < 1:
+            raise SpecError(f"strategy {name}: m must be >= 1, got {cfg.m}")
 
     def combine(self, mat, w):
         n = mat.shape[0]
         f = self._f(n)
         m = self.cfg.m if self.cfg.m is not None else n - f
-        if not 1 <= m <= n:
-            raise StemmaError(f"multikrum: m={m} must be between 1 and the {n} updates")
+        if m > n:
+            raise StemmaError(f"multikrum: m={m} is more than the {n} updates")
         sel, info = self._select(mat, m)
-        ww = w[sel] / w[sel].sum()
-        return ww.float() @ mat[sel], sel, {**info, "m": m}
+        ws = torch.zeros_like(w)
+        ws[sel] = w[sel]
+        if float(ws.sum()) <= 0:
+            raise StemmaError("multikrum: every selected update has weight 0")
+        return _weighted_sum(ws / ws.sum(), mat), sel, {**info, "m": m}
