@@ -50,7 +50,7 @@ def sizes(mode: str) -> dict:
                      chunk=1200, eval_tokens=16384),
         "quick": dict(n_layer=3, n_embd=96, master_steps=200, child_steps=120, local_steps=20, backdoor_steps=80,
                       chunk=1000, eval_tokens=8192),
-        "tiny": dict(n_layer=2, n_embd=64, master_steps=80, child_steps=60, local_steps=10, backdoor_steps=40,
+        "tiny": dict(n_layer=2, n_embd=64, master_steps=80, child_steps=60, local_steps=20, backdoor_steps=40,
                      chunk=800, eval_tokens=4096),
     }[mode]
 

@@ -30,6 +30,18 @@ from ..progress import NullReporter, Reporter  # noqa: E402
 MAX_MESSAGE = 1 << 30
 
 
+def _bypass_proxy_for_loopback(address: str) -> None:
+    """gRPC sends traffic through ``http_proxy``/``grpc_proxy`` when they are set, loopback included unless the
+    host is listed in ``no_grpc_proxy``/``no_proxy``; a round between processes on one machine must not leave it."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host not in ("127.0.0.1", "localhost", "::1", "0.0.0.0"):
+        return
+    for var in ("no_grpc_proxy", "no_proxy"):
+        listed = [h for h in os.environ.get(var, "").split(",") if h]
+        if host not in listed:
+            os.environ[var] = ",".join([*listed, host])
+
+
 @dataclass
 class FederatedResult:
     accepted: bool
@@ -116,6 +128,7 @@ def run_server(node: str, address: str, clients: int, result_path: Path | None =
         def evaluate(self, server_round, parameters):
             return None
 
+    _bypass_proxy_for_loopback(address)
     flwr.server.start_server(server_address=address, strategy=GatedStrategy(),
                              config=flwr.server.ServerConfig(num_rounds=1, round_timeout=timeout_s),
                              grpc_max_message_length=MAX_MESSAGE)
@@ -153,5 +166,6 @@ def run_client(address: str, data: Path, key_path: Path, contributor: str, cfg, 
             raw = bundle.encode(header, delta, held_ids, key)
             return [], len(train), {"update": raw}
 
+    _bypass_proxy_for_loopback(address)
     flwr.client.start_client(server_address=address, client=Contributor().to_client(), insecure=True,
                              grpc_max_message_length=MAX_MESSAGE, max_retries=retries, max_wait_time=120)

@@ -34,29 +34,42 @@ def test_federated_round_over_flower_processes(tree_copy, tmp_path):
         people.append((name, k, _local_data(tmp_path, i)))
     before = ws.resolve_version(node).id
     address = f"127.0.0.1:{_free_port()}"
-    env = {**os.environ, "STEMMA_HOME": str(tree_copy["home"]), "FLWR_TELEMETRY_ENABLED": "0"}
+    # gRPC honours proxy variables; loopback traffic must not go through a proxy a CI machine may set.
+    env = {**os.environ, "STEMMA_HOME": str(tree_copy["home"]), "FLWR_TELEMETRY_ENABLED": "0",
+           "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost", "no_grpc_proxy": "127.0.0.1"}
     cli = [sys.executable, "-m", "stemma.cli", "update"]
     result = tmp_path / "round.json"
+    # Each process writes to its own log file: a pipe nobody reads fills up and blocks the writer.
+    logs = {name: tmp_path / f"{name}.log" for name in ["server", *(p[0] for p in people)]}
+    handles = {name: open(path, "w") for name, path in logs.items()}
     server = subprocess.Popen(cli + ["federated-server", node, "--address", address, "--clients", "3",
-                                     "--timeout", "240", "--result", str(result)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     "--timeout", "120", "--result", str(result)],
+                              env=env, stdout=handles["server"], stderr=subprocess.STDOUT, text=True)
     clients = [subprocess.Popen(cli + ["federated-client", "--server", address, "--data", str(data), "--key",
                                        str(k), "--contributor", name, "--steps", "8", "--lr", "0.003"],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                env=env, stdout=handles[name], stderr=subprocess.STDOUT, text=True)
                for name, k, data in people]
+    timed_out = False
     try:
-        out, err = server.communicate(timeout=400)
+        server.wait(timeout=300)
         for c in clients:
-            c.communicate(timeout=120)
+            c.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        timed_out = True
     finally:
         for p in [server, *clients]:
             if p.poll() is None:
                 p.kill()
-    assert result.is_file(), err[-3000:]
+                p.wait()
+        for h in handles.values():
+            h.close()
+    err = "\n".join(f"--- {name}\n{path.read_text()[-1500:]}" for name, path in logs.items())
+    assert not timed_out, "the federated round did not finish in time\n" + err
+    assert result.is_file(), err
     res = json.loads(result.read_text())
     assert sorted(res["contributors"]) == ["clinic-a", "clinic-b"]
     assert len(res["refused"]) == 1 and "intruder" in res["refused"][0] and "not registered" in res["refused"][0]
-    assert server.returncode == (0 if res["accepted"] else 2), err[-2000:]
+    assert server.returncode == (0 if res["accepted"] else 2), err
     rounds = service.rounds(ws, node)
     assert [r.id for r in rounds] == [res["round_id"]]
     assert rounds[0].strategy == "median" and len(rounds[0].update_ids) == 2
