@@ -306,10 +306,12 @@ def tradeoff(
     from .tradeoff import plot, tradeoff_points
 
     pts = tradeoff_points(_ws(), node)
-    t = Table("variant", "size", "perplexity", "tokens/s", "Pareto", title=f"{node}: size vs perplexity")
+    t = Table("variant", "size", "perplexity", "tokens/s", "Pareto (size, ppl)", "Pareto (+ speed)",
+              title=f"{node}: size vs perplexity vs speed")
     for p in sorted(pts, key=lambda p: p.bytes):
         t.add_row(p.label, _human_bytes(p.bytes), f"{p.perplexity:.2f}",
-                  "-" if p.tokens_per_s is None else f"{p.tokens_per_s:.0f}", "yes" if p.front else "")
+                  "-" if p.tokens_per_s is None else f"{p.tokens_per_s:.0f}", "yes" if p.front else "",
+                  "yes" if p.front_speed else "")
     out.print(t)
     out.print(f"plot written to {plot(pts, node, out_file)}")
 

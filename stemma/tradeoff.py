@@ -18,13 +18,32 @@ class Point:
     perplexity: float
     tokens_per_s: float | None
     front: bool = False
+    """On the size/perplexity front."""
+    front_speed: bool = False
+    """On the size/perplexity/speed front (a bigger or worse variant can still be the fastest)."""
+
+
+def _costs(p: Point, speed: bool) -> tuple[float, ...]:
+    # Smaller is better on every axis; an unmeasured speed counts as the slowest.
+    base = (float(p.bytes), p.perplexity)
+    return base + (-(p.tokens_per_s or 0.0),) if speed else base
+
+
+def _dominated(p: Point, points: list[Point], speed: bool) -> bool:
+    mine = _costs(p, speed)
+    for q in points:
+        theirs = _costs(q, speed)
+        if q is not p and all(a <= b for a, b in zip(theirs, mine)) and theirs != mine:
+            return True
+    return False
 
 
 def pareto(points: list[Point]) -> list[Point]:
-    """Mark the points no other point beats on both size and perplexity (smaller is better on both)."""
+    """Mark the points no other point beats on both size and perplexity (smaller is better on both), and
+    the wider front that also counts decode speed; returns the size/perplexity front."""
     for p in points:
-        p.front = not any(q is not p and q.bytes <= p.bytes and q.perplexity <= p.perplexity
-                          and (q.bytes < p.bytes or q.perplexity < p.perplexity) for q in points)
+        p.front = not _dominated(p, points, speed=False)
+        p.front_speed = not _dominated(p, points, speed=True)
     return [p for p in points if p.front]
 
 
@@ -75,13 +94,13 @@ def plot(points: list[Point], node: str, out: Path) -> Path:
     if speed:
         ax2 = axes[0][1]
         for p in speed:
-            ax2.scatter(p.tokens_per_s, p.perplexity, s=70, color="tab:red" if p.front else "tab:gray",
-                        marker="o" if p.front else "x", zorder=3)
+            ax2.scatter(p.tokens_per_s, p.perplexity, s=70, color="tab:red" if p.front_speed else "tab:gray",
+                        marker="o" if p.front_speed else "x", zorder=3)
             ax2.annotate(p.label, (p.tokens_per_s, p.perplexity), textcoords="offset points", xytext=(6, 4),
                          fontsize=9)
         ax2.set_xlabel("decode tokens/s, single stream (measured)")
         ax2.set_ylabel("perplexity")
-        ax2.set_title("speed vs perplexity (red: on the size/perplexity front)")
+        ax2.set_title("speed vs perplexity (red: on the size/perplexity/speed front)")
         ax2.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(out)

@@ -126,6 +126,22 @@ def test_pull_errors_leave_nothing_behind(variants, tmp_path):
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written temp dirs
 
 
+def _llama_greedy(llm, ids: list[int], n: int) -> list[int]:
+    """llama.cpp's first ``n`` greedy tokens after ``ids``."""
+    llm.reset()
+    got = []
+    for t in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        got.append(t)
+        if len(got) == n:
+            break
+    return got
+
+
+def _stemma_greedy(model, ids: list[int], n: int) -> list[int]:
+    return model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          pad_token_id=0)[0, len(ids):].tolist()
+
+
 def test_gguf_refuses_architectures_it_cannot_express(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -159,15 +175,7 @@ def test_llama_cpp_greedy_output_equals_stemmas(variants, tmp_path, gguf_type):
     for prompt in PROMPTS:
         ids = tok.encode(prompt).ids
         assert llm.tokenize(prompt.encode(), add_bos=False, special=False) == ids
-        llm.reset()
-        got = []
-        for t in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
-            got.append(t)
-            if len(got) == 16:
-                break
-        want = ref.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                            pad_token_id=0)[0, len(ids):].tolist()
-        assert got == want, prompt
+        assert _llama_greedy(llm, ids, 16) == _stemma_greedy(ref, ids, 16), prompt
 
 
 def test_gguf_q8_0_by_llama_cpps_quantizer_loads_and_tracks_stemma(variants, tmp_path):
@@ -187,15 +195,7 @@ def test_gguf_q8_0_by_llama_cpps_quantizer_loads_and_tracks_stemma(variants, tmp
     agree = 0
     for prompt in PROMPTS:
         ids = tok.encode(prompt).ids
-        llm.reset()
-        got = []
-        for t in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
-            got.append(t)
-            if len(got) == 8:
-                break
-        want = ref.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
-                            pad_token_id=0)[0, len(ids):].tolist()
-        agree += got == want
+        agree += _llama_greedy(llm, ids, 8) == _stemma_greedy(ref, ids, 8)
     assert agree >= 3, f"q8_0 greedy output matched stemma's fp32 on only {agree} of {len(PROMPTS)} prompts"
 
 
@@ -204,6 +204,14 @@ def test_tradeoff_marks_the_pareto_front_and_writes_a_png(variants, tmp_path):
 
     pts = [Point("a", "a", 10, 5.0, None), Point("b", "b", 5, 6.0, None), Point("c", "c", 12, 7.0, None)]
     assert [p.node for p in pareto(pts)] == ["a", "b"]
+    assert [p.front_speed for p in pts] == [True, True, False]
+    # The biggest, worst point is on the wider front once it is the fastest, and only then.
+    pts = [Point("a", "a", 10, 5.0, 100.0), Point("b", "b", 5, 6.0, 100.0), Point("c", "c", 12, 7.0, 300.0)]
+    assert [p.node for p in pareto(pts)] == ["a", "b"]
+    assert [p.front_speed for p in pts] == [True, True, True]
+    pts[2].tokens_per_s = 100.0
+    pareto(pts)
+    assert [p.front_speed for p in pts] == [True, True, False]
     ws = variants["ws"]
     pts = tradeoff_points(ws, SP)
     assert {p.label for p in pts} >= {"int8", "int4", "lowrank", "sparse", "slim"}
