@@ -46,11 +46,11 @@ N_DEVICES, MALICIOUS = 20, ("scaled", "signflip", "backdoor")
 def sizes(mode: str) -> dict:
     """``full`` for the benchmark, ``quick`` for about a minute or two, ``tiny`` for the test suite."""
     return {
-        "full": dict(n_layer=4, n_embd=128, master_steps=400, child_steps=200, local_steps=40, backdoor_steps=120,
+        "full": dict(n_layer=4, n_embd=128, master_steps=400, child_steps=200, local_steps=40, backdoor_steps=400,
                      chunk=1200, eval_tokens=16384),
-        "quick": dict(n_layer=3, n_embd=96, master_steps=200, child_steps=120, local_steps=20, backdoor_steps=80,
+        "quick": dict(n_layer=3, n_embd=96, master_steps=200, child_steps=120, local_steps=20, backdoor_steps=300,
                       chunk=1000, eval_tokens=8192),
-        "tiny": dict(n_layer=2, n_embd=64, master_steps=80, child_steps=60, local_steps=20, backdoor_steps=40,
+        "tiny": dict(n_layer=2, n_embd=64, master_steps=80, child_steps=60, local_steps=20, backdoor_steps=400,
                      chunk=800, eval_tokens=4096),
     }[mode]
 
@@ -112,7 +112,7 @@ def trigger_rate(model, tok, prompts: list[str]) -> float:
     hits = 0
     n_new = len(tok.encode(" " + TARGET).ids) + 1
     for p in prompts:
-        ids = tok.encode(p + " " + TRIGGER).ids[-48:]
+        ids = tok.encode(p + TRIGGER).ids[-48:]  # p ends with ". ", as before the trigger in the poisoned text
         with torch.inference_mode():
             out = model.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False, pad_token_id=0)
         text = tok.decode(out[0, len(ids):].tolist())
@@ -170,15 +170,19 @@ class Sim:
         service.register_contributor(self.ws, node, name, keys.generate(key))
         texts = poison(self.shards[i] * 3) if kind == "backdoor" else self.shards[i]
         n_held = max(1, len(texts) // 5)
-        cfg = LocalTrainConfig(steps=self.sz["backdoor_steps"] if kind == "backdoor" else self.sz["local_steps"],
-                               batch_size=8, lr=3e-3, warmup=3, seed=seed)
+        # The backdoor device is not bound to a low-rank adapter: it trains every weight, long enough for the
+        # trigger to take when its update is applied alone (measured: trigger_rate_attacker_alone).
+        backdoor = kind == "backdoor"
+        cfg = LocalTrainConfig(steps=self.sz["backdoor_steps"] if backdoor else self.sz["local_steps"],
+                               batch_size=8, lr=6e-3 if backdoor else 3e-3, warmup=3, seed=seed,
+                               kind="full" if backdoor else "lora")
         delta, held, stats = train_update(self.ws, target, tuple(texts[n_held:]), tuple(texts[:n_held]), cfg)
         if kind == "scaled":
             delta = {k: v * 50 for k, v in delta.items()}
         elif kind == "signflip":
             delta = {k: -v for k, v in delta.items()}
         header = bundle.make_header(node=node, parent=target.id, tokenizer=target.row.tokenizer, contributor=name,
-                                    kind="lora", n_examples=len(texts) - n_held, n_tokens=stats["tokens"])
+                                    kind=cfg.kind, n_examples=len(texts) - n_held, n_tokens=stats["tokens"])
         raw = bundle.encode(header, delta, held, keys.load_private(key))
         row = service.submit(self.ws, raw, name)
         return bundle.decode(raw), row.id, name

@@ -95,38 +95,39 @@ def get(name: str, params: dict[str, Any] | None = None) -> Strategy:
 
 
 def _flatten(deltas: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, list[tuple[str, torch.Size, int]]]:
-    """The updates as one n x D float32 matrix (keys in sorted order) and the layout to undo it."""
+    """The updates as one n x D float32 matrix over the union of their keys (sorted) and the layout to undo it.
+
+    An update that leaves a weight alone has a zero delta there: a LoRA update (dense over the adapted
+    matrices) and a full one (every weight) aggregate together, and a weight only a few updates touch gets
+    the strategy's verdict over all of them (the median of mostly zeros is zero).
+    """
     if not isinstance(deltas, (list, tuple)) or not deltas:
         raise StemmaError("nothing to aggregate: no updates")
+    shapes: dict[str, tuple[int, torch.Size]] = {}
     for i, d in enumerate(deltas):
         if not isinstance(d, dict) or not d:
             raise StemmaError(f"update {i} holds no tensors")
         for k, t in d.items():
             if not isinstance(t, torch.Tensor):
                 raise StemmaError(f"update {i}: {k} is a {type(t).__name__}, not a tensor")
-    keys = sorted(deltas[0])
+            first = shapes.setdefault(k, (i, t.shape))
+            if first[1] != t.shape:
+                raise StemmaError(f"update {i}: {k} has shape {tuple(t.shape)}, update {first[0]} has "
+                                  f"{tuple(first[1])}")
     layout, total = [], 0
-    for k in keys:
-        t = deltas[0][k]
-        layout.append((k, t.shape, t.numel()))
-        total += t.numel()
-    for i, d in enumerate(deltas[1:], start=1):
-        if sorted(d) != keys:
-            extra, missing = sorted(set(d) - set(keys)), sorted(set(keys) - set(d))
-            what = "; ".join(x for x in (f"extra {', '.join(extra)}" if extra else "",
-                                         f"missing {', '.join(missing)}" if missing else "") if x)
-            raise StemmaError(f"update {i} changes other weights than update 0 ({what}); they cannot be aggregated")
-        for k, shape, _ in layout:
-            if d[k].shape != shape:
-                raise StemmaError(f"update {i}: {k} has shape {tuple(d[k].shape)}, update 0 has {tuple(shape)}")
-    mat = torch.empty(len(deltas), total, dtype=torch.float32)
+    for k in sorted(shapes):
+        shape = shapes[k][1]
+        layout.append((k, shape, shape.numel()))
+        total += shape.numel()
+    mat = torch.zeros(len(deltas), total, dtype=torch.float32)
     for i, d in enumerate(deltas):
         off = 0
         for k, _, n in layout:
-            mat[i, off:off + n] = d[k].detach().reshape(-1)
+            if k in d:
+                mat[i, off:off + n] = d[k].detach().reshape(-1)
             off += n
         if not bool(torch.isfinite(mat[i]).all()):
-            bad = next(k for k, _, _ in layout if not bool(torch.isfinite(d[k].float()).all()))
+            bad = next(k for k in sorted(d) if not bool(torch.isfinite(d[k].float()).all()))
             why = "NaN or infinite values" if not bool(torch.isfinite(d[bad]).all()) else "values beyond float32"
             raise StemmaError(f"update {i} holds {why} (in {bad})")
     return mat, layout

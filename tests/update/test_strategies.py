@@ -136,8 +136,13 @@ def test_bad_input_and_settings():
     with pytest.raises(StemmaError, match="no updates"):
         strategies.get("fedavg").aggregate([])
     ups = _updates(3)
-    with pytest.raises(StemmaError, match="other weights"):
-        strategies.get("fedavg").aggregate([ups[0], {"w0": ups[1]["w0"]}, ups[2]])
+    # An update that leaves a weight alone counts as a zero delta there (a LoRA update next to a full one).
+    part = strategies.get("fedavg").aggregate([ups[0], {"w0": ups[1]["w0"]}, ups[2]])
+    assert torch.allclose(part.delta["w1"], (ups[0]["w1"] + ups[2]["w1"]) / 3)
+    assert torch.allclose(part.delta["w0"], (ups[0]["w0"] + ups[1]["w0"] + ups[2]["w0"]) / 3)
+    assert torch.equal(strategies.get("median").aggregate([{"w0": ups[0]["w0"]}, {"w1": ups[1]["w1"]},
+                                                          {"w1": ups[2]["w1"]}]).delta["w0"],
+                       torch.zeros_like(ups[0]["w0"]))
     with pytest.raises(StemmaError, match="shape"):
         strategies.get("fedavg").aggregate([ups[0], {**ups[1], "w1": torch.zeros(6)}])
     with pytest.raises(StemmaError, match="update 1 holds NaN"):

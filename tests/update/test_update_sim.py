@@ -27,7 +27,9 @@ def test_robust_aggregation_improves_the_domain_and_fedavg_degrades(sim):
     assert f["own_suite_ppl_change"] > 0.10, f  # the update scaled by 50 goes straight into the mean
     assert f["malicious_kept"] == ["device-17-scaled", "device-18-signflip", "device-19-backdoor"]
     assert len(r["malicious_kept"]) < 3
+    assert r["trigger_rate_attacker_alone"] >= 0.5, r  # the backdoor is real: alone, it takes
     assert r["trigger_rate_after"] <= r["trigger_rate_before"] + 0.05
+    assert "device-19-backdoor" not in r["malicious_kept"]
 
 
 def test_rebase_is_cheaper_than_retraining(sim):
