@@ -1,14 +1,16 @@
 """Serving throughput: stemma's batched multi-adapter server against PEFT `set_adapter` + `generate` per request.
 
-The tree: a GPT-2 base shaped like the demo's `en` (2 layers, 256 wide, vocab 4096, context 128) and 8 LoRA
-children (r=8), built by stemma itself (cached under .stemma/serve-bench, a second run reuses it).
+The tree: a GPT-2 base and 8 LoRA children (r=8), built by stemma itself (cached under .stemma/, a second
+run reuses it). `--base 2x256` (default): shaped like the demo's `en` (2 layers, 256 wide, vocab 4096, context
+128); `--base 4x512`: 4 layers, 512 wide, vocab 8192, where the matrix multiplies weigh more than per-step
+overhead on both sides.
 The workload: 64 requests, prompts of 16-64 tokens cut from the shipped corpus, 64 new tokens each, greedy,
 `ignore_eos` so every request generates exactly 64 tokens; request i goes to adapter i % 8.
 
 - peer: Hugging Face PEFT with the 8 adapters loaded, `set_adapter` + `generate` per request, sequentially
   (a slice of the requests per round: it is the slow side);
-- stemma, mixed: the 64 requests sent at once over HTTP to a real uvicorn server, request i to adapter i % 8
-  (the httpx client runs in the benchmark's own process: its CPU time counts against stemma);
+- stemma, mixed: the 64 requests sent at once over HTTP to `stemma serve` running as its own process, request
+  i to adapter i % 8 (the httpx client runs on the same cores: its CPU time counts against stemma);
 - stemma, base: the same requests, all to the base (no adapter rows: the LoRA path is skipped);
 - resident memory (RSS) of a fresh process serving the 64 requests: 8 adapters vs base only;
 - achieved FLOP/s of the mixed run (model FLOPs of prefill + decode, LoRA excluded) over a GEMM peak
@@ -17,7 +19,7 @@ The workload: 64 requests, prompts of 16-64 tokens cut from the shipped corpus, 
 Rounds interleave peer, stemma mixed and stemma base, so load from other processes hits all alike; medians
 are reported. Peer and stemma each run at 1 thread and at torch's default, each reported at its better one.
 
-    python benchmarks/serve_bench.py [--quick] [--json out.json]
+    python benchmarks/serve_bench.py [--quick] [--json out.json] [--base 2x256|4x512]
 """
 
 from __future__ import annotations
@@ -42,7 +44,13 @@ N_ADAPTERS, N_REQUESTS, NEW_TOKENS = 8, 64, 64
 ADAPTERS = [f"a{i}" for i in range(N_ADAPTERS)]  # children of the master
 
 
-def build_tree(home: Path):
+SHAPES = {"2x256": dict(n_layer=2, n_embd=256, n_head=4, vocab_size=4096),
+          "4x512": dict(n_layer=4, n_embd=512, n_head=8, vocab_size=8192)}
+"""Bases: the demo's ``en`` student, and a wider, deeper one where the matrix multiplies, not per-step
+overhead, dominate both sides (as in any production-sized model)."""
+
+
+def build_tree(home: Path, shape: str = "2x256"):
     """The bench tree under ``home`` (reused when already built)."""
     os.environ["STEMMA_HOME"] = str(home)
     from stemma.build import build
@@ -62,8 +70,8 @@ def build_tree(home: Path):
     child = {"method": "lora", "dataset": "text", "config": {"steps": 4, "batch_size": 4, "warmup": 1, "r": 8}}
     spec = {"name": "serve-bench", "datasets": {"text": {"paths": ["corpus.jsonl"], "language": "en"}},
             "nodes": {"master": {"method": "pretrain", "dataset": "text",
-                                 "config": {"n_layer": 2, "n_embd": 256, "n_head": 4, "context": 128,
-                                            "vocab_size": 4096, "steps": 30, "batch_size": 8, "warmup": 3}}}}
+                                 "config": {**SHAPES[shape], "context": 128, "steps": 30, "batch_size": 8,
+                                            "warmup": 3}}}}
     for i, name in enumerate(ADAPTERS):
         spec["nodes"][name] = {**child, "config": {**child["config"], "seed": i + 1}}
     (d / "stemma.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -149,19 +157,57 @@ async def _fire(url: str, prompts: list[list[int]], models: list[str]) -> tuple[
         return sum(counts), time.perf_counter() - t0
 
 
-def measure(ws, prompts, rounds: int, peer_per_round: int) -> dict:
-    """Rounds of (peer, stemma mixed, stemma base), interleaved so drifts in machine load hit all three alike."""
-    from stemma.serve.api import create_app
-    from stemma.serve.config import ServeConfig
-    from stemma.serve.server import ServerThread
+class ServerProcess:
+    """`stemma serve` as its own process on loopback (how users run it), ``threads`` intra-op threads."""
 
+    def __init__(self, home: Path, threads: int):
+        from stemma.serve.server import free_port
+
+        self.port = free_port("127.0.0.1")
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "STEMMA_HOME": str(home), "OMP_NUM_THREADS": str(threads),
+               "MKL_NUM_THREADS": str(threads)}
+        self.log = open(home.parent / "server.log", "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "stemma.cli", "serve", "--port", str(self.port),
+                                      "--max-batch", "64"], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def __enter__(self) -> str:
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self.url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.__exit__()
+        raise RuntimeError(f"stemma serve did not start; see {self.log.name}")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def measure(ws, home: Path, prompts, rounds: int, peer_per_round: int, threads: int) -> dict:
+    """Rounds of (peer, stemma mixed, stemma base), interleaved so drifts in machine load hit all three alike.
+
+    The peer runs in this process at ``threads``; stemma is a `stemma serve` process at the same count, and the
+    client that sends its requests runs here (its CPU time counts against stemma)."""
+    torch.set_num_threads(threads)
     peer = load_peer(ws)
     peer_run(peer, prompts[:2])  # warm-up
-    app = create_app(ws, ServeConfig(max_batch=64))
     mixed_models = [ADAPTERS[i % N_ADAPTERS] for i in range(len(prompts))]
     base_models = ["master"] * len(prompts)
     res = {"peer": [], "mixed": [], "base": [], "mixed_seconds": []}
-    with ServerThread(app) as url:
+    with ServerProcess(home, threads) as url:
         asyncio.run(_fire(url, prompts[:16], mixed_models[:16]))  # warm-up: load the engine and the adapters
         for r in range(rounds):
             start = (r * peer_per_round) % len(prompts)
@@ -171,8 +217,15 @@ def measure(ws, prompts, rounds: int, peer_per_round: int) -> dict:
                 res[kind].append(n / secs)
                 if kind == "mixed":
                     res["mixed_seconds"].append(secs)
-        res["decoder"] = next(iter(app.state.pool.engines.values())).decoder
     return res
+
+
+def decoder_shape(ws):
+    """The served base's shape (for its FLOPs per token)."""
+    from stemma.serve.model import Decoder, shape_of
+
+    hf = ws.load_model(ws.resolve_version("master").id)
+    return Decoder(hf.state_dict(), shape_of(hf.config), 1)
 
 
 def rss_probe(kind: str) -> None:
@@ -217,13 +270,14 @@ def probe(home: Path, kind: str) -> dict:
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--rss-probe", choices=["base", "mixed"], help=argparse_hidden())
+    p.add_argument("--base", choices=sorted(SHAPES), default="2x256", help="shape of the served base model")
     args = p.parse_args()
     if args.rss_probe:
         rss_probe(args.rss_probe)
         return
-    home = ROOT / ".stemma" / "serve-bench" / "home"
+    home = ROOT / ".stemma" / ("serve-bench" if args.base == "2x256" else f"serve-bench-{args.base}") / "home"
     t0 = time.perf_counter()
-    ws = build_tree(home)
+    ws = build_tree(home, args.base)
     print(f"bench tree ready in {time.perf_counter() - t0:.1f}s ({home})")
     prompts = make_requests(ws, N_REQUESTS)
     rounds, peer_per_round = (2, 8) if args.quick else (4, 16)
@@ -231,10 +285,9 @@ def main() -> None:
     # waiting for each other than they gain (small sequential ops suffer most, i.e. the peer).
     by_threads = {}
     for nt in sorted({1, torch.get_num_threads()}):
-        torch.set_num_threads(nt)
-        runs = measure(ws, prompts, rounds, peer_per_round)
+        runs = measure(ws, home, prompts, rounds, peer_per_round, nt)
         by_threads[nt] = {"peak": gemm_peak(), "runs": {k: runs[k] for k in ("peer", "mixed", "base")},
-                          "mixed_seconds": statistics.median(runs["mixed_seconds"]), "decoder": runs["decoder"],
+                          "mixed_seconds": statistics.median(runs["mixed_seconds"]),
                           **{k: statistics.median(runs[k]) for k in ("peer", "mixed", "base")}}
         print(f"threads {nt}: PEFT {by_threads[nt]['peer']:,.0f} tokens/s, stemma mixed "
               f"{by_threads[nt]['mixed']:,.0f}, base {by_threads[nt]['base']:,.0f}")
@@ -243,7 +296,7 @@ def main() -> None:
     best = by_threads[nt]
     peer, mixed, base = by_threads[peer_nt]["peer"], best["mixed"], best["base"]
     peak = max(b["peak"] for b in by_threads.values())
-    dec = best["decoder"]
+    dec = decoder_shape(ws)
     # Model FLOPs of the mixed run: each prompt prefilled, then NEW_TOKENS - 1 decode steps at growing context.
     flops = 0.0
     for p in prompts:
@@ -259,11 +312,12 @@ def main() -> None:
         "threads": {"peer": peer_nt, "stemma": nt}, "rss_base": rss_base, "rss_mixed": rss_mixed,
         "by_threads": {k: {x: v[x] for x in ("peak", "peer", "mixed", "base", "runs")} for k, v in by_threads.items()},
         "gemm_peak_flops": peak, "achieved_flops": achieved, "requests": N_REQUESTS, "new_tokens": NEW_TOKENS,
-        "adapters": N_ADAPTERS, "peer_requests_per_round": peer_per_round, "rounds": rounds,
+        "adapters": N_ADAPTERS, "base_shape": args.base, "peer_requests_per_round": peer_per_round, "rounds": rounds,
     }
     mb = 1 << 20
     print_table(
-        f"serving, GPT-2 2x256 vocab 4096 + {N_ADAPTERS} LoRA children, {N_REQUESTS} requests x {NEW_TOKENS} new "
+        f"serving, GPT-2 {args.base} vocab {SHAPES[args.base]['vocab_size']} + {N_ADAPTERS} LoRA children, "
+        f"{N_REQUESTS} requests x {NEW_TOKENS} new "
         f"tokens, greedy, {rounds} round(s); threads: PEFT {peer_nt}, stemma {nt}",
         [("tokens/s: PEFT per request vs stemma mixed", f"{peer:,.0f}", f"{mixed:,.0f}", f"{mixed / peer:.1f}x"),
          ("tokens/s: stemma base only vs mixed", f"{base:,.0f}", f"{mixed:,.0f}", f"{mixed / base:.2f}"),

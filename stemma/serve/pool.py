@@ -228,9 +228,13 @@ class ModelPool:
     def _load_engine(self, t: Target) -> Engine:
         from ..models.tokenizer import eos_id
 
-        hf = self.ws.load_model(t.base_id)
-        shape = shape_of(hf.config)
-        decoder = Decoder(hf.state_dict(), shape, self.cfg.max_batch)
+        def build() -> tuple[Decoder, object]:
+            hf = self.ws.load_model(t.base_id)
+            shape = shape_of(hf.config)
+            return Decoder(hf.state_dict(), shape, self.cfg.max_batch), shape
+
+        # On the scheduler thread, the only one that runs tensor work (see `Scheduler`).
+        decoder, shape = self.scheduler.call(build)
         base = self.ws.version(t.base_id)
         tok = self.ws.tokenizer(base.row.tokenizer)
 
@@ -275,7 +279,7 @@ class ModelPool:
     def load(self, t: Target) -> dict:
         e = self.engine(t)
         if t.adapters:
-            e.preload(t.adapters)
+            self.scheduler.call(lambda: e.preload(t.adapters))
         return {"model": t.node, "version": t.version_id, "base": t.base_node, "bytes": e.decoder.nbytes}
 
     def unload(self, t: Target) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from stemma.errors import StemmaError
 from stemma.serve.config import ServeConfig
 from stemma.serve.engine import SamplingParams
 from stemma.serve.pool import ModelPool
@@ -173,3 +174,20 @@ def test_lora_conversion_refuses_unsupported_adapters(tree_ws):
             lora_from_peft(tensors, {**cfg, **bad}, shape)
     with pytest.raises(StemmaError):
         lora_from_peft({**tensors, "base_model.model.lm_head.lora_A.weight": torch.zeros(8, 64)}, cfg, shape)
+
+
+def test_scheduler_runs_tensor_work_on_its_own_thread():
+    import threading
+
+    from stemma.serve.engine import Scheduler
+
+    sched = Scheduler()
+    try:
+        assert sched.call(lambda: threading.current_thread()) is sched.thread
+        assert sched.call(lambda: sched.call(lambda: 41) + 1) == 42  # a call from the thread itself runs inline
+        with pytest.raises(ValueError, match="bad"):
+            sched.call(lambda: (_ for _ in ()).throw(ValueError("bad")))
+    finally:
+        sched.stop()
+    with pytest.raises(StemmaError, match="shutting down"):
+        sched.call(lambda: 1)
