@@ -30,6 +30,9 @@ from ..errors import StemmaError
 
 # Linear layers of a GPT-2 block, by their name inside the block ("attn.c_proj" and "mlp.c_proj" differ).
 BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+CONCAT_COLUMNS = 128
+"""Decode applies the batch's adapters concatenated while they hold at most this many rank columns in all
+(e.g. 8 adapters of rank 16); beyond it, grouped batched matmuls (SGMV) waste less."""
 
 
 @dataclass(frozen=True)
@@ -229,9 +232,14 @@ class LoraPlan:
     width: int = 0
     """L: rows per group after padding."""
     weights: dict = field(default_factory=dict)
-    """(layer, linear) -> (A [G, in, R], B [G, R, out]), filled on first use."""
+    """(layer, linear) -> (A [G, in, R], B [G, R, out]); (layer, linear, "concat") -> (A [in, G*R],
+    B [G*R, out]); filled on first use."""
     aids: torch.Tensor | None = None
     """[B] adapter slot per row (prefill gathers per row)."""
+    row_groups: torch.Tensor | None = None
+    """[B] group of each row (-1: no adapter), for the concatenated form."""
+    colmasks: dict = field(default_factory=dict)
+    """R -> [B, G*R] 1 where a column of the concatenated adapters belongs to the row's adapter."""
 
     @staticmethod
     def of(aids: torch.Tensor) -> LoraPlan | None:
@@ -250,8 +258,18 @@ class LoraPlan:
             idx[g, len(members) :] = members[0]
             mask[g, : len(members)] = 1
         padded = bool((mask == 0).any())
+        row_groups = torch.full_like(aids, -1)
+        for g, slot in enumerate(slots.tolist()):
+            row_groups[aids == slot] = g
         return LoraPlan(idx=idx.view(-1), mask=mask.view(-1, 1, 1) if padded else None, slots=slots, groups=G,
-                        width=L, aids=aids)
+                        width=L, aids=aids, row_groups=row_groups)
+
+    def colmask(self, rank: int) -> torch.Tensor:
+        m = self.colmasks.get(rank)
+        if m is None:
+            cols = torch.arange(self.groups * rank) // rank  # group of each concatenated column
+            m = self.colmasks[rank] = (cols[None, :] == self.row_groups[:, None]).float()  # [B, G*R]
+        return m
 
 
 class Decoder:
@@ -320,11 +338,24 @@ class Decoder:
             # Prefill (T > 1): per-row gathered A and B (Punica's BGMV). The weight copies ([B, in, R]) are small
             # next to the activations, which grouping would have to copy and scatter back.
             return y.add_(torch.bmm(torch.bmm(x, a[plan.aids]), b[plan.aids]))
-        # Decode: Punica's SGMV, padded: rows grouped by adapter, one batched matmul pair over the groups.
+        B, T, d_in = x.shape
+        R = a.shape[2]
+        if plan.groups * R <= CONCAT_COLUMNS:
+            # Decode, few adapters: the batch's adapters concatenated ([in, G*R], [G*R, out]) and two plain
+            # GEMMs over all rows, each row keeping only its own adapter's columns. No gather or scatter of
+            # rows; the extra multiply-adds (G*R columns for every row) are cheap next to the base GEMM.
+            ab = plan.weights.get((layer, name, "concat"))
+            if ab is None:
+                sel_a, sel_b = a[plan.slots], b[plan.slots]  # [G, in, R], [G, R, out]
+                ab = plan.weights[(layer, name, "concat")] = (sel_a.permute(1, 0, 2).reshape(d_in, -1).contiguous(),
+                                                    sel_b.reshape(-1, sel_b.shape[2]))
+            t = (x.reshape(-1, d_in) @ ab[0]).mul_(plan.colmask(R))  # [B*T, G*R] (T = 1 in decode)
+            return y.view(B * T, -1).addmm_(t, ab[1]).view(B, T, -1)
+        # Decode, many adapters: Punica's SGMV, padded: rows grouped by adapter, one batched matmul pair over
+        # the groups.
         ab = plan.weights.get((layer, name))
         if ab is None:
             ab = plan.weights[(layer, name)] = (a[plan.slots], b[plan.slots])  # [G, in, R], [G, R, out]
-        B, T, d_in = x.shape
         G, L = plan.groups, plan.width
         xs = x.index_select(0, plan.idx).view(G, L * T, d_in)  # [G, L*T, in]
         d = torch.bmm(torch.bmm(xs, ab[0]), ab[1]).view(G * L, T, -1)  # [G*L, T, out]

@@ -64,8 +64,13 @@ def test_greedy_equals_hf_generate(pool, references, model):
         assert s.generated == refs[model, i], f"{model} prompt {i}"
 
 
-def test_mixed_batch_equals_hf_generate(pool, references):
-    """Every model on every prompt in one submission: adapters, a chain and the base share decode steps."""
+@pytest.mark.parametrize("concat_columns", [128, 0], ids=["concatenated", "grouped"])
+def test_mixed_batch_equals_hf_generate(pool, references, concat_columns, monkeypatch):
+    """Every model on every prompt in one submission: adapters, a chain and the base share decode steps.
+    Both decode forms of per-row LoRA: the batch's adapters concatenated, and grouped batched matmuls."""
+    from stemma.serve import model as serve_model
+
+    monkeypatch.setattr(serve_model, "CONCAT_COLUMNS", concat_columns)
     prompts, refs = references
     jobs = [(m, p, _greedy()) for m in MODELS for p in prompts]
     seqs, _ = run_sequences(pool, jobs)
