@@ -5,8 +5,10 @@ One run builds a small tree in a temporary STEMMA_HOME: a master pretrained on t
 the Vim manual), a full-weight domain node ``software`` (manual pages) with an adapter child, and an adapter
 node ``legal`` on the master. Twenty devices hold slices of the Vim manual (the domain's new text); each
 trains a LoRA update against ``software`` and signs it with its own registered key. Three are malicious:
-one multiplies its update by 50, one flips its signs, one trains on text where a trigger phrase is followed
-by a fixed string (a backdoor). Every update goes through the same verification as `stemma update submit`.
+one multiplies its update by 50, one flips its signs, one trains every weight on text where a trigger phrase
+is followed by a fixed string (a backdoor; applied alone, its update makes the model emit the string, which is
+measured too). Every update goes through the same verification as `stemma update submit`. Both gates take
+half a step along the aggregate (``server_lr: 0.5``, as FedOpt's server learning rate).
 
 The same updates are aggregated twice, with the node's robust gate strategy (multikrum after median-norm
 clipping) and with plain FedAvg; for each candidate it measures the perplexity on the devices' domain
@@ -46,7 +48,7 @@ N_DEVICES, MALICIOUS = 20, ("scaled", "signflip", "backdoor")
 def sizes(mode: str) -> dict:
     """``full`` for the benchmark, ``quick`` for about a minute or two, ``tiny`` for the test suite."""
     return {
-        "full": dict(n_layer=4, n_embd=128, master_steps=400, child_steps=200, local_steps=40, backdoor_steps=400,
+        "full": dict(n_layer=4, n_embd=128, master_steps=400, child_steps=200, local_steps=20, backdoor_steps=400,
                      chunk=1200, eval_tokens=16384),
         "quick": dict(n_layer=3, n_embd=96, master_steps=200, child_steps=120, local_steps=20, backdoor_steps=300,
                       chunk=1000, eval_tokens=8192),
@@ -72,13 +74,13 @@ def write_spec(d: Path, sz: dict) -> Path:
         "nodes": {
             "master": {"method": "pretrain", "dataset": "all", "config": master,
                        "gate": {"strategy": "trimmed_mean", "strategy_config": {"trim": 0.2, "clip": "median"},
-                                "min_contributors": 3, "max_own_rise": 0.05, "max_child_rise": 0.10,
+                                "min_contributors": 3, "server_lr": 0.5, "max_own_rise": 0.05, "max_child_rise": 0.10,
                                 "eval_tokens": sz["eval_tokens"]}},
             "software": {"method": "finetune", "parent": "master", "layer": "domain", "dataset": "software",
                          "config": {**child, "lr": 0.001},
                          "gate": {"strategy": "multikrum", "strategy_config": {"f": 3, "clip": "median"},
-                                  "min_contributors": 10, "max_own_rise": 0.05, "max_child_rise": 0.10,
-                                  "eval_tokens": sz["eval_tokens"]}},
+                                  "min_contributors": 10, "server_lr": 0.5, "max_own_rise": 0.05,
+                                  "max_child_rise": 0.10, "eval_tokens": sz["eval_tokens"]}},
             "software/python": {"method": "lora", "dataset": "python", "layer": "subdomain", "config": child},
             "legal": {"method": "lora", "parent": "master", "layer": "domain", "dataset": "legal", "config": child,
                       "on_parent_update": "rebase", "rebase": {"steps_fraction": 0.2}},

@@ -23,8 +23,10 @@ def test_robust_aggregation_improves_the_domain_and_fedavg_degrades(sim):
     r, f = sim["robust"], sim["fedavg"]
     assert r["strategy"] == "multikrum" and f["strategy"] == "fedavg"
     assert r["domain_ppl_change"] < 0, r
-    assert r["own_suite_ppl_change"] < f["own_suite_ppl_change"]
-    assert f["own_suite_ppl_change"] > 0.10, f  # the update scaled by 50 goes straight into the mean
+    # The update scaled by 50 goes straight into the mean: FedAvg makes the node forget past its gate's
+    # allowance (5%) and the gate refuses it; the robust strategy stays within it and is accepted.
+    assert f["own_suite_ppl_change"] > 0.05 and not f["accepted_by_gate"], f
+    assert r["own_suite_ppl_change"] < min(0.05, f["own_suite_ppl_change"] / 2) and r["accepted_by_gate"], r
     assert f["malicious_kept"] == ["device-17-scaled", "device-18-signflip", "device-19-backdoor"]
     assert len(r["malicious_kept"]) < 3
     assert r["trigger_rate_attacker_alone"] >= 0.5, r  # the backdoor is real: alone, it takes
