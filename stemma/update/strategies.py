@@ -334,8 +334,10 @@ class Krum(Strategy):
     @classmethod
     def check(cls, cfg, name):
         super().check(cfg, name)
-        if cfg.f is not None and cfg.f < 0:
-            raise SpecError(f"strategy {name}: f must be >= 0, got {cfg.f}")
+        for field_name, least in (("f", 0), ("m", 1)):  # m: multikrum only
+            value = getattr(cfg, field_name, None)
+            if value is not None and value < least:
+                raise SpecError(f"strategy {name}: {field_name} must be >= {least}, got {value}")
 
     def _f(self, n: int) -> int:
         f = self.cfg.f if self.cfg.f is not None else max(0, (n - 3) // 2)
@@ -361,12 +363,6 @@ class MultiKrum(Krum):
 
     name = "multikrum"
     config_cls = MultiKrumConfig
-
-    @classmethod
-    def check(cls, cfg, name):
-        super().check(cfg, name)
-        if cfg.m is not None and cfg.m < 1:
-            raise SpecError(f"strategy {name}: m must be >= 1, got {cfg.m}")
 
     def combine(self, mat, w):
         n = mat.shape[0]
