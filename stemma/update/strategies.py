@@ -127,9 +127,13 @@ def _flatten(deltas: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, list[
                 mat[i, off:off + n] = d[k].detach().reshape(-1)
             off += n
         if not bool(torch.isfinite(mat[i]).all()):
-            bad = next(k for k in sorted(d) if not bool(torch.isfinite(d[k].float()).all()))
-            why = "NaN or infinite values" if not bool(torch.isfinite(d[bad]).all()) else "values beyond float32"
-            raise StemmaError(f"update {i} holds {why} (in {bad})")
+            off = 0
+            for k, _, n in layout:
+                if not bool(torch.isfinite(mat[i, off:off + n]).all()):
+                    # Finite in its own dtype but not in float32: too large to aggregate, not NaN.
+                    why = "values beyond float32" if bool(torch.isfinite(d[k]).all()) else "NaN or infinite values"
+                    raise StemmaError(f"update {i} holds {why} (in {k})")
+                off += n
     return mat, layout
 
 
@@ -147,19 +151,20 @@ def _row_norms(mat: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.linalg.vector_norm(mat[i], dtype=torch.float64) for i in range(mat.shape[0])])
 
 
-def _by_columns(mat: torch.Tensor, fn) -> torch.Tensor:
-    """``fn`` applied to column chunks of ``mat`` (each n x c -> c), so temporaries stay chunk-sized."""
+def _column_chunks(mat: torch.Tensor):
+    """(start, n x c block) over ``mat``'s columns, about `_CHUNK` elements each, so temporaries stay small."""
     n, d = mat.shape
     step = max(1, _CHUNK // max(n, 1))
-    out = torch.empty(d, dtype=torch.float32)
     for lo in range(0, d, step):
-        out[lo:lo + step] = fn(mat[:, lo:lo + step])
+        yield lo, mat[:, lo:lo + step]
+
+
+def _by_columns(mat: torch.Tensor, fn) -> torch.Tensor:
+    """``fn`` applied to column chunks of ``mat`` (each n x c -> c)."""
+    out = torch.empty(mat.shape[1], dtype=torch.float32)
+    for lo, block in _column_chunks(mat):
+        out[lo:lo + block.shape[1]] = fn(block)
     return out
-
-
-def _weighted_sum(w: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
-    """sum_i w_i * row_i for float64 weights that sum to 1 (zero weights drop rows without copying them)."""
-    return w.float() @ mat
 
 
 class Strategy:
@@ -229,7 +234,7 @@ class FedAvg(Strategy):
     name = "fedavg"
 
     def combine(self, mat, w):
-        return _weighted_sum(w, mat), list(range(mat.shape[0])), {}
+        return w.float() @ mat, list(range(mat.shape[0])), {}
 
 
 def _median_cols(block: torch.Tensor) -> torch.Tensor:
@@ -305,11 +310,10 @@ class MultiKrumConfig(KrumConfig):
 
 def _sq_distances(mat: torch.Tensor) -> torch.Tensor:
     """n x n squared L2 distances in float64, from a Gram matrix summed over column chunks."""
-    n, d = mat.shape
+    n = mat.shape[0]
     gram = torch.zeros(n, n, dtype=torch.float64)
-    step = max(1, _CHUNK // max(n, 1))
-    for lo in range(0, d, step):
-        block = mat[:, lo:lo + step].double()
+    for _, block in _column_chunks(mat):
+        block = block.double()
         gram += block @ block.T
     sq = gram.diagonal().clone()
     return (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)
@@ -346,14 +350,13 @@ class Krum(Strategy):
                               f"{2 * f + 3})")
         return f
 
-    def _select(self, mat: torch.Tensor, m: int) -> tuple[list[int], dict]:
-        f = self._f(mat.shape[0])
+    def _select(self, mat: torch.Tensor, f: int, m: int) -> tuple[list[int], dict]:
         scores = krum_scores(mat, f)
         order = torch.argsort(scores, stable=True).tolist()
         return sorted(order[:m]), {"f": f, "scores": [round(float(s), 6) for s in scores]}
 
     def combine(self, mat, w):
-        sel, info = self._select(mat, 1)
+        sel, info = self._select(mat, self._f(mat.shape[0]), 1)
         return mat[sel[0]].clone(), sel, info
 
 
@@ -370,9 +373,9 @@ class MultiKrum(Krum):
         m = self.cfg.m if self.cfg.m is not None else n - f
         if m > n:
             raise StemmaError(f"multikrum: m={m} is more than the {n} updates")
-        sel, info = self._select(mat, m)
+        sel, info = self._select(mat, f, m)
         ws = torch.zeros_like(w)
         ws[sel] = w[sel]
         if float(ws.sum()) <= 0:
             raise StemmaError("multikrum: every selected update has weight 0")
-        return _weighted_sum(ws / ws.sum(), mat), sel, {**info, "m": m}
+        return (ws / ws.sum()).float() @ mat, sel, {**info, "m": m}
