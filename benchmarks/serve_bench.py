@@ -222,10 +222,9 @@ def measure(ws, home: Path, prompts, rounds: int, peer_per_round: int, threads: 
 
 def decoder_shape(ws):
     """The served base's shape (for its FLOPs per token)."""
-    from stemma.serve.model import Decoder, shape_of
+    from stemma.serve.model import shape_of
 
-    hf = ws.load_model(ws.resolve_version("master").id)
-    return Decoder(hf.state_dict(), shape_of(hf.config), 1)
+    return shape_of(ws.load_model(ws.resolve_version("master").id).config)
 
 
 def rss_probe(kind: str) -> None:

@@ -64,6 +64,12 @@ class DecoderShape:
         dims = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, f), "mlp.c_proj": (f, d)}
         return dims[name]
 
+    def flops_per_token(self, context: int) -> float:
+        """Forward FLOPs of one token attending to ``context`` keys (2 per multiply-add, LoRA excluded)."""
+        linears = sum(math.prod(self.linear_dims(n)) for n in BLOCK_LINEARS) * self.n_layer
+        attention = 2 * self.n_layer * self.n_embd * context  # q.k and p.v
+        return 2.0 * (linears + self.vocab_size * self.n_embd + attention)
+
 
 def shape_of(hf_config) -> DecoderShape:
     """The decoder shape of a transformers config, refusing what this decoder does not implement."""
@@ -252,15 +258,14 @@ class LoraPlan:
         G, L = len(slots), int(counts.max())
         idx = torch.zeros(G, L, dtype=torch.long)
         mask = torch.zeros(G, L)
+        row_groups = torch.full_like(aids, -1)  # for the concatenated form
         for g, slot in enumerate(slots.tolist()):
             members = rows[aids[rows] == slot]
+            row_groups[members] = g
             idx[g, : len(members)] = members
             idx[g, len(members) :] = members[0]
             mask[g, : len(members)] = 1
         padded = bool((mask == 0).any())
-        row_groups = torch.full_like(aids, -1)
-        for g, slot in enumerate(slots.tolist()):
-            row_groups[aids == slot] = g
         return LoraPlan(idx=idx.view(-1), mask=mask.view(-1, 1, 1) if padded else None, slots=slots, groups=G,
                         width=L, aids=aids, row_groups=row_groups)
 
@@ -347,8 +352,8 @@ class Decoder:
             ab = plan.weights.get((layer, name, "concat"))
             if ab is None:
                 sel_a, sel_b = a[plan.slots], b[plan.slots]  # [G, in, R], [G, R, out]
-                ab = plan.weights[(layer, name, "concat")] = (sel_a.permute(1, 0, 2).reshape(d_in, -1).contiguous(),
-                                                    sel_b.reshape(-1, sel_b.shape[2]))
+                ab = (sel_a.permute(1, 0, 2).reshape(d_in, -1).contiguous(), sel_b.reshape(-1, sel_b.shape[2]))
+                plan.weights[(layer, name, "concat")] = ab
             t = (x.reshape(-1, d_in) @ ab[0]).mul_(plan.colmask(R))  # [B*T, G*R] (T = 1 in decode)
             return y.view(B * T, -1).addmm_(t, ab[1]).view(B, T, -1)
         # Decode, many adapters: Punica's SGMV, padded: rows grouped by adapter, one batched matmul pair over
@@ -450,10 +455,3 @@ class Decoder:
         for kc, vc in zip(self.k_cache, self.v_cache):
             kc[dst, :, :length] = kc[src, :, :length]
             vc[dst, :, :length] = vc[src, :, :length]
-
-    def flops_per_token(self, context: int) -> float:
-        """Forward FLOPs of one token attending to ``context`` keys (2 per multiply-add, LoRA excluded)."""
-        s = self.shape
-        linears = sum(math.prod(s.linear_dims(n)) for n in BLOCK_LINEARS) * s.n_layer
-        attention = 2 * s.n_layer * s.n_embd * context  # q.k and p.v
-        return 2.0 * (linears + s.vocab_size * s.n_embd + attention)

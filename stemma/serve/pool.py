@@ -228,13 +228,13 @@ class ModelPool:
     def _load_engine(self, t: Target) -> Engine:
         from ..models.tokenizer import eos_id
 
-        def build() -> tuple[Decoder, object]:
+        def build() -> Decoder:
             hf = self.ws.load_model(t.base_id)
-            shape = shape_of(hf.config)
-            return Decoder(hf.state_dict(), shape, self.cfg.max_batch), shape
+            return Decoder(hf.state_dict(), shape_of(hf.config), self.cfg.max_batch)
 
         # On the scheduler thread, the only one that runs tensor work (see `Scheduler`).
-        decoder, shape = self.scheduler.call(build)
+        decoder = self.scheduler.call(build)
+        shape = decoder.shape
         base = self.ws.version(t.base_id)
         tok = self.ws.tokenizer(base.row.tokenizer)
 
