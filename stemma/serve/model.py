@@ -8,9 +8,12 @@ different positions in one decode step, and a different LoRA adapter per row.
 Per-row LoRA follows S-LoRA / Punica (Sheng et al., 2023; Chen et al., 2023): every loaded adapter's
 A and B matrices are stacked in a `LoraBank`; a `LoraPlan` groups the batch's rows by adapter (SGMV) and
 adds ``(x @ A[id]) @ B[id]`` to the base output ``x @ W + b`` of every row in two batched matmuls.
-Slot 0 is no adapter, so base-model rows ride in the same batch and skip the LoRA work. A chain (a LoRA
-trained on a LoRA-merged parent) is pre-combined once at load by concatenating ranks (``A = [A1 A2]``,
-``B = [s1*B1; s2*B2]``), which is the exact sum of the deltas, with no merge rounding.
+Slot 0 is no adapter, so base-model rows ride in the same batch and skip the LoRA work. In decode, while
+the bank is small, the A matrices of all loaded adapters sit in spare columns of the base weights, so one
+GEMM gives ``x @ W`` and every ``x @ A``; each row keeps its own adapter's columns and one more GEMM adds
+``@ B``. A chain (a LoRA trained on a LoRA-merged parent) is pre-combined once at load by concatenating
+ranks (``A = [A1 A2]``, ``B = [s1*B1; s2*B2]``), which is the exact sum of the deltas, with no merge
+rounding.
 
 Orientation: GPT-2's ``Conv1D`` stores weights as ``[in, out]`` (``y = x @ W + b``). PEFT's LoRA on it
 (``fan_in_fan_out=True``) keeps ``lora_A.weight`` as ``[r, in]`` and ``lora_B.weight`` as ``[out, r]`` and
@@ -30,9 +33,14 @@ from ..errors import StemmaError
 
 # Linear layers of a GPT-2 block, by their name inside the block ("attn.c_proj" and "mlp.c_proj" differ).
 BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+FUSED_COLUMNS = 128
+"""Spare columns kept beside each base weight for the adapter bank's A matrices (see `Decoder`): while the bank
+holds at most this many rank columns in all (e.g. 8 adapters of rank 16), decode computes every row's ``x @ A``
+of every loaded adapter in the base GEMM itself, which costs next to nothing there, instead of a separate small
+GEMM per linear that runs far below the machine's peak."""
 CONCAT_COLUMNS = 128
-"""Decode applies the batch's adapters concatenated while they hold at most this many rank columns in all
-(e.g. 8 adapters of rank 16); beyond it, grouped batched matmuls (SGMV) waste less."""
+"""Otherwise decode applies the batch's adapters concatenated while they hold at most this many rank columns
+in all; beyond it, grouped batched matmuls (SGMV) waste less."""
 
 
 @dataclass(frozen=True)
@@ -245,7 +253,8 @@ class LoraPlan:
     row_groups: torch.Tensor | None = None
     """[B] group of each row (-1: no adapter), for the concatenated form."""
     colmasks: dict = field(default_factory=dict)
-    """R -> [B, G*R] 1 where a column of the concatenated adapters belongs to the row's adapter."""
+    """R -> [B, G*R] 1 where a column of the concatenated adapters belongs to the row's adapter; ("slots", cols, R)
+    -> the same over the whole bank (`slotmask`)."""
 
     @staticmethod
     def of(aids: torch.Tensor) -> LoraPlan | None:
@@ -268,6 +277,15 @@ class LoraPlan:
         padded = bool((mask == 0).any())
         return LoraPlan(idx=idx.view(-1), mask=mask.view(-1, 1, 1) if padded else None, slots=slots, groups=G,
                         width=L, aids=aids, row_groups=row_groups)
+
+    def slotmask(self, cols: int, rank: int) -> torch.Tensor:
+        """[B, cols] 1 where a column of the bank's stacked adapters (slot s: columns (s-1)*rank .. s*rank)
+        belongs to the row's adapter."""
+        m = self.colmasks.get(("slots", cols, rank))
+        if m is None:
+            slot = torch.arange(cols) // rank + 1
+            m = self.colmasks[("slots", cols, rank)] = (slot[None, :] == self.aids[:, None]).float()
+        return m
 
     def colmask(self, rank: int) -> torch.Tensor:
         m = self.colmasks.get(rank)
@@ -307,6 +325,42 @@ class Decoder:
         self.v_cache = [torch.zeros(max_slots, H, shape.context, D) for _ in range(shape.n_layer)]
         self.bank = LoraBank(shape)
         self._plan: tuple[tuple, LoraPlan | None] | None = None  # (key, plan) of the last batch composition
+        self._fused: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        """(layer, linear) -> (W with spare columns [in, out + FUSED_COLUMNS], its bias [out + FUSED_COLUMNS]);
+        once allocated, the block's weight and bias are views of their first ``out`` columns."""
+        self._fused_version = -1
+        self._fused_cap = 0
+        """Spare columns of the fused weights (0: not allocated yet)."""
+        self._fused_cols = 0
+        """Rank columns of the bank in the fused weights for the current decode step (0: not fused)."""
+
+    def _sync_fused(self) -> int:
+        """Bring the spare columns up to date with the bank; returns the columns in use (0: fused form off).
+
+        Adapter slot ``s`` (>= 1) occupies spare columns ``(s-1)*R .. s*R``, R being the bank's rank. The first
+        use copies each base weight once into a wider tensor; later bank changes rewrite only the spare columns.
+        """
+        bank = self.bank
+        cols = (bank.n_slots - 1) * bank.rank
+        if not 0 < cols <= min(FUSED_COLUMNS, self._fused_cap or FUSED_COLUMNS):
+            return 0
+        if self._fused_version == bank.version:
+            return cols
+        self._fused_cap = self._fused_cap or FUSED_COLUMNS
+        for layer, blk in enumerate(self.blocks):
+            for name in BLOCK_LINEARS:
+                k = (layer, name)
+                d_in, d_out = self.shape.linear_dims(name)
+                if k not in self._fused:
+                    w, bias = blk[name]
+                    wext, bext = torch.zeros(d_in, d_out + self._fused_cap), torch.zeros(d_out + self._fused_cap)
+                    wext[:, :d_out], bext[:d_out] = w, bias
+                    self._fused[k] = (wext, bext)
+                    blk[name] = (wext[:, :d_out], bext[:d_out])  # the old weight is freed
+                a = bank.a[k][1:]  # [slots-1, in, R]
+                self._fused[k][0][:, d_out : d_out + cols] = a.permute(1, 0, 2).reshape(d_in, cols)
+        self._fused_version = bank.version
+        return cols
 
     def plan(self, aids: torch.Tensor) -> LoraPlan | None:
         """The LoRA plan of a batch, reused while neither the rows' adapters nor the bank change."""
@@ -319,7 +373,8 @@ class Decoder:
     def nbytes(self) -> int:
         """Bytes held by weights, KV cache and adapter bank (tied weights counted once)."""
         seen, total = set(), 0
-        tensors = [self.wte, self.wpe, self.lm_head_t, *self.ln_f, *self.k_cache, *self.v_cache]
+        tensors = [t for pair in self._fused.values() for t in pair]  # before their views in the blocks
+        tensors += [self.wte, self.wpe, self.lm_head_t, *self.ln_f, *self.k_cache, *self.v_cache]
         for blk in self.blocks:
             for pair in blk.values():
                 tensors.extend(pair)
@@ -333,6 +388,8 @@ class Decoder:
     def _linear(self, x: torch.Tensor, layer: int, name: str, plan: LoraPlan | None) -> torch.Tensor:
         """``x @ W + b`` plus each row's LoRA delta. x: [B, T, in] -> [B, T, out]."""
         w, bias = self.blocks[layer][name]
+        if self._fused_cols and plan is not None and plan.uniform is None and x.shape[1] == 1:
+            return self._fused_linear(x, layer, name, plan)
         y = torch.addmm(bias, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[1])
         if plan is None or (layer, name) not in self.bank.a:
             return y
@@ -367,6 +424,17 @@ class Decoder:
         if plan.mask is not None:
             d.mul_(plan.mask)  # padding rows repeat a real row; they must add nothing
         return y.index_add_(0, plan.idx, d)
+
+    def _fused_linear(self, x: torch.Tensor, layer: int, name: str, plan: LoraPlan) -> torch.Tensor:
+        """Decode with a small bank: ``[x @ W + b | x @ A_1 | ... | x @ A_S]`` in one GEMM over the weight and its
+        spare columns, then each row's own adapter columns (the others zeroed) times the stacked B's."""
+        B, T, d_in = x.shape
+        cols, d_out = self._fused_cols, self.shape.linear_dims(name)[1]
+        wext, bext = self._fused[(layer, name)]
+        full = torch.addmm(bext[: d_out + cols], x.reshape(-1, d_in), wext[:, : d_out + cols])  # [B*T, out+cols]
+        t = full[:, d_out:].mul_(plan.slotmask(cols, self.bank.rank))
+        y = full[:, :d_out].addmm_(t, self.bank.b[(layer, name)][1:].reshape(cols, d_out))
+        return y.view(B, T, d_out)
 
     def _attention_inputs(self, x, layer, plan):
         B, T, C = x.shape
@@ -427,23 +495,31 @@ class Decoder:
         B = tokens.shape[0]
         C = self.shape.n_embd
         plan = self.plan(aids)
-        L = int(positions.max()) + 1  # keys to look at: up to the furthest row
-        rows = torch.arange(B)
-        visible = (torch.arange(L)[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, L]
-        bias = torch.zeros(B, 1, 1, L).masked_fill_(~visible, float("-inf"))
-        scale = self.shape.head_dim ** -0.5
-        x = (self.wte[tokens] + self.wpe[positions])[:, None, :]  # [B, 1, C]
-        for layer, blk in enumerate(self.blocks):
-            h = F.layer_norm(x, (C,), *blk["ln_1"], eps=self.shape.eps)
-            q, k, v = self._attention_inputs(h, layer, plan)  # [B, H, 1, D]
-            kc, vc = self.k_cache[layer], self.v_cache[layer]
-            kc[rows, :, positions] = k[:, :, 0]
-            vc[rows, :, positions] = v[:, :, 0]
-            # One query per row: two batched matmuls and a softmax beat PyTorch's CPU flash-attention kernel
-            # here (about 3x per call at 64 rows), whose blocking is made for long queries.
-            scores = torch.matmul(q, kc[:B, :, :L].transpose(-1, -2)).mul_(scale).add_(bias)  # [B, H, 1, L]
-            y = torch.matmul(torch.softmax(scores, dim=-1), vc[:B, :, :L])  # [B, H, 1, D]
-            x = self._mlp_and_out(x, y, layer, plan)
+        self._fused_cols = self._sync_fused() if plan is not None and plan.uniform is None else 0
+        try:
+            L = int(positions.max()) + 1  # keys to look at: up to the furthest row
+            H, D = self.shape.n_head, self.shape.head_dim
+            # Where each row's new K/V go in a layer's cache seen as [slot * head * position, head_dim]: one
+            # index_copy_ (advanced-index assignment on the 4-d cache took several times longer).
+            dst = ((torch.arange(B)[:, None] * H + torch.arange(H)[None, :]) * self.shape.context
+                   + positions[:, None]).view(-1)
+            visible = (torch.arange(L)[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, L]
+            bias = torch.zeros(B, 1, 1, L).masked_fill_(~visible, float("-inf"))
+            scale = self.shape.head_dim ** -0.5
+            x = (self.wte[tokens] + self.wpe[positions])[:, None, :]  # [B, 1, C]
+            for layer, blk in enumerate(self.blocks):
+                h = F.layer_norm(x, (C,), *blk["ln_1"], eps=self.shape.eps)
+                q, k, v = self._attention_inputs(h, layer, plan)  # [B, H, 1, D]
+                kc, vc = self.k_cache[layer], self.v_cache[layer]
+                kc.view(-1, D).index_copy_(0, dst, k.reshape(B * H, D))
+                vc.view(-1, D).index_copy_(0, dst, v.reshape(B * H, D))
+                # One query per row: two batched matmuls and a softmax beat PyTorch's CPU flash-attention kernel
+                # here (about 3x per call at 64 rows), whose blocking is made for long queries.
+                scores = torch.matmul(q, kc[:B, :, :L].transpose(-1, -2)).mul_(scale).add_(bias)  # [B, H, 1, L]
+                y = torch.matmul(torch.softmax(scores, dim=-1), vc[:B, :, :L])  # [B, H, 1, D]
+                x = self._mlp_and_out(x, y, layer, plan)
+        finally:
+            self._fused_cols = 0
         return self._logits(x[:, 0])
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:

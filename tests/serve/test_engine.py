@@ -64,13 +64,22 @@ def test_greedy_equals_hf_generate(pool, references, model):
         assert s.generated == refs[model, i], f"{model} prompt {i}"
 
 
-@pytest.mark.parametrize("concat_columns", [128, 0], ids=["concatenated", "grouped"])
-def test_mixed_batch_equals_hf_generate(pool, references, concat_columns, monkeypatch):
+@pytest.mark.parametrize(("fused_columns", "concat_columns"), [(128, 128), (0, 128), (0, 0)],
+                         ids=["fused", "concatenated", "grouped"])
+def test_mixed_batch_equals_hf_generate(pool, references, fused_columns, concat_columns, monkeypatch):
     """Every model on every prompt in one submission: adapters, a chain and the base share decode steps.
-    Both decode forms of per-row LoRA: the batch's adapters concatenated, and grouped batched matmuls."""
+    Each decode form of per-row LoRA: the bank's A's in the base weights' spare columns, the batch's adapters
+    concatenated, and grouped batched matmuls."""
     from stemma.serve import model as serve_model
 
+    monkeypatch.setattr(serve_model, "FUSED_COLUMNS", fused_columns)
     monkeypatch.setattr(serve_model, "CONCAT_COLUMNS", concat_columns)
+    forms = []
+    for form in ("_fused_linear", "_linear"):
+        real = getattr(serve_model.Decoder, form)
+        monkeypatch.setattr(serve_model.Decoder, form,
+                            lambda self, x, *a, _real=real, _form=form: forms.append((_form, x.shape[1])) or
+                            _real(self, x, *a))
     prompts, refs = references
     jobs = [(m, p, _greedy()) for m in MODELS for p in prompts]
     seqs, _ = run_sequences(pool, jobs)
@@ -83,6 +92,7 @@ def test_mixed_batch_equals_hf_generate(pool, references, concat_columns, monkey
     expect = [refs["en/software", i] for i in range(5)] + [refs["en/software/python", i] for i in range(2)] + \
         [refs["en", 3]]
     assert [s.generated for s in seqs] == expect
+    assert (("_fused_linear", 1) in forms) == bool(fused_columns)  # the form under test did run
     en = pool.engines[pool.resolve("en").base_id]
     assert len(en.adapters) == 2  # en/software and the pre-combined chain en/software/python
     _wait_idle(en)  # the last event is sent inside a step; finished rows leave at its end
