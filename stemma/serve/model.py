@@ -252,6 +252,8 @@ class LoraPlan:
     """[B] adapter slot per row (prefill gathers per row)."""
     row_groups: torch.Tensor | None = None
     """[B] group of each row (-1: no adapter), for the concatenated form."""
+    fused: int = 0
+    """Rank columns of the bank held in the base weights' spare columns, set per call (0: fused form not used)."""
     colmasks: dict = field(default_factory=dict)
     """R -> [B, G*R] 1 where a column of the concatenated adapters belongs to the row's adapter; ("slots", cols, R)
     -> the same over the whole bank (`slotmask`)."""
@@ -331,8 +333,6 @@ class Decoder:
         self._fused_version = -1
         self._fused_cap = 0
         """Spare columns of the fused weights (0: not allocated yet)."""
-        self._fused_cols = 0
-        """Rank columns of the bank in the fused weights for the current decode step (0: not fused)."""
 
     def _sync_fused(self) -> int:
         """Bring the spare columns up to date with the bank; returns the columns in use (0: fused form off).
@@ -388,7 +388,7 @@ class Decoder:
     def _linear(self, x: torch.Tensor, layer: int, name: str, plan: LoraPlan | None) -> torch.Tensor:
         """``x @ W + b`` plus each row's LoRA delta. x: [B, T, in] -> [B, T, out]."""
         w, bias = self.blocks[layer][name]
-        if self._fused_cols and plan is not None and plan.uniform is None and x.shape[1] == 1:
+        if plan is not None and plan.fused:
             return self._fused_linear(x, layer, name, plan)
         y = torch.addmm(bias, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[1])
         if plan is None or (layer, name) not in self.bank.a:
@@ -425,14 +425,20 @@ class Decoder:
             d.mul_(plan.mask)  # padding rows repeat a real row; they must add nothing
         return y.index_add_(0, plan.idx, d)
 
+    def _use_fused(self, plan: LoraPlan | None) -> None:
+        """Decide for this call whether a mixed batch takes the fused form (`_sync_fused`)."""
+        if plan is not None and plan.uniform is None:
+            plan.fused = self._sync_fused()
+
     def _fused_linear(self, x: torch.Tensor, layer: int, name: str, plan: LoraPlan) -> torch.Tensor:
-        """Decode with a small bank: ``[x @ W + b | x @ A_1 | ... | x @ A_S]`` in one GEMM over the weight and its
-        spare columns, then each row's own adapter columns (the others zeroed) times the stacked B's."""
+        """A mixed batch over a small bank: ``[x @ W + b | x @ A_1 | ... | x @ A_S]`` in one GEMM over the weight
+        and its spare columns, then each row's own adapter columns (the others zeroed) times the stacked B's."""
         B, T, d_in = x.shape
-        cols, d_out = self._fused_cols, self.shape.linear_dims(name)[1]
+        cols, d_out = plan.fused, self.shape.linear_dims(name)[1]
         wext, bext = self._fused[(layer, name)]
         full = torch.addmm(bext[: d_out + cols], x.reshape(-1, d_in), wext[:, : d_out + cols])  # [B*T, out+cols]
-        t = full[:, d_out:].mul_(plan.slotmask(cols, self.bank.rank))
+        t = full[:, d_out:]
+        t.view(B, T, cols).mul_(plan.slotmask(cols, self.bank.rank)[:, None, :])
         y = full[:, :d_out].addmm_(t, self.bank.b[(layer, name)][1:].reshape(cols, d_out))
         return y.view(B, T, d_out)
 
@@ -472,6 +478,7 @@ class Decoder:
         B, T = tokens.shape
         C = self.shape.n_embd
         plan = self.plan(aids)
+        self._use_fused(plan)
         x = self.wte[tokens] + self.wpe[:T]  # [B, T, C]
         for layer, blk in enumerate(self.blocks):
             h = F.layer_norm(x, (C,), *blk["ln_1"], eps=self.shape.eps)
@@ -495,31 +502,28 @@ class Decoder:
         B = tokens.shape[0]
         C = self.shape.n_embd
         plan = self.plan(aids)
-        self._fused_cols = self._sync_fused() if plan is not None and plan.uniform is None else 0
-        try:
-            L = int(positions.max()) + 1  # keys to look at: up to the furthest row
-            H, D = self.shape.n_head, self.shape.head_dim
-            # Where each row's new K/V go in a layer's cache seen as [slot * head * position, head_dim]: one
-            # index_copy_ (advanced-index assignment on the 4-d cache took several times longer).
-            dst = ((torch.arange(B)[:, None] * H + torch.arange(H)[None, :]) * self.shape.context
-                   + positions[:, None]).view(-1)
-            visible = (torch.arange(L)[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, L]
-            bias = torch.zeros(B, 1, 1, L).masked_fill_(~visible, float("-inf"))
-            scale = self.shape.head_dim ** -0.5
-            x = (self.wte[tokens] + self.wpe[positions])[:, None, :]  # [B, 1, C]
-            for layer, blk in enumerate(self.blocks):
-                h = F.layer_norm(x, (C,), *blk["ln_1"], eps=self.shape.eps)
-                q, k, v = self._attention_inputs(h, layer, plan)  # [B, H, 1, D]
-                kc, vc = self.k_cache[layer], self.v_cache[layer]
-                kc.view(-1, D).index_copy_(0, dst, k.reshape(B * H, D))
-                vc.view(-1, D).index_copy_(0, dst, v.reshape(B * H, D))
-                # One query per row: two batched matmuls and a softmax beat PyTorch's CPU flash-attention kernel
-                # here (about 3x per call at 64 rows), whose blocking is made for long queries.
-                scores = torch.matmul(q, kc[:B, :, :L].transpose(-1, -2)).mul_(scale).add_(bias)  # [B, H, 1, L]
-                y = torch.matmul(torch.softmax(scores, dim=-1), vc[:B, :, :L])  # [B, H, 1, D]
-                x = self._mlp_and_out(x, y, layer, plan)
-        finally:
-            self._fused_cols = 0
+        self._use_fused(plan)
+        L = int(positions.max()) + 1  # keys to look at: up to the furthest row
+        H, D = self.shape.n_head, self.shape.head_dim
+        # Where each row's new K/V go in a layer's cache seen as [slot * head * position, head_dim]: one
+        # index_copy_ (advanced-index assignment on the 4-d cache took several times longer).
+        dst = ((torch.arange(B)[:, None] * H + torch.arange(H)[None, :]) * self.shape.context
+               + positions[:, None]).view(-1)
+        visible = (torch.arange(L)[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        bias = torch.zeros(B, 1, 1, L).masked_fill_(~visible, float("-inf"))
+        scale = self.shape.head_dim ** -0.5
+        x = (self.wte[tokens] + self.wpe[positions])[:, None, :]  # [B, 1, C]
+        for layer, blk in enumerate(self.blocks):
+            h = F.layer_norm(x, (C,), *blk["ln_1"], eps=self.shape.eps)
+            q, k, v = self._attention_inputs(h, layer, plan)  # [B, H, 1, D]
+            kc, vc = self.k_cache[layer], self.v_cache[layer]
+            kc.view(-1, D).index_copy_(0, dst, k.reshape(B * H, D))
+            vc.view(-1, D).index_copy_(0, dst, v.reshape(B * H, D))
+            # One query per row: two batched matmuls and a softmax beat PyTorch's CPU flash-attention kernel
+            # here (about 3x per call at 64 rows), whose blocking is made for long queries.
+            scores = torch.matmul(q, kc[:B, :, :L].transpose(-1, -2)).mul_(scale).add_(bias)  # [B, H, 1, L]
+            y = torch.matmul(torch.softmax(scores, dim=-1), vc[:B, :, :L])  # [B, H, 1, D]
+            x = self._mlp_and_out(x, y, layer, plan)
         return self._logits(x[:, 0])
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
