@@ -43,6 +43,57 @@ CONCAT_COLUMNS = 128
 in all; beyond it, grouped batched matmuls (SGMV) waste less."""
 
 
+def _onednn_packing() -> bool:
+    """Whether this PyTorch can keep a weight in oneDNN's packed layout and multiply by it."""
+    try:
+        return torch.backends.mkldnn.is_available() and callable(torch.ops.mkldnn._reorder_linear_weight) \
+            and callable(torch.ops.mkldnn._linear_pointwise)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+PACKED = _onednn_packing()
+"""Serve the decoder's GEMMs from weights packed by oneDNN. PyTorch's plain fp32 ``addmm`` runs on MKL, which
+on non-Intel CPUs takes a generic path; measured on a 2-core AMD EPYC with AVX-512, a packed
+oneDNN linear ran the serving shapes (64 x 256 x 832 .. 3000 x 256 x 832) 1.6-2.3x faster. PyTorch exposes
+the packed linear only as the ``mkldnn`` operators its compiler uses (no public module wraps it), hence `Linear`."""
+PACK_ROWS = 64
+"""Rows oneDNN is told to expect when it chooses the packed layout (any row count works)."""
+
+
+class Linear:
+    """One linear layer, ``y = x @ W + b`` with W [in, n] (GPT-2's Conv1D orientation), its weight packed by
+    oneDNN when `PACKED` (else kept as a plain contiguous tensor for ``addmm``).
+
+    A block linear may carry extra columns after its first ``out`` (the fused adapters' A's, see
+    `Decoder._sync_fused`); callers slice them off.
+    """
+
+    def __init__(self, w: torch.Tensor, bias: torch.Tensor | None):
+        self.d_in, self.n = w.shape
+        self.bias = bias
+        self.packed = PACKED
+        if self.packed:  # oneDNN takes nn.Linear's [out, in]
+            self.w = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), PACK_ROWS)
+        else:
+            self.w = w.contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """[M, in] -> [M, n]."""
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.w, self.bias, "none", [], "")
+        return x @ self.w if self.bias is None else torch.addmm(self.bias, x, self.w)
+
+    def dense(self) -> torch.Tensor:
+        """The weight as a plain [in, n] tensor (a copy when packed)."""
+        return self.w.to_dense().t() if self.packed else self.w
+
+    @property
+    def nbytes(self) -> int:
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return self.d_in * self.n * 4 + bias
+
+
 @dataclass(frozen=True)
 class DecoderShape:
     """Shape of a GPT-2 decoder, read from its Hugging Face config."""
@@ -310,15 +361,14 @@ class Decoder:
         self.shape = shape
         p = {k.removeprefix("transformer."): v.detach().float() for k, v in state.items()}
         self.wte, self.wpe = p["wte.weight"], p["wpe.weight"]  # [V, C], [ctx, C]
-        # [C, V]: the output head pre-transposed once (a contiguous copy multiplies faster than a transposed view)
-        self.lm_head_t = p.get("lm_head.weight", self.wte).t().contiguous()
+        self.lm_head = Linear(p.get("lm_head.weight", self.wte).t(), None)  # [C, V]: its own copy, packed or not
         self.ln_f = (p["ln_f.weight"], p["ln_f.bias"])
         self.blocks = []
         for i in range(shape.n_layer):
             g = lambda n, i=i: p[f"h.{i}.{n}"]  # noqa: E731
             self.blocks.append({
                 "ln_1": (g("ln_1.weight"), g("ln_1.bias")), "ln_2": (g("ln_2.weight"), g("ln_2.bias")),
-                **{name: (g(f"{name}.weight"), g(f"{name}.bias")) for name in BLOCK_LINEARS},  # W [in, out], b
+                **{name: Linear(g(f"{name}.weight"), g(f"{name}.bias")) for name in BLOCK_LINEARS},  # W [in, out]
             })
         H, D = shape.n_head, shape.head_dim
         self.max_slots = max_slots
@@ -327,39 +377,33 @@ class Decoder:
         self.v_cache = [torch.zeros(max_slots, H, shape.context, D) for _ in range(shape.n_layer)]
         self.bank = LoraBank(shape)
         self._plan: tuple[tuple, LoraPlan | None] | None = None  # (key, plan) of the last batch composition
-        self._fused: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-        """(layer, linear) -> (W with spare columns [in, out + FUSED_COLUMNS], its bias [out + FUSED_COLUMNS]);
-        once allocated, the block's weight and bias are views of their first ``out`` columns."""
-        self._fused_version = -1
-        self._fused_cap = 0
-        """Spare columns of the fused weights (0: not allocated yet)."""
+        self._fused_key: tuple[int, int] = (0, -1)
+        """(rank columns the block linears carry after their ``out``, bank version they were built from)."""
 
     def _sync_fused(self) -> int:
-        """Bring the spare columns up to date with the bank; returns the columns in use (0: fused form off).
+        """Bring the block linears' extra columns up to date with the bank; returns their count (0: fused form off).
 
-        Adapter slot ``s`` (>= 1) occupies spare columns ``(s-1)*R .. s*R``, R being the bank's rank. The first
-        use copies each base weight once into a wider tensor; later bank changes rewrite only the spare columns.
+        Adapter slot ``s`` (>= 1) occupies extra columns ``(s-1)*R .. s*R``, R being the bank's rank. A bank
+        change rebuilds (and repacks) every block linear once, at the next mixed batch; a bank wider than
+        FUSED_COLUMNS drops the extra columns.
         """
         bank = self.bank
         cols = (bank.n_slots - 1) * bank.rank
-        if not 0 < cols <= min(FUSED_COLUMNS, self._fused_cap or FUSED_COLUMNS):
-            return 0
-        if self._fused_version == bank.version:
+        cols = cols if 0 < cols <= FUSED_COLUMNS else 0
+        key = (cols, bank.version if cols else -1)
+        if key == self._fused_key:
             return cols
-        self._fused_cap = self._fused_cap or FUSED_COLUMNS
         for layer, blk in enumerate(self.blocks):
             for name in BLOCK_LINEARS:
-                k = (layer, name)
                 d_in, d_out = self.shape.linear_dims(name)
-                if k not in self._fused:
-                    w, bias = blk[name]
-                    wext, bext = torch.zeros(d_in, d_out + self._fused_cap), torch.zeros(d_out + self._fused_cap)
-                    wext[:, :d_out], bext[:d_out] = w, bias
-                    self._fused[k] = (wext, bext)
-                    blk[name] = (wext[:, :d_out], bext[:d_out])  # the old weight is freed
-                a = bank.a[k][1:]  # [slots-1, in, R]
-                self._fused[k][0][:, d_out : d_out + cols] = a.permute(1, 0, 2).reshape(d_in, cols)
-        self._fused_version = bank.version
+                lin = blk[name]
+                w, bias = lin.dense()[:, :d_out], lin.bias[:d_out]
+                if cols:
+                    a = bank.a[(layer, name)][1:]  # [slots-1, in, R]
+                    w = torch.cat([w, a.permute(1, 0, 2).reshape(d_in, cols)], dim=1)
+                    bias = torch.cat([bias, bias.new_zeros(cols)])
+                blk[name] = Linear(w, bias.contiguous())
+        self._fused_key = key
         return cols
 
     def plan(self, aids: torch.Tensor) -> LoraPlan | None:
@@ -373,25 +417,36 @@ class Decoder:
     def nbytes(self) -> int:
         """Bytes held by weights, KV cache and adapter bank (tied weights counted once)."""
         seen, total = set(), 0
-        tensors = [t for pair in self._fused.values() for t in pair]  # before their views in the blocks
-        tensors += [self.wte, self.wpe, self.lm_head_t, *self.ln_f, *self.k_cache, *self.v_cache]
+        tensors = [self.wte, self.wpe, *self.ln_f, *self.k_cache, *self.v_cache]
+        linears = [self.lm_head]
         for blk in self.blocks:
-            for pair in blk.values():
-                tensors.extend(pair)
+            for v in blk.values():
+                if isinstance(v, Linear):
+                    linears.append(v)
+                else:
+                    tensors.extend(v)
         for t in tensors:
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
-        return total + self.bank.nbytes
+        return total + sum(lin.nbytes for lin in linears) + self.bank.nbytes
 
     # ------------------------------------------------------------------ pieces
     def _linear(self, x: torch.Tensor, layer: int, name: str, plan: LoraPlan | None) -> torch.Tensor:
         """``x @ W + b`` plus each row's LoRA delta. x: [B, T, in] -> [B, T, out]."""
-        w, bias = self.blocks[layer][name]
-        if plan is not None and plan.fused:
-            return self._fused_linear(x, layer, name, plan)
-        y = torch.addmm(bias, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[1])
+        B, T, d_in = x.shape
+        d_out = self.shape.linear_dims(name)[1]
+        full = self.blocks[layer][name](x.reshape(-1, d_in))  # [B*T, out (+ the fused adapters' columns)]
+        y2 = full[:, :d_out]
+        y = y2.view(B, T, d_out)
         if plan is None or (layer, name) not in self.bank.a:
+            return y
+        if plan.fused:
+            # A mixed batch over a small bank: the base GEMM also gave [x @ A_1 | ... | x @ A_S]; each row keeps its
+            # own adapter's columns (the others zeroed) and one GEMM against the stacked B's adds the deltas.
+            t = full[:, d_out:]
+            t.view(B, T, plan.fused).mul_(plan.slotmask(plan.fused, self.bank.rank)[:, None, :])
+            y2.addmm_(t, self.bank.b[(layer, name)][1:].reshape(plan.fused, d_out))
             return y
         a, b = self.bank.a[(layer, name)], self.bank.b[(layer, name)]
         if plan.uniform is not None:  # every row uses the same adapter: two plain matmuls
@@ -400,7 +455,6 @@ class Decoder:
             # Prefill (T > 1): per-row gathered A and B (Punica's BGMV). The weight copies ([B, in, R]) are small
             # next to the activations, which grouping would have to copy and scatter back.
             return y.add_(torch.bmm(torch.bmm(x, a[plan.aids]), b[plan.aids]))
-        B, T, d_in = x.shape
         R = a.shape[2]
         if plan.groups * R <= CONCAT_COLUMNS:
             # Decode, few adapters: the batch's adapters concatenated ([in, G*R], [G*R, out]) and two plain
@@ -412,7 +466,8 @@ class Decoder:
                 ab = (sel_a.permute(1, 0, 2).reshape(d_in, -1).contiguous(), sel_b.reshape(-1, sel_b.shape[2]))
                 plan.weights[(layer, name, "concat")] = ab
             t = (x.reshape(-1, d_in) @ ab[0]).mul_(plan.colmask(R))  # [B*T, G*R] (T = 1 in decode)
-            return y.view(B * T, -1).addmm_(t, ab[1]).view(B, T, -1)
+            y2.addmm_(t, ab[1])
+            return y
         # Decode, many adapters: Punica's SGMV, padded: rows grouped by adapter, one batched matmul pair over
         # the groups.
         ab = plan.weights.get((layer, name))
@@ -429,18 +484,6 @@ class Decoder:
         """Decide for this call whether a mixed batch takes the fused form (`_sync_fused`)."""
         if plan is not None and plan.uniform is None:
             plan.fused = self._sync_fused()
-
-    def _fused_linear(self, x: torch.Tensor, layer: int, name: str, plan: LoraPlan) -> torch.Tensor:
-        """A mixed batch over a small bank: ``[x @ W + b | x @ A_1 | ... | x @ A_S]`` in one GEMM over the weight
-        and its spare columns, then each row's own adapter columns (the others zeroed) times the stacked B's."""
-        B, T, d_in = x.shape
-        cols, d_out = plan.fused, self.shape.linear_dims(name)[1]
-        wext, bext = self._fused[(layer, name)]
-        full = torch.addmm(bext[: d_out + cols], x.reshape(-1, d_in), wext[:, : d_out + cols])  # [B*T, out+cols]
-        t = full[:, d_out:]
-        t.view(B, T, cols).mul_(plan.slotmask(cols, self.bank.rank)[:, None, :])
-        y = full[:, :d_out].addmm_(t, self.bank.b[(layer, name)][1:].reshape(cols, d_out))
-        return y.view(B, T, d_out)
 
     def _attention_inputs(self, x, layer, plan):
         B, T, C = x.shape
@@ -528,7 +571,7 @@ class Decoder:
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         h = F.layer_norm(h, (self.shape.n_embd,), *self.ln_f, eps=self.shape.eps)
-        return h @ self.lm_head_t  # [B, V]
+        return self.lm_head(h)  # [B, V]
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy a slot's cache (its first ``length`` positions) to another slot (compaction)."""

@@ -64,40 +64,50 @@ def test_greedy_equals_hf_generate(pool, references, model):
         assert s.generated == refs[model, i], f"{model} prompt {i}"
 
 
-@pytest.mark.parametrize(("fused_columns", "concat_columns"), [(128, 128), (0, 128), (0, 0)],
-                         ids=["fused", "concatenated", "grouped"])
-def test_mixed_batch_equals_hf_generate(pool, references, fused_columns, concat_columns, monkeypatch):
+@pytest.mark.parametrize(("packed", "fused_columns", "concat_columns"),
+                         [(True, 128, 128), (True, 0, 128), (True, 0, 0), (False, 128, 128)],
+                         ids=["fused", "concatenated", "grouped", "fused-unpacked"])
+def test_mixed_batch_equals_hf_generate(pool, tree_ws, references, packed, fused_columns, concat_columns,
+                                        monkeypatch):
     """Every model on every prompt in one submission: adapters, a chain and the base share decode steps.
-    Each decode form of per-row LoRA: the bank's A's in the base weights' spare columns, the batch's adapters
-    concatenated, and grouped batched matmuls."""
+    Each form of per-row LoRA: the bank's A's as extra columns of the base weights, the batch's adapters
+    concatenated, and grouped batched matmuls; and the base GEMMs with oneDNN-packed and with plain weights."""
     from stemma.serve import model as serve_model
 
+    if not packed:
+        monkeypatch.setattr(serve_model, "PACKED", False)
+        pool = ModelPool(tree_ws, ServeConfig(max_batch=32))
+    elif not serve_model.PACKED:
+        pytest.skip("this PyTorch has no oneDNN packed linear")
     monkeypatch.setattr(serve_model, "FUSED_COLUMNS", fused_columns)
     monkeypatch.setattr(serve_model, "CONCAT_COLUMNS", concat_columns)
-    forms = []
-    for form in ("_fused_linear", "_linear"):
-        real = getattr(serve_model.Decoder, form)
-        monkeypatch.setattr(serve_model.Decoder, form,
-                            lambda self, x, *a, _real=real, _form=form: forms.append((_form, x.shape[1])) or
-                            _real(self, x, *a))
-    prompts, refs = references
-    jobs = [(m, p, _greedy()) for m in MODELS for p in prompts]
-    seqs, _ = run_sequences(pool, jobs)
-    got = {(m, i): s.generated for (m, i), s in zip([(m, i) for m in MODELS for i in range(len(prompts))], seqs)}
-    assert got == {k: refs[k] for k in got}
-    # Uneven groups (5 rows of one adapter, 2 of the chain, 1 base row): the padded grouping must stay exact.
-    jobs = ([("en/software", p, _greedy()) for p in prompts] + [("en/software/python", p, _greedy())
-                                                                for p in prompts[:2]] + [("en", prompts[3], _greedy())])
-    seqs, _ = run_sequences(pool, jobs)
-    expect = [refs["en/software", i] for i in range(5)] + [refs["en/software/python", i] for i in range(2)] + \
-        [refs["en", 3]]
-    assert [s.generated for s in seqs] == expect
-    fused = {t > 1 for form, t in forms if form == "_fused_linear"}  # prefill (T > 1) and decode (T = 1) took it
-    assert fused == ({True, False} if fused_columns else set())
-    en = pool.engines[pool.resolve("en").base_id]
-    assert len(en.adapters) == 2  # en/software and the pre-combined chain en/software/python
-    _wait_idle(en)  # the last event is sent inside a step; finished rows leave at its end
-    assert not en.running and not en.waiting
+    calls = []  # (tokens per row, fused columns) of every block linear
+    real = serve_model.Decoder._linear
+    monkeypatch.setattr(serve_model.Decoder, "_linear", lambda self, x, layer, name, plan: calls.append(
+        (x.shape[1], plan.fused if plan is not None else 0)) or real(self, x, layer, name, plan))
+    try:
+        prompts, refs = references
+        jobs = [(m, p, _greedy()) for m in MODELS for p in prompts]
+        seqs, _ = run_sequences(pool, jobs)
+        keys = [(m, i) for m in MODELS for i in range(len(prompts))]
+        assert {k: s.generated for k, s in zip(keys, seqs)} == {k: refs[k] for k in keys}
+        # Uneven groups (5 rows of one adapter, 2 of the chain, 1 base row): the padded grouping must stay exact.
+        jobs = ([("en/software", p, _greedy()) for p in prompts] +
+                [("en/software/python", p, _greedy()) for p in prompts[:2]] + [("en", prompts[3], _greedy())])
+        seqs, _ = run_sequences(pool, jobs)
+        expect = [refs["en/software", i] for i in range(5)] + [refs["en/software/python", i] for i in range(2)] + \
+            [refs["en", 3]]
+        assert [s.generated for s in seqs] == expect
+        fused = {t > 1 for t, cols in calls if cols}  # prefill (T > 1) and decode (T = 1) took the fused form
+        assert fused == ({True, False} if fused_columns else set())
+        en = pool.engines[pool.resolve("en").base_id]
+        assert en.decoder.lm_head.packed == packed
+        assert len(en.adapters) == 2  # en/software and the pre-combined chain en/software/python
+        _wait_idle(en)  # the last event is sent inside a step; finished rows leave at its end
+        assert not en.running and not en.waiting
+    finally:
+        if not packed:
+            pool.close()
 
 
 def test_adapters_evicted_lru_and_still_exact(tree_ws, references):
