@@ -98,21 +98,17 @@ def make_requests(ws, n: int) -> list[list[int]]:
 
 
 def gemm_peak(n: int = 1024, reps: int = 5) -> float:
-    """FLOP/s of an n x n x n fp32 GEMM: the faster of PyTorch's matmul (MKL) and oneDNN's packed linear (what
-    stemma serve multiplies with when it can), so the fraction is against the best this machine does."""
-    from stemma.serve.model import PACKED
+    """FLOP/s of an n x n x n fp32 GEMM: the faster of PyTorch's matmul (MKL) and the server's `Linear` (oneDNN's
+    packed linear where PyTorch has it), so the fraction is against the best this machine does."""
+    from stemma.serve.model import Linear
 
     a, b = torch.randn(n, n), torch.randn(n, n)
-    kernels = [lambda: a @ b]
-    if PACKED:
-        packed = torch.ops.mkldnn._reorder_linear_weight(b, n)
-        kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
     best = 0.0
-    for k in kernels:
-        k()
+    for kernel in (lambda: a @ b, lambda linear=Linear(b, None): linear(a)):
+        kernel()
         t0 = time.perf_counter()
         for _ in range(reps):
-            k()
+            kernel()
         best = max(best, reps * 2 * n**3 / (time.perf_counter() - t0))
     return best
 

@@ -8,8 +8,8 @@ different positions in one decode step, and a different LoRA adapter per row.
 Per-row LoRA follows S-LoRA / Punica (Sheng et al., 2023; Chen et al., 2023): every loaded adapter's
 A and B matrices are stacked in a `LoraBank`; a `LoraPlan` groups the batch's rows by adapter (SGMV) and
 adds ``(x @ A[id]) @ B[id]`` to the base output ``x @ W + b`` of every row in two batched matmuls.
-Slot 0 is no adapter, so base-model rows ride in the same batch and skip the LoRA work. In decode, while
-the bank is small, the A matrices of all loaded adapters sit in spare columns of the base weights, so one
+Slot 0 is no adapter, so base-model rows ride in the same batch and skip the LoRA work. While the bank is
+small, the A matrices of all loaded adapters are extra columns of the base weights, so for a mixed batch one
 GEMM gives ``x @ W`` and every ``x @ A``; each row keeps its own adapter's columns and one more GEMM adds
 ``@ B``. A chain (a LoRA trained on a LoRA-merged parent) is pre-combined once at load by concatenating
 ranks (``A = [A1 A2]``, ``B = [s1*B1; s2*B2]``), which is the exact sum of the deltas, with no merge
@@ -34,10 +34,10 @@ from ..errors import StemmaError
 # Linear layers of a GPT-2 block, by their name inside the block ("attn.c_proj" and "mlp.c_proj" differ).
 BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 FUSED_COLUMNS = 128
-"""Spare columns kept beside each base weight for the adapter bank's A matrices (see `Decoder`): while the bank
-holds at most this many rank columns in all (e.g. 8 adapters of rank 16), decode computes every row's ``x @ A``
-of every loaded adapter in the base GEMM itself, which costs next to nothing there, instead of a separate small
-GEMM per linear that runs far below the machine's peak."""
+"""While the adapter bank holds at most this many rank columns in all (e.g. 8 adapters of rank 16), its A
+matrices are extra columns of each block weight (`Decoder._sync_fused`): a mixed batch computes every row's
+``x @ A`` of every loaded adapter in the base GEMM itself, which costs next to nothing there, instead of a
+separate small GEMM per linear that runs far below the machine's peak."""
 CONCAT_COLUMNS = 128
 """Otherwise decode applies the batch's adapters concatenated while they hold at most this many rank columns
 in all; beyond it, grouped batched matmuls (SGMV) waste less."""
@@ -53,11 +53,11 @@ def _onednn_packing() -> bool:
 
 
 PACKED = _onednn_packing()
-_PACKED_LINEAR = torch.ops.mkldnn._linear_pointwise.default if PACKED else None
 """Serve the decoder's GEMMs from weights packed by oneDNN. PyTorch's plain fp32 ``addmm`` runs on MKL, which
 on non-Intel CPUs takes a generic path; measured on a 2-core AMD EPYC with AVX-512, a packed
 oneDNN linear ran the serving shapes (64 x 256 x 832 .. 3000 x 256 x 832) 1.6-2.3x faster. PyTorch exposes
 the packed linear only as the ``mkldnn`` operators its compiler uses (no public module wraps it), hence `Linear`."""
+_PACKED_LINEAR = torch.ops.mkldnn._linear_pointwise.default if PACKED else None
 PACK_ROWS = 64
 """Rows oneDNN is told to expect when it chooses the packed layout (any row count works). Inputs of more rows
 are padded to a multiple of it: oneDNN builds a kernel per input shape (0.3-0.6 ms, measured) and caches 1024,
@@ -85,10 +85,9 @@ class Linear:
         """[M, in] -> [M, n]."""
         if self.packed:
             m = x.shape[0]
-            if m > PACK_ROWS and m % PACK_ROWS:
-                x = F.pad(x, (0, 0, 0, PACK_ROWS - m % PACK_ROWS))
-                return _PACKED_LINEAR(x, self.w, self.bias, "none", [], "")[:m]
-            return _PACKED_LINEAR(x, self.w, self.bias, "none", [], "")
+            pad = -m % PACK_ROWS if m > PACK_ROWS else 0
+            y = _PACKED_LINEAR(F.pad(x, (0, 0, 0, pad)) if pad else x, self.w, self.bias, "none", [], "")
+            return y[:m] if pad else y
         return x @ self.w if self.bias is None else torch.addmm(self.bias, x, self.w)
 
     def dense(self) -> torch.Tensor:
@@ -310,11 +309,8 @@ class LoraPlan:
     """[B] adapter slot per row (prefill gathers per row)."""
     row_groups: torch.Tensor | None = None
     """[B] group of each row (-1: no adapter), for the concatenated form."""
-    fused: int = 0
-    """Rank columns of the bank held in the base weights' spare columns, set per call (0: fused form not used)."""
     colmasks: dict = field(default_factory=dict)
-    """R -> [B, G*R] 1 where a column of the concatenated adapters belongs to the row's adapter; ("slots", cols, R)
-    -> the same over the whole bank (`slotmask`)."""
+    """Cached `colmask` / `slotmask` results."""
 
     @staticmethod
     def of(aids: torch.Tensor) -> LoraPlan | None:
@@ -341,17 +337,16 @@ class LoraPlan:
     def slotmask(self, cols: int, rank: int) -> torch.Tensor:
         """[B, cols] 1 where a column of the bank's stacked adapters (slot s: columns (s-1)*rank .. s*rank)
         belongs to the row's adapter."""
-        m = self.colmasks.get(("slots", cols, rank))
-        if m is None:
-            slot = torch.arange(cols) // rank + 1
-            m = self.colmasks[("slots", cols, rank)] = (slot[None, :] == self.aids[:, None]).float()
-        return m
+        return self._mask(("slots", cols, rank), torch.arange(cols) // rank + 1, self.aids)
 
     def colmask(self, rank: int) -> torch.Tensor:
-        m = self.colmasks.get(rank)
+        """[B, G*R] 1 where a column of the batch's concatenated adapters belongs to the row's group."""
+        return self._mask(("groups", rank), torch.arange(self.groups * rank) // rank, self.row_groups)
+
+    def _mask(self, key: tuple, column_owner: torch.Tensor, row_owner: torch.Tensor) -> torch.Tensor:
+        m = self.colmasks.get(key)
         if m is None:
-            cols = torch.arange(self.groups * rank) // rank  # group of each concatenated column
-            m = self.colmasks[rank] = (cols[None, :] == self.row_groups[:, None]).float()  # [B, G*R]
+            m = self.colmasks[key] = (column_owner[None, :] == row_owner[:, None]).float()
         return m
 
 
@@ -387,8 +382,8 @@ class Decoder:
         self._fused_key: tuple[int, int] = (0, -1)
         """(rank columns the block linears carry after their ``out``, bank version they were built from)."""
 
-    def _sync_fused(self) -> int:
-        """Bring the block linears' extra columns up to date with the bank; returns their count (0: fused form off).
+    def _sync_fused(self) -> None:
+        """Bring the block linears' extra columns up to date with the bank (none: fused form off).
 
         Adapter slot ``s`` (>= 1) occupies extra columns ``(s-1)*R .. s*R``, R being the bank's rank. A bank
         change rebuilds (and repacks) every block linear once, at the next mixed batch; a bank wider than
@@ -399,7 +394,7 @@ class Decoder:
         cols = cols if 0 < cols <= FUSED_COLUMNS else 0
         key = (cols, bank.version if cols else -1)
         if key == self._fused_key:
-            return cols
+            return
         for layer, blk in enumerate(self.blocks):
             for name in BLOCK_LINEARS:
                 d_in, d_out = self.shape.linear_dims(name)
@@ -409,16 +404,19 @@ class Decoder:
                     a = bank.a[(layer, name)][1:]  # [slots-1, in, R]
                     w = torch.cat([w, a.permute(1, 0, 2).reshape(d_in, cols)], dim=1)
                     bias = torch.cat([bias, bias.new_zeros(cols)])
-                blk[name] = Linear(w, bias.contiguous())
+                blk[name] = Linear(w, bias)
         self._fused_key = key
-        return cols
 
     def plan(self, aids: torch.Tensor) -> LoraPlan | None:
-        """The LoRA plan of a batch, reused while neither the rows' adapters nor the bank change."""
+        """The LoRA plan of a batch, reused while neither the rows' adapters nor the bank change; a batch mixing
+        adapters first brings the fused weights up to date."""
         key = (self.bank.version, tuple(aids.tolist()))
         if self._plan is None or self._plan[0] != key:
             self._plan = (key, LoraPlan.of(aids))
-        return self._plan[1]
+        plan = self._plan[1]
+        if plan is not None and plan.uniform is None:
+            self._sync_fused()
+        return plan
 
     @property
     def nbytes(self) -> int:
@@ -448,12 +446,13 @@ class Decoder:
         y = y2.view(B, T, d_out)
         if plan is None or (layer, name) not in self.bank.a:
             return y
-        if plan.fused:
+        cols = self._fused_key[0]
+        if cols and plan.uniform is None:
             # A mixed batch over a small bank: the base GEMM also gave [x @ A_1 | ... | x @ A_S]; each row keeps its
             # own adapter's columns (the others zeroed) and one GEMM against the stacked B's adds the deltas.
             t = full[:, d_out:]
-            t.view(B, T, plan.fused).mul_(plan.slotmask(plan.fused, self.bank.rank)[:, None, :])
-            y2.addmm_(t, self.bank.b[(layer, name)][1:].reshape(plan.fused, d_out))
+            t.view(B, T, cols).mul_(plan.slotmask(cols, self.bank.rank)[:, None, :])
+            y2.addmm_(t, self.bank.b[(layer, name)][1:].reshape(cols, d_out))
             return y
         a, b = self.bank.a[(layer, name)], self.bank.b[(layer, name)]
         if plan.uniform is not None:  # every row uses the same adapter: two plain matmuls
@@ -486,11 +485,6 @@ class Decoder:
         if plan.mask is not None:
             d.mul_(plan.mask)  # padding rows repeat a real row; they must add nothing
         return y.index_add_(0, plan.idx, d)
-
-    def _use_fused(self, plan: LoraPlan | None) -> None:
-        """Decide for this call whether a mixed batch takes the fused form (`_sync_fused`)."""
-        if plan is not None and plan.uniform is None:
-            plan.fused = self._sync_fused()
 
     def _attention_inputs(self, x, layer, plan):
         B, T, C = x.shape
@@ -528,7 +522,6 @@ class Decoder:
         B, T = tokens.shape
         C = self.shape.n_embd
         plan = self.plan(aids)
-        self._use_fused(plan)
         x = self.wte[tokens] + self.wpe[:T]  # [B, T, C]
         for layer, blk in enumerate(self.blocks):
             h = F.layer_norm(x, (C,), *blk["ln_1"], eps=self.shape.eps)
@@ -552,7 +545,6 @@ class Decoder:
         B = tokens.shape[0]
         C = self.shape.n_embd
         plan = self.plan(aids)
-        self._use_fused(plan)
         L = int(positions.max()) + 1  # keys to look at: up to the furthest row
         H, D = self.shape.n_head, self.shape.head_dim
         # Where each row's new K/V go in a layer's cache seen as [slot * head * position, head_dim]: one

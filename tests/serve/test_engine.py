@@ -84,7 +84,8 @@ def test_mixed_batch_equals_hf_generate(pool, tree_ws, references, packed, fused
     calls = []  # (tokens per row, fused columns) of every block linear
     real = serve_model.Decoder._linear
     monkeypatch.setattr(serve_model.Decoder, "_linear", lambda self, x, layer, name, plan: calls.append(
-        (x.shape[1], plan.fused if plan is not None else 0)) or real(self, x, layer, name, plan))
+        (x.shape[1], self._fused_key[0] if plan is not None and plan.uniform is None else 0))
+        or real(self, x, layer, name, plan))
     try:
         prompts, refs = references
         jobs = [(m, p, _greedy()) for m in MODELS for p in prompts]
