@@ -5,7 +5,7 @@ with the same cosine schedule. stemma's `Trainer` adds deterministic per-step ba
 tracking, a live progress bar and resumable checkpoints; the overhead of all that is what this measures.
 Runs alternate (peer, stemma, peer, stemma, ...) so drift in machine speed hits both; medians are reported.
 
-    python benchmarks/train_throughput.py [--quick] [--json out.json]
+    python benchmarks/train_throughput.py [--family gpt2|llama] [--quick] [--json out.json]
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import parser, print_table, sample_texts, write_json  # noqa: E402
 
-from stemma.models.arch import GPTConfig, build_gpt  # noqa: E402
+from stemma.models import families  # noqa: E402
+from stemma.models.families import ArchConfig  # noqa: E402
 from stemma.models.tokenizer import TokenizerConfig, eos_id, train_tokenizer  # noqa: E402
 from stemma.progress import RichReporter  # noqa: E402
 from stemma.train.base import TokenStream, TrainConfig, lm_loss, lr_at  # noqa: E402
@@ -57,8 +58,15 @@ def stemma_loop(model, tokens: torch.Tensor, cfg: TrainConfig, context: int) -> 
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
-    arch = GPTConfig(n_layer=6, n_embd=256, n_head=4, context=128)  # the demo master's shape
+    ap = parser(__doc__.splitlines()[0])
+    ap.add_argument("--family", choices=families.names(), default="gpt2",
+                    help="model family of the trained decoder (llama: the demo master's shape, 4 KV heads of 8)")
+    args = ap.parse_args()
+    if args.family == "llama":
+        arch = ArchConfig(arch="llama", n_layer=6, n_embd=256, n_head=8, n_kv_head=4, context=128)
+    else:
+        arch = ArchConfig(arch="gpt2", n_layer=6, n_embd=256, n_head=4, context=128)
+    family = families.get(arch.arch)
     steps, rounds = (25, 2) if args.quick else (80, 3)
     tok = train_tokenizer(sample_texts(), TokenizerConfig(vocab_size=4096))
     from stemma.train.base import encode_corpus
@@ -70,7 +78,7 @@ def main() -> None:
 
     def fresh():
         torch.manual_seed(0)
-        return build_gpt(arch, vocab_size=tok.get_vocab_size(), eos_token_id=eos_id(tok))
+        return family.build(arch, vocab_size=tok.get_vocab_size(), eos_token_id=eos_id(tok))
 
     # One short warm-up of each, unmeasured (allocator, thread pools).
     warm = TrainConfig(steps=3, batch_size=16, warmup=1)
@@ -83,14 +91,14 @@ def main() -> None:
     ours = statistics.median(results["stemma"])
     overhead = 1 - ours / peer
     print_table(
-        f"pretrain throughput, GPT-2 {arch.n_layer}x{arch.n_embd}, batch {cfg.batch_size}x{arch.context}, "
+        f"pretrain throughput, {arch.arch} {arch.n_layer}x{arch.n_embd}, batch {cfg.batch_size}x{arch.context}, "
         f"{steps} steps x {rounds} rounds",
         [("tokens/s (median)", f"{peer:,.0f}", f"{ours:,.0f}", f"{ours / peer:.3f}"),
          ("runs", " ".join(f"{x:,.0f}" for x in results["peer"]), " ".join(f"{x:,.0f}" for x in results["stemma"]),
           "")],
     )
     print(f"peer: plain PyTorch loop; stemma overhead = 1 - stemma/peer = {overhead:+.1%} (target <= 10%)")
-    write_json(args.json, {"peer": "plain PyTorch loop", "peer_tokens_per_s": peer, "stemma_tokens_per_s": ours,
+    write_json(args.json, {"family": arch.arch, "peer": "plain PyTorch loop", "peer_tokens_per_s": peer, "stemma_tokens_per_s": ours,
                            "overhead": overhead, "runs": results, "steps": steps, "rounds": rounds})
 
 

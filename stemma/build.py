@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 from .data.ingest import BuiltDataset, IngestOptions, build_dataset
 from .errors import StemmaError
-from .evaluate.perplexity import perplexity
+from .evaluate.evaluator import Evaluator
+from .methods import get
 from .progress import NullReporter, Reporter
 from .spec import NodeSpec, TreeSpec
 from .store import canonical_json, sha256_bytes
-from .train import BuildContext, get
+from .train import BuildContext
 from .workspace import VersionInfo, Workspace
 
 
@@ -55,55 +56,6 @@ def prepare_spec_datasets(spec: TreeSpec) -> dict[str, BuiltDataset]:
         except StemmaError as e:
             raise type(e)(f"dataset {name}: {e}") from None
     return built
-
-
-class Evaluator:
-    """Perplexity per (version, dataset, split), memoised in the registry."""
-
-    def __init__(self, ws: Workspace, reporter: Reporter, max_tokens: int = 32768):
-        self.ws, self.reporter, self.max_tokens = ws, reporter, max_tokens
-        self._models: dict[str, object] = {}
-        self._ids: dict[tuple[str, str], object] = {}
-
-    def _model(self, vid: str):
-        if vid not in self._models:
-            if len(self._models) >= 2:
-                self._models.pop(next(iter(self._models)))
-            self._models[vid] = self.ws.load_model(vid)
-        return self._models[vid]
-
-    def ppl(self, v: VersionInfo, dataset_id: str, split: str = "test") -> float:
-        got = self.ws.get_metric(v.id, "perplexity", dataset_id, split)
-        if got is not None:
-            return got
-        from .models.arch import model_context
-        from .train.base import encode_corpus
-
-        key = (v.row.tokenizer, dataset_id)
-        if key not in self._ids:
-            self._ids[key] = encode_corpus(self.ws.tokenizer(v.row.tokenizer), self.ws.dataset_texts(dataset_id, split))
-        model = self._model(v.id)
-        value = perplexity(model, self._ids[key], model_context(model), max_tokens=self.max_tokens,
-                           reporter=self.reporter, label=f"{v.row.node_path}: perplexity on {dataset_id[:8]}/{split}")
-        self.ws.put_metric(v.id, "perplexity", dataset_id, split, value,
-                           details={"max_tokens": self.max_tokens})
-        return value
-
-    def evaluate_version(self, v: VersionInfo) -> None:
-        """Own split, parent's split, and the parent on the child's split (for the tree's comparisons)."""
-        ds = self.ws.version_datasets(v.id)
-        own = ds.get("train")
-        if own:
-            self.ppl(v, own)
-        parent_id = self.ws.tree_parent_id(v.id)
-        if parent_id:
-            parent = self.ws.version(parent_id)
-            pds = self.ws.version_datasets(parent.id).get("train")
-            if pds:
-                self.ppl(v, pds)
-                self.ppl(parent, pds)
-            if own:
-                self.ppl(parent, own)
 
 
 def build(ws: Workspace, spec: TreeSpec, reporter: Reporter | None = None, only: list[str] | None = None,

@@ -99,15 +99,8 @@ def machine_profile(gemm_n: int = 512, seconds: float = 0.5) -> dict[str, Any]:
 
 
 def disk_bytes(ws, version_id: str) -> int:
-    """Bytes of every file loading the version reads: its own, plus its chain's down from the nearest full model."""
-    chain = ws.chain(version_id)
-    own = chain[-1]
-    if "variant.json" in own.manifest["files"] or "model.safetensors" in own.manifest["files"]:
-        chain = [own]
-    else:
-        start = max((i for i, v in enumerate(chain) if "model.safetensors" in v.manifest["files"]), default=0)
-        chain = chain[start:]
-    return sum(ws.store.size(d) for v in chain for d in v.manifest["files"].values())
+    """Bytes of every file loading the version reads (its load plan: the base's files and each adapter's)."""
+    return sum(ws.store.size(d) for d in ws.plan(version_id).digests())
 
 
 def measure(ws, version_id: str, new_tokens: int = 32, batch: int = 8, timeout: float = 600) -> Footprint:

@@ -1,10 +1,115 @@
-"""Lineage queries: the chain to the master, descendants, staleness, and the per-node table `stemma tree` shows."""
+"""What a version is and how it loads; lineage queries: the chain to the master, staleness, the tree table.
+
+`LoadPlan` is the one answer to "what is this version": full weights, an adapter, or a compressed variant; the
+version whose files give the weights (the base), the adapters applied on top of it, and the loader. It is
+computed once per version (versions are immutable) by `Workspace.plan`, and loading, serving, export, update
+candidates and footprints all consume it instead of looking at file names themselves.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from .workspace import VersionInfo, Workspace
+from .errors import StemmaError, TokenizerMismatchError
+
+if TYPE_CHECKING:
+    from .workspace import VersionInfo, Workspace
+
+FULL, ADAPTER, VARIANT = "full", "adapter", "variant"
+
+
+def version_kind(manifest: dict[str, Any]) -> str:
+    """``full`` (Hugging Face weights), ``adapter`` (a PEFT delta on its parent) or ``variant`` (stemma's compressed
+    format, standalone), from the files a version stores."""
+    files = manifest["files"]
+    if "variant.json" in files:
+        return VARIANT
+    if "adapter_model.safetensors" in files:
+        return ADAPTER
+    if "model.safetensors" in files:
+        return FULL
+    raise StemmaError(f"version of {manifest.get('node')} stores no weights stemma knows ({', '.join(files)})")
+
+
+@dataclass(frozen=True)
+class VersionRef:
+    """A frozen reference to one version: enough to load, hash, or name it without another registry query."""
+
+    id: str
+    node: str
+    relation: str
+    kind: str
+    """`FULL`, `ADAPTER` or `VARIANT`."""
+    tokenizer: str
+    files: tuple[tuple[str, str], ...]
+    """(file name, blob digest), sorted."""
+    model_type: str | None
+    """The Hugging Face ``model_type`` of the model it stands for."""
+
+    @property
+    def short(self) -> str:
+        return self.id[:12]
+
+    @property
+    def label(self) -> str:
+        return f"{self.node}@{self.short}"
+
+    def file(self, name: str) -> str:
+        return dict(self.files)[name]
+
+    @staticmethod
+    def of(v: VersionInfo) -> VersionRef:
+        arch = v.manifest.get("architecture") or {}
+        return VersionRef(id=v.id, node=v.row.node_path, relation=v.row.relation, kind=version_kind(v.manifest),
+                          tokenizer=v.row.tokenizer, files=tuple(sorted(v.manifest["files"].items())),
+                          model_type=arch.get("model_type"))
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How a version's model is put together: the base's weights, then each adapter merged in order."""
+
+    version: VersionRef
+    base: VersionRef
+    """The nearest version at or above this one whose files hold whole weights (full or variant)."""
+    adapters: tuple[VersionRef, ...]
+    """Adapters from the base's child down to this version (empty for full and variant versions)."""
+
+    @property
+    def kind(self) -> str:
+        return self.version.kind
+
+    @property
+    def loader(self) -> str:
+        """``hf`` (transformers + PEFT) or ``variant`` (`stemma.compress.layers.load_variant`)."""
+        return "variant" if self.base.kind == VARIANT else "hf"
+
+    @property
+    def parts(self) -> tuple[VersionRef, ...]:
+        """Every version whose files loading reads, base first."""
+        return (self.base, *self.adapters)
+
+    def digests(self) -> list[str]:
+        return [d for p in self.parts for _, d in p.files]
+
+
+def make_plan(chain: list[VersionInfo]) -> LoadPlan:
+    """The load plan of ``chain[-1]`` from its model chain (root first, update-replaced versions dropped)."""
+    refs = [VersionRef.of(v) for v in chain]
+    me = refs[-1]
+    start = next((i for i in range(len(refs) - 1, -1, -1) if refs[i].kind != ADAPTER), None)
+    if start is None:
+        raise StemmaError(f"{me.label}: no ancestor stores full weights; the registry is incomplete")
+    base, adapters = refs[start], tuple(refs[start + 1:])
+    if adapters and base.kind == VARIANT:
+        raise StemmaError(f"{me.label}: an adapter on the compressed variant {base.label} cannot be loaded; train "
+                          "adapters on full-weight versions")
+    for a in adapters:
+        if a.tokenizer != base.tokenizer:
+            raise TokenizerMismatchError(f"{a.label}: adapter tokenizer {a.tokenizer[:12]} differs from its base "
+                                         f"{base.label}'s {base.tokenizer[:12]}; refusing to apply it")
+    return LoadPlan(version=me, base=base, adapters=adapters)
 
 
 @dataclass

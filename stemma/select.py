@@ -6,6 +6,9 @@ Quality is the perplexity on the requested node's own test split (computed once 
 are the measured footprints (`stemma.footprint`), never estimates: a candidate fits when its measured peak
 resident memory while generating is within the memory budget and its measured ms/token, scaled from the machine
 it was measured on to the target machine by their GEMM throughput, is within the latency budget.
+
+With ``measure=False`` (the server's ``model: auto``) nothing is measured or evaluated: a candidate whose footprint
+or perplexity is not stored yet is left out with that reason, and measuring stays with `stemma build`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StemmaError
-from .footprint import Footprint, ensure
+from .footprint import Footprint, ensure, stored
 from .workspace import VersionInfo, Workspace
 
 VARIANT_RELATIONS = ("quantized", "lowrank", "pruned")
@@ -113,6 +116,8 @@ class Selection:
     dataset_id: str
     ranked: list[Candidate]
     """Fitting candidates best first, then the rest by how little they miss."""
+    skipped: list[str] = field(default_factory=list)
+    """Candidates left out, with the reason (``measure=False``: nothing stored to judge them by)."""
 
     @property
     def choice(self) -> Candidate | None:
@@ -156,9 +161,9 @@ def candidates_for(ws: Workspace, target: str) -> list[tuple[str, VersionInfo, s
 
 def select(ws: Workspace, language: str, domain: str | None = None, memory_bytes: int | None = None,
            latency_ms: float | None = None, min_quality: float | None = None,
-           machine: dict[str, Any] | None = None) -> Selection:
+           machine: dict[str, Any] | None = None, measure: bool = True) -> Selection:
     """Rank every candidate for (language, domain) under the constraints; see the module docstring."""
-    from .build import Evaluator
+    from .evaluate.evaluator import Evaluator
     from .progress import NullReporter
 
     target = language + (f"/{domain.strip('/')}" if domain else "")
@@ -172,9 +177,16 @@ def select(ws: Workspace, language: str, domain: str | None = None, memory_bytes
     evaluator = Evaluator(ws, NullReporter())
     target_gflops = (machine or {}).get("gemm_gflops")
     out: list[Candidate] = []
+    unmeasured: list[str] = []
     for node, v, kind in cands:
-        fp = ensure(ws, v.id)
-        ppl = evaluator.ppl(v, ds)
+        if measure:
+            fp, ppl = ensure(ws, v.id), evaluator.ppl(v, ds)
+        else:
+            fp, ppl = stored(ws, v.id), evaluator.stored(v, ds)
+            if fp is None or ppl is None:
+                what = " and ".join(w for w, x in (("footprint", fp), ("perplexity", ppl)) if x is None)
+                unmeasured.append(f"{node} ({v.short}): no stored {what}; run `stemma build` to measure it")
+                continue
         scale = target_gflops / fp.machine["gemm_gflops"] if target_gflops and fp.machine.get("gemm_gflops") else 1.0
         c = Candidate(node=node, version=v, kind=kind, perplexity=ppl, footprint=fp,
                       ms_per_token=fp.ms_per_token / scale)
@@ -202,7 +214,9 @@ def select(ws: Workspace, language: str, domain: str | None = None, memory_bytes
             c.reason = f"fits, perplexity {worse:.1%} worse than {best.node}, which also fits"
     for c in missing:
         c.reason = "; ".join(m[2] for m in c.misses)
-    return Selection(target=target, dataset_id=ds, ranked=fitting + missing)
+    if not fitting and not missing:
+        raise StemmaError(f"no candidate for {target} has stored measurements: {'; '.join(unmeasured)}")
+    return Selection(target=target, dataset_id=ds, ranked=fitting + missing, skipped=unmeasured)
 
 
 def select_profile(ws: Workspace, profile: Profile, **override) -> Selection:

@@ -147,7 +147,7 @@ def _toposort(nodes: dict[str, NodeSpec]) -> tuple[str, ...]:
 
 
 def parse_spec(data: Any, root_dir: Path, source: str = "stemma.yaml") -> TreeSpec:
-    from .train import get
+    from .methods import get
 
     if not isinstance(data, dict):
         raise SpecError(f"{source}: expected a mapping with 'nodes' at the top level")

@@ -49,7 +49,7 @@ def pareto(points: list[Point]) -> list[Point]:
 
 def tradeoff_points(ws: Workspace, node: str) -> list[Point]:
     """The node (merged, fp32) and each variant, on the node's own test split."""
-    from .build import Evaluator
+    from .evaluate.evaluator import Evaluator
     from .progress import NullReporter
     from .select import candidates_for
 

@@ -50,6 +50,7 @@ class Workspace:
         self.settings = settings
         self.store = BlobStore(settings.store_dir)
         self.db = Database(settings.registry_url)
+        self._plans: dict[str, Any] = {}  # version id -> LoadPlan (versions are immutable)
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -312,42 +313,47 @@ class Workspace:
                 if not (i + 1 < len(chain) and chain[i + 1].row.relation == "update"
                         and chain[i + 1].row.node_path == v.row.node_path)]
 
-    def load_model(self, version_id: str):
+    def plan(self, version_id: str):
+        """The version's `stemma.lineage.LoadPlan` (what it is, its base and adapter chain), computed once."""
+        from .lineage import make_plan
+
+        hit = self._plans.get(version_id)
+        if hit is None:
+            hit = self._plans[version_id] = make_plan(self.model_chain(version_id))
+        return hit
+
+    def materialise(self, ref, into: Path) -> Path:
+        """Lay out one version's verified blobs under their file names in ``into`` (symlinks into the store)."""
+        from .models.io import materialise
+
+        return materialise({n: self.store.verified_path(d) for n, d in ref.files}, into)
+
+    def load_model(self, version_id: str, merge: bool = True, below: bool = False):
         """The model a version stands for, as a plain transformers model (adapter chain merged).
 
-        A relation with its own storage format (a compressed variant) loads through the loader registered for it
-        (`stemma.models.io.register_loader`), standalone: variants store their parent's chain merged in.
+        Follows the version's `plan`: the base's weights (Hugging Face safetensors, or a compressed variant through
+        `stemma.compress.layers.load_variant`), then each adapter applied in order. With ``merge=False`` the last
+        adapter stays a PEFT adapter (the ones above it are merged). With ``below``, an adapter version's model
+        without its own adapter: what that adapter applies to.
         """
-        from .models.io import apply_adapter, custom_load, has_loader, load_hf_dir, materialise
+        from .models.io import apply_adapter, load_hf_dir
 
-        v = self.version(version_id)
-        if has_loader(v.row.relation):
-            with tempfile.TemporaryDirectory(prefix="stemma-load-") as d:
-                files = {n: self.store.verified_path(dg) for n, dg in v.manifest["files"].items()}
-                target = materialise(files, Path(d))
-                model = custom_load(v.row.relation, {n: target / n for n in files}, v.manifest)
-            if model is not None:
-                model.eval()
-                return model
-        chain = self.model_chain(version_id)
-        for child, parent in zip(chain[1:], chain[:-1]):
-            if "adapter_model.safetensors" in child.manifest["files"] and child.row.tokenizer != parent.row.tokenizer:
-                from .errors import TokenizerMismatchError
-
-                raise TokenizerMismatchError(
-                    f"{child.row.node_path}@{child.short}: adapter tokenizer {child.row.tokenizer[:12]} differs "
-                    f"from its base's {parent.row.tokenizer[:12]}; refusing to apply it")
-        # Start from the nearest ancestor (or self) that stores full weights.
-        start = max(i for i, v in enumerate(chain) if "model.safetensors" in v.manifest["files"])
-        model = None
+        plan = self.plan(version_id)
+        if below:
+            if not plan.adapters:
+                raise StemmaError(f"{plan.version.label} is not an adapter")
+            plan = type(plan)(version=plan.adapters[-1], base=plan.base, adapters=plan.adapters[:-1])
         with tempfile.TemporaryDirectory(prefix="stemma-load-") as d:
-            for i, v in enumerate(chain[start:]):
-                files = {n: self.store.verified_path(dg) for n, dg in v.manifest["files"].items()}
-                target = materialise(files, Path(d) / str(i))
-                if model is None:
-                    model = load_hf_dir(target)
-                else:
-                    model = apply_adapter(model, target, merge=True)
+            target = self.materialise(plan.base, Path(d) / "base")
+            if plan.loader == "variant":
+                from .compress.layers import load_variant
+
+                model = load_variant({n: target / n for n, _ in plan.base.files})
+            else:
+                model = load_hf_dir(target)
+            for i, a in enumerate(plan.adapters):
+                last = i == len(plan.adapters) - 1
+                model = apply_adapter(model, self.materialise(a, Path(d) / f"a{i}"), merge=merge or not last)
         model.eval()
         return model
 

@@ -46,6 +46,8 @@ def ws(home):
 TINY_MASTER = {"n_layer": 6, "n_embd": 64, "n_head": 2, "context": 64, "vocab_size": 512, "steps": 60,
                "batch_size": 8, "lr": 0.003, "warmup": 5}
 TINY_CHILD = {"steps": 40, "batch_size": 8, "warmup": 4}
+TINY_LLAMA = {"arch": "llama", "n_head": 4, "n_kv_head": 2, "n_inner": 160, "rope_theta": 10000.0}
+"""The tiny master in the Llama layout: grouped-query attention (4 query heads share 2 KV heads), SwiGLU, RoPE."""
 
 
 def tiny_corpus(dirpath: Path) -> Path:
@@ -57,8 +59,9 @@ def tiny_corpus(dirpath: Path) -> Path:
     return corpus
 
 
-def tiny_spec(dirpath: Path, **overrides) -> Path:
-    """A five-node tree on a small corpus; ``overrides`` replace node configs (``{"en": {...}}``)."""
+def tiny_spec(dirpath: Path, arch: str = "gpt2", **overrides) -> Path:
+    """A five-node tree on a small corpus; ``overrides`` replace node configs (``{"en": {...}}``); ``arch`` is the
+    master's family (``llama``: `TINY_LLAMA`)."""
     tiny_corpus(dirpath)
     spec = {
         "name": "tiny",
@@ -78,6 +81,8 @@ def tiny_spec(dirpath: Path, **overrides) -> Path:
             "en/legal": {"method": "finetune", "dataset": "en-legal", "config": dict(TINY_CHILD)},
         },
     }
+    if arch == "llama":
+        spec["nodes"]["master"]["config"].update(TINY_LLAMA)
     for node, cfg in overrides.items():
         spec["nodes"][node]["config"].update(cfg)
     path = dirpath / "stemma.yaml"
@@ -85,15 +90,13 @@ def tiny_spec(dirpath: Path, **overrides) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def built_tree(tmp_path_factory):
-    """One tiny tree, built once; tests must treat it as read-only (copy it to modify)."""
+def _build_tree(tmp_path_factory, arch: str) -> dict:
     from stemma.build import build
     from stemma.spec import load_spec
     from stemma.workspace import Workspace
 
-    d = tmp_path_factory.mktemp("tree")
-    spec_path = tiny_spec(d)
+    d = tmp_path_factory.mktemp(f"tree-{arch}")
+    spec_path = tiny_spec(d, arch=arch)
     home = d / "home"
     old = os.environ.get("STEMMA_HOME")
     os.environ["STEMMA_HOME"] = str(home)
@@ -105,19 +108,53 @@ def built_tree(tmp_path_factory):
             os.environ.pop("STEMMA_HOME", None)
         else:
             os.environ["STEMMA_HOME"] = old
-    return {"home": home, "spec": spec_path, "dir": d, "events": events}
+    return {"home": home, "spec": spec_path, "dir": d, "events": events, "arch": arch}
 
 
-@pytest.fixture
-def tree_copy(built_tree, tmp_path, monkeypatch):
-    """A private, writable copy of the session tree (home + spec + corpus)."""
-    dst = tmp_path / "tree"
-    shutil.copytree(built_tree["dir"], dst, symlinks=True)
+@pytest.fixture(scope="session")
+def built_tree(tmp_path_factory):
+    """One tiny GPT-2 tree, built once; tests must treat it as read-only (copy it to modify)."""
+    return _build_tree(tmp_path_factory, "gpt2")
+
+
+@pytest.fixture(scope="session")
+def llama_tree(tmp_path_factory):
+    """The same tiny tree with a Llama-layout master (GQA, RoPE, SwiGLU), built once; read-only."""
+    return _build_tree(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama"])
+def any_tree(request):
+    """Each family's session tree in turn (tests that must hold for every family)."""
+    return request.getfixturevalue("built_tree" if request.param == "gpt2" else "llama_tree")
+
+
+def _copy_tree(src: dict, dst: Path, monkeypatch) -> dict:
+    shutil.copytree(src["dir"], dst, symlinks=True)
     monkeypatch.setenv("STEMMA_HOME", str(dst / "home"))
     monkeypatch.delenv("STEMMA_REGISTRY_URL", raising=False)
     from stemma.workspace import Workspace
 
-    return {"home": dst / "home", "spec": dst / "stemma.yaml", "dir": dst, "ws": Workspace.open(dst / "home")}
+    return {"home": dst / "home", "spec": dst / "stemma.yaml", "dir": dst, "ws": Workspace.open(dst / "home"),
+            "arch": src.get("arch", "gpt2")}
+
+
+@pytest.fixture
+def tree_copy(built_tree, tmp_path, monkeypatch):
+    """A private, writable copy of the session GPT-2 tree (home + spec + corpus)."""
+    return _copy_tree(built_tree, tmp_path / "tree", monkeypatch)
+
+
+@pytest.fixture
+def llama_copy(llama_tree, tmp_path, monkeypatch):
+    """A private, writable copy of the session Llama tree."""
+    return _copy_tree(llama_tree, tmp_path / "tree", monkeypatch)
+
+
+@pytest.fixture
+def any_copy(any_tree, tmp_path, monkeypatch):
+    """A private, writable copy of each family's session tree in turn."""
+    return _copy_tree(any_tree, tmp_path / "tree", monkeypatch)
 
 
 VARIANTS = {
@@ -138,15 +175,13 @@ def add_variants(spec_path: Path, node: str = "en/software/python") -> Path:
     return spec_path
 
 
-@pytest.fixture(scope="session")
-def variant_tree(built_tree, tmp_path_factory):
-    """The session tree plus every compression variant of en/software/python, with measured footprints."""
+def _build_variants(tree: dict, tmp_path_factory) -> dict:
     from stemma.build import build
     from stemma.spec import load_spec
     from stemma.workspace import Workspace
 
-    d = tmp_path_factory.mktemp("variants") / "tree"
-    shutil.copytree(built_tree["dir"], d, symlinks=True)
+    d = tmp_path_factory.mktemp(f"variants-{tree.get('arch', 'gpt2')}") / "tree"
+    shutil.copytree(tree["dir"], d, symlinks=True)
     spec_path = add_variants(d / "stemma.yaml")
     old = os.environ.get("STEMMA_HOME")
     os.environ["STEMMA_HOME"] = str(d / "home")
@@ -158,16 +193,55 @@ def variant_tree(built_tree, tmp_path_factory):
             os.environ.pop("STEMMA_HOME", None)
         else:
             os.environ["STEMMA_HOME"] = old
-    return {"home": d / "home", "spec": spec_path, "dir": d, "events": events}
+    return {"home": d / "home", "spec": spec_path, "dir": d, "events": events, "arch": tree.get("arch", "gpt2")}
+
+
+@pytest.fixture(scope="session")
+def variant_tree(built_tree, tmp_path_factory):
+    """The session tree plus every compression variant of en/software/python, with measured footprints."""
+    return _build_variants(built_tree, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def llama_variant_tree(llama_tree, tmp_path_factory):
+    """The Llama session tree plus every compression variant of en/software/python, with measured footprints."""
+    return _build_variants(llama_tree, tmp_path_factory)
 
 
 @pytest.fixture
 def variants(variant_tree, tmp_path, monkeypatch):
     """A private, writable copy of the variant tree."""
-    dst = tmp_path / "vtree"
-    shutil.copytree(variant_tree["dir"], dst, symlinks=True)
-    monkeypatch.setenv("STEMMA_HOME", str(dst / "home"))
-    monkeypatch.delenv("STEMMA_REGISTRY_URL", raising=False)
-    from stemma.workspace import Workspace
+    return _copy_tree(variant_tree, tmp_path / "vtree", monkeypatch)
 
-    return {"home": dst / "home", "spec": dst / "stemma.yaml", "dir": dst, "ws": Workspace.open(dst / "home")}
+
+@pytest.fixture
+def llama_variants(llama_variant_tree, tmp_path, monkeypatch):
+    """A private, writable copy of the Llama variant tree."""
+    return _copy_tree(llama_variant_tree, tmp_path / "vtree", monkeypatch)
+
+
+def save_hf_checkpoint(dirpath: Path, model_type: str = "llama", tokenizer_from: Path | None = None, seed: int = 0,
+                       **config) -> Path:
+    """A random tiny Hugging Face checkpoint of ``model_type`` (llama, mistral, qwen2, gpt2) written by
+    ``save_pretrained`` with safetensors and a ``tokenizer.json`` trained on the test corpus: what a user brings."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from stemma.models.tokenizer import TokenizerConfig, tokenizer_to_bytes, train_tokenizer
+
+    texts = [json.loads(line)["text"][:2000] for line in (CORPUS / "en-manpages.jsonl").open()][:40]
+    tok = train_tokenizer(texts, TokenizerConfig(384, 2))
+    defaults = {"llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False),
+                "gpt2": dict(n_embd=64, n_layer=4, n_head=4, n_positions=64)}
+    base = dict(defaults["gpt2" if model_type == "gpt2" else "llama"])
+    if model_type == "mistral":
+        base["sliding_window"] = None
+    base.update(config)
+    cfg = AutoConfig.for_model(model_type, vocab_size=tok.get_vocab_size(), **base)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    dirpath.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dirpath, safe_serialization=True)
+    (dirpath / "tokenizer.json").write_bytes(tokenizer_to_bytes(tok))
+    return dirpath

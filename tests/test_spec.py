@@ -5,7 +5,7 @@ import inspect
 import pytest
 import yaml
 
-from stemma import train
+from stemma import methods
 from stemma.errors import SpecError
 from stemma.spec import load_spec, parse_spec
 
@@ -74,10 +74,10 @@ def test_shipped_demo_spec_is_valid():
     assert len([n for n in s.order if s.nodes[n].layer == "domain"]) >= 2
 
 
-@pytest.mark.parametrize("name", train.names())
+@pytest.mark.parametrize("name", methods.names())
 def test_every_method_config_field_is_documented(name):
     """Each config field carries a docstring right below it (the dataclass is the documentation)."""
-    method = train.get(name)
+    method = methods.get(name)
     documented = set()
     for klass in inspect.getmro(method.config_cls):
         if not dataclasses.is_dataclass(klass):

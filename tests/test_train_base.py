@@ -1,13 +1,15 @@
 import pytest
 import torch
 
-from stemma.models.arch import GPTConfig, build_gpt
+from stemma.models import families
+from stemma.models.families import ArchConfig
 from stemma.train.base import TokenStream, TrainConfig, Trainer, kl_to_teacher, lm_loss, lr_at
 
 
 def _setup(tmp_path, steps=12):
     torch.manual_seed(0)
-    model = build_gpt(GPTConfig(n_layer=1, n_embd=32, n_head=2, context=16), vocab_size=50, eos_token_id=0)
+    model = families.get("gpt2").build(ArchConfig(n_layer=1, n_embd=32, n_head=2, context=16), vocab_size=50,
+                                        eos_token_id=0)
     stream = TokenStream(torch.randint(0, 50, (2000,)), context=16, seed=3)
     cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-2, warmup=2, checkpoint_every_s=0.0)
 

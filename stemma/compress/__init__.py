@@ -5,18 +5,6 @@
 - `pruned` (prune.py): unstructured magnitude pruning, or structured removal of heads / MLP neurons with an
   optional short recovery fine-tune.
 
-Variants are stored standalone (the parent's adapter chain merged in), in the format of `layers.py`, and
-`Workspace.load_model` loads them through the loader registered here for their relation.
+Variants are stored standalone (the parent's adapter chain merged in), in the format of `layers.py`;
+`Workspace.load_model` loads a version whose plan says ``variant`` with `layers.load_variant`.
 """
-
-from ..models.io import register_loader
-from .layers import load_variant
-
-
-def _load(files, manifest):
-    """Variant files load through `load_variant`; a version stored as a plain model falls through."""
-    return load_variant(files) if "variant.json" in files else None
-
-
-for _relation in ("quantized", "lowrank", "pruned"):
-    register_loader(_relation, _load)

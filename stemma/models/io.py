@@ -102,31 +102,3 @@ def apply_adapter(base_model, adapter_dir: Path, merge: bool = True):
         model = model.merge_and_unload()
     model.eval()
     return model
-
-
-# Relations whose versions are not plain Hugging Face directories register a loader here (compressed variants:
-# `stemma.compress`). A loader takes (file name -> path, manifest) and returns the model, or None to fall back
-# to the plain path (full weights or an adapter chain).
-_LOADERS: dict[str, list] = {}
-
-
-def register_loader(relation: str, fn) -> None:
-    """Load versions of ``relation`` with ``fn(files, manifest) -> model | None``."""
-    _LOADERS.setdefault(relation, [])
-    if fn not in _LOADERS[relation]:
-        _LOADERS[relation].append(fn)
-
-
-def has_loader(relation: str) -> bool:
-    from .. import compress  # noqa: F401 - registers the compressed-variant loaders
-
-    return bool(_LOADERS.get(relation))
-
-
-def custom_load(relation: str, files: dict[str, Path], manifest: dict):
-    """The model a registered loader makes of these files, or None when no loader claims them."""
-    for fn in _LOADERS.get(relation, []):
-        model = fn(files, manifest)
-        if model is not None:
-            return model
-    return None

@@ -59,7 +59,8 @@ def select(ws, *, language: str | None = None, domain: str | None = None, memory
         raise NoModelError(f"no model for language {language!r}")
     dom, note = _domain_path(ws, language, domain)
     try:
-        ranked = rank(ws, language, dom, memory_bytes=memory_bytes, latency_ms=latency_ms)
+        # Stored measurements only: a request never starts a footprint process or an evaluation.
+        ranked = rank(ws, language, dom, memory_bytes=memory_bytes, latency_ms=latency_ms, measure=False)
     except StemmaError as e:
         raise NoModelError(str(e)) from None
     unservable = []
@@ -72,6 +73,8 @@ def select(ws, *, language: str | None = None, domain: str | None = None, memory
         reason = f"{c.node}: {c.reason}" + (f"; {note}" if note else "")
         if unservable:
             reason += f"; better fits this server cannot run: {', '.join(unservable)}"
+        if ranked.skipped:
+            reason += f"; not considered: {'; '.join(ranked.skipped)}"
         return Selection(c.version.id, c.node, reason)
     if unservable:
         raise NoModelError(f"only variants this server cannot run fit: {', '.join(unservable)}")

@@ -1,8 +1,9 @@
 """`distill`: a smaller student learns from its parent (the teacher) on the child's data.
 
 Loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy on the child's tokens
-(Hinton, Vinyals & Dean, 2015). When the widths match, the student starts from the teacher's embeddings and
-from evenly spaced teacher blocks (as DistilBERT starts from every other layer; Sanh et al., 2019), which
+(Hinton, Vinyals & Dean, 2015). The student is of the teacher's model family unless ``arch`` names another (the
+tokenizer is shared either way). When the shapes match, it starts from the teacher's embeddings and from evenly
+spaced teacher blocks (as DistilBERT starts from every other layer; Sanh et al., 2019), which
 makes a shallow student useful after few steps. Replay rows from the teacher's own data are distilled with
 the KL term only, so the student keeps some of the teacher's general knowledge.
 """
@@ -12,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..errors import StemmaError
-from ..models.arch import GPTConfig, build_gpt, count_params, model_context
+from ..models import families
+from ..models.arch import count_params, model_context
+from ..models.families import ArchConfig
 from ..models.io import save_model_files
 from ..models.tokenizer import eos_id
 from .base import TrainConfig, Trainer, kl_to_teacher, lm_loss
@@ -26,7 +28,7 @@ from .registry import BuildContext, BuildMethod, BuildOutput, register
 
 @dataclass(frozen=True)
 class DistillConfig(TrainConfig):
-    """A smaller GPT-2 student distilled from the parent."""
+    """A smaller student distilled from the parent."""
 
     n_layer: int = 2
     """Student blocks."""
@@ -34,6 +36,12 @@ class DistillConfig(TrainConfig):
     """Student width; default: the teacher's."""
     n_head: int | None = None
     """Student attention heads; default: the teacher's."""
+    n_kv_head: int | None = None
+    """Student key/value heads (llama); default: the teacher's (or ``n_head`` if that no longer divides)."""
+    n_inner: int | None = None
+    """Student MLP width; default: the teacher's (the family's default when ``n_embd`` changes)."""
+    arch: str | None = None
+    """Student model family; default: the teacher's. Another family starts from scratch (no teacher blocks)."""
     temperature: float = 2.0
     """Softmax temperature for the soft targets."""
     alpha: float = 0.5
@@ -46,20 +54,22 @@ class DistillConfig(TrainConfig):
     """Refuse a student larger than this fraction of the teacher's parameters."""
 
 
-def _copy_from_teacher(student, teacher) -> list[int]:
-    if getattr(teacher.config, "model_type", None) != "gpt2":
-        return []
-    ts, ss = teacher.transformer, student.transformer
-    if ts.wte.weight.shape != ss.wte.weight.shape or ts.wpe.weight.shape != ss.wpe.weight.shape:
-        return []
-    picks = [int(i) for i in np.linspace(0, len(ts.h) - 1, len(ss.h)).round()]
-    with torch.no_grad():
-        ss.wte.weight.copy_(ts.wte.weight)
-        ss.wpe.weight.copy_(ts.wpe.weight)
-        ss.ln_f.load_state_dict(ts.ln_f.state_dict())
-        for si, ti in enumerate(picks):
-            ss.h[si].load_state_dict(ts.h[ti].state_dict())
-    return picks
+def make_student(teacher, cfg: DistillConfig, eos_token_id: int):
+    """(student, its family): the teacher's family with the student's shape, or a fresh model of ``cfg.arch``."""
+    t_family = families.of(teacher.config)
+    family = families.get(cfg.arch) if cfg.arch else t_family
+    if family is t_family:
+        student_cfg = family.student_config(teacher.config, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head,
+                                            cfg.n_inner)
+        family.check(student_cfg)
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(student_cfg), family
+    t = t_family.describe(teacher.config)
+    shape = ArchConfig(arch=family.name, n_layer=cfg.n_layer, n_embd=cfg.n_embd or t["n_embd"],
+                       n_head=cfg.n_head or t["n_head"], n_kv_head=cfg.n_kv_head, n_inner=cfg.n_inner,
+                       context=t["context"], tie_embeddings=t.get("tie_embeddings", True))
+    return family.build(shape, vocab_size=teacher.config.vocab_size, eos_token_id=eos_token_id), family
 
 
 @register
@@ -73,18 +83,15 @@ class Distill(BuildMethod):
         teacher = ctx.load_parent()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        tc = teacher.config
-        width = cfg.n_embd or getattr(tc, "n_embd", None) or tc.hidden_size
-        heads = cfg.n_head or getattr(tc, "n_head", None) or tc.num_attention_heads
         context = model_context(teacher)
         torch.manual_seed(cfg.seed)
-        student = build_gpt(GPTConfig(n_layer=cfg.n_layer, n_embd=width, n_head=heads, context=context),
-                            vocab_size=tc.vocab_size, eos_token_id=eos_id(tok))
+        student, family = make_student(teacher, cfg, eos_id(tok))
         n_s, n_t = count_params(student), count_params(teacher)
         if n_s > cfg.max_param_ratio * n_t:
             raise StemmaError(f"node {ctx.node}: student has {n_s:,} parameters, more than {cfg.max_param_ratio:g} of "
                               f"the teacher's {n_t:,}; shrink n_layer/n_embd or raise max_param_ratio")
-        picks = _copy_from_teacher(student, teacher) if cfg.init_from_teacher else []
+        same = family is families.of(teacher.config)
+        picks = family.init_student(student, teacher) if cfg.init_from_teacher and same else []
         own, replay = ctx.streams(tok, context, cfg.seed)
         split = split_batch(cfg.batch_size, cfg.replay_fraction, replay is not None)
 
@@ -102,8 +109,7 @@ class Distill(BuildMethod):
         stats = Trainer(student, cfg, step_loss, ctx.work_dir, ctx.reporter, label=f"{ctx.node}: distill").run()
         return BuildOutput(
             files=save_model_files(student), tokenizer=ctx.parent.row.tokenizer, params=n_s, own_params=n_s,
-            architecture={"model_type": "gpt2", "n_layer": cfg.n_layer, "n_embd": width, "n_head": heads,
-                          "context": context, "vocab_size": tc.vocab_size, "init_teacher_layers": picks},
+            architecture={**family.describe(student.config), "init_teacher_layers": picks},
             train={"steps": stats.steps, "tokens": stats.tokens, "seconds": round(stats.seconds, 2),
                    "final_loss": round(stats.final_loss, 4), "teacher_params": n_t,
                    "config": dataclasses.asdict(cfg)},

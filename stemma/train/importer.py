@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import StemmaError
+from ..models import families
 from ..models.arch import count_params
 from ..models.io import check_safe_checkpoint, load_hf_dir, save_model_files
 from ..models.tokenizer import tokenizer_to_bytes
@@ -31,6 +32,20 @@ def _resolve(cfg: ImportConfig, spec_dir: Path) -> Path:
     return p if p.is_absolute() else (spec_dir / p)
 
 
+def check_architecture(path: Path) -> None:
+    """Refuse, before anything loads or trains, a checkpoint whose family or features stemma does not implement."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise StemmaError(f"{path}: cannot read config.json: {str(e).splitlines()[0]}") from None
+    try:
+        families.checked(config)
+    except StemmaError as e:
+        raise type(e)(f"{path}: {e}") from None
+
+
 @register
 class Import(BuildMethod):
     name = "import"
@@ -45,6 +60,7 @@ class Import(BuildMethod):
     def recipe_inputs(self, cfg: ImportConfig, spec_dir: Path) -> dict:
         path = _resolve(cfg, spec_dir)
         safes = check_safe_checkpoint(path)
+        check_architecture(path)
         if not (path / "tokenizer.json").is_file():
             raise StemmaError(f"{path}: no tokenizer.json (a fast tokenizer is required to share it across the tree)")
         files = [*safes, path / "config.json", path / "tokenizer.json"]
@@ -61,9 +77,5 @@ class Import(BuildMethod):
             raise StemmaError(f"{path}: tokenizer has more tokens than the model's embedding matrix")
         digest = ctx.ws.store.put_bytes(tokenizer_to_bytes(tok))
         n = count_params(model)
-        c = model.config
-        return BuildOutput(
-            files=save_model_files(model), tokenizer=digest, params=n, own_params=n,
-            architecture={"model_type": c.model_type, "vocab_size": c.vocab_size,
-                          "n_layer": getattr(c, "num_hidden_layers", None), "n_embd": getattr(c, "hidden_size", None)},
-        )
+        return BuildOutput(files=save_model_files(model), tokenizer=digest, params=n, own_params=n,
+                           architecture=families.of(model.config).describe(model.config))

@@ -12,16 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models import families
 from ..models.arch import count_params, model_context
 from ..models.io import save_model_files
 from .base import TrainConfig, Trainer, kl_to_teacher, lm_loss
 from .forgetting import draw, split_batch
 from .registry import BuildContext, BuildMethod, BuildOutput, register
-
-DEFAULT_TARGETS = {
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
 
 
 @dataclass(frozen=True)
@@ -37,7 +33,7 @@ class LoraConfig(TrainConfig):
     dropout: float = 0.0
     """Dropout on the adapter's input."""
     target_modules: list[str] | None = None
-    """Module names to adapt; default: every attention and MLP projection of the architecture."""
+    """Module names to adapt; default: every attention and MLP projection of the model's family."""
     replay_fraction: float = 0.25
     """Share of each batch drawn from the parent's own training data."""
     replay_kl: float = 1.0
@@ -56,16 +52,12 @@ class Lora(BuildMethod):
 
         tok = ctx.parent_tokenizer()
         base = ctx.load_parent()
-        model_type = base.config.model_type
-        targets = cfg.target_modules or DEFAULT_TARGETS.get(model_type)
-        if not targets:
-            from ..errors import StemmaError
-
-            raise StemmaError(f"node {ctx.node}: no default LoRA targets for {model_type}; set target_modules")
+        family = families.of(base.config)
+        targets = list(cfg.target_modules or family.lora_targets)
         n_base = count_params(base)
         torch.manual_seed(cfg.seed)
         peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                                  fan_in_fan_out=model_type == "gpt2", bias="none", task_type="CAUSAL_LM")
+                                  fan_in_fan_out=family.lora_fan_in_fan_out, bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(base, peft_cfg)
         context = model_context(base)
         own, replay = ctx.streams(tok, context, cfg.seed)

@@ -1,13 +1,15 @@
-"""`pretrain`: train the tree's tokenizer and a GPT-style decoder from scratch on the master's data."""
+"""`pretrain`: train the tree's tokenizer and a decoder of a registered family (``arch``) from scratch on the master's
+data."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from ..models.arch import GPTConfig, build_gpt, count_params
+from ..models import families
+from ..models.arch import count_params
+from ..models.families import ArchConfig
 from ..models.io import save_model_files
 from ..models.tokenizer import TokenizerConfig, eos_id, tokenizer_to_bytes, train_tokenizer
 from .base import TokenStream, TrainConfig, Trainer, lm_loss
@@ -18,12 +20,22 @@ from .registry import BuildContext, BuildMethod, BuildOutput, register
 class PretrainConfig(TrainConfig):
     """A master trained from scratch."""
 
+    arch: str = "gpt2"
+    """Model family: ``gpt2`` (learned positions, LayerNorm, GELU) or ``llama`` (RoPE, RMSNorm, SwiGLU, GQA)."""
     n_layer: int = 6
     """Transformer blocks."""
     n_embd: int = 256
     """Hidden width."""
     n_head: int = 4
     """Attention heads."""
+    n_kv_head: int | None = None
+    """Key/value heads for grouped-query attention (llama; must divide ``n_head``); default: ``n_head``."""
+    n_inner: int | None = None
+    """MLP width; default: the family's (4 x ``n_embd`` for gpt2, about 8/3 x ``n_embd`` for llama)."""
+    rope_theta: float = 10000.0
+    """RoPE base (llama)."""
+    tie_embeddings: bool = True
+    """Share the output head with the token embedding."""
     context: int = 128
     """Sequence length for training and the model's maximum context."""
     vocab_size: int = 4096
@@ -32,8 +44,10 @@ class PretrainConfig(TrainConfig):
     """Minimum pair frequency for a BPE merge."""
 
     @property
-    def arch(self) -> GPTConfig:
-        return GPTConfig(n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head, context=self.context)
+    def shape(self) -> ArchConfig:
+        return ArchConfig(arch=self.arch, n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head,
+                          n_kv_head=self.n_kv_head, n_inner=self.n_inner, context=self.context,
+                          rope_theta=self.rope_theta, tie_embeddings=self.tie_embeddings)
 
 
 def pretrain_model(model, stream: TokenStream, cfg: TrainConfig, work_dir=None, reporter=None, label="pretrain"):
@@ -68,13 +82,14 @@ class Pretrain(BuildMethod):
             tok_path.write_bytes(tokenizer_to_bytes(tok))
         tok_digest = ctx.ws.store.put_bytes(tokenizer_to_bytes(tok))
         torch.manual_seed(cfg.seed)
-        model = build_gpt(cfg.arch, vocab_size=tok.get_vocab_size(), eos_token_id=eos_id(tok))
+        family = families.get(cfg.arch)
+        model = family.build(cfg.shape, vocab_size=tok.get_vocab_size(), eos_token_id=eos_id(tok))
         stream = TokenStream.from_texts(tok, texts, cfg.context, cfg.seed, name=f"dataset of {ctx.node}")
         stats = pretrain_model(model, stream, cfg, ctx.work_dir, ctx.reporter, label=f"{ctx.node}: pretrain")
         n = count_params(model)
         return BuildOutput(
             files=save_model_files(model), tokenizer=tok_digest, params=n, own_params=n,
-            architecture={"model_type": "gpt2", **dataclasses.asdict(cfg.arch), "vocab_size": tok.get_vocab_size()},
+            architecture=family.describe(model.config),
             train={"steps": stats.steps, "tokens": stats.tokens, "seconds": round(stats.seconds, 2),
                    "final_loss": round(stats.final_loss, 4), "corpus_tokens": int(stream.tokens.numel())},
         )

@@ -21,13 +21,8 @@ def register(cls: type[BuildMethod]) -> type[BuildMethod]:
     return cls
 
 
-def _load_builtin() -> None:
-    from ..compress import lowrank, prune, quantize  # noqa: F401 - registration side effect
-    from . import distill, finetune, importer, lora, pretrain  # noqa: F401
-
-
 def get(name: str) -> BuildMethod:
-    _load_builtin()
+    """A registered method by name (`stemma.methods` imports the built-in ones)."""
     try:
         return _METHODS[name]()
     except KeyError:
@@ -35,7 +30,6 @@ def get(name: str) -> BuildMethod:
 
 
 def names() -> list[str]:
-    _load_builtin()
     return sorted(_METHODS)
 
 

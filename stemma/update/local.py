@@ -16,10 +16,10 @@ import torch
 
 from ..data.ingest import IngestOptions, build_dataset, read_docs
 from ..errors import StemmaError
+from ..models import families
 from ..models.arch import model_context
 from ..progress import NullReporter, Reporter
 from ..train.base import TokenStream, TrainConfig, Trainer, encode_corpus, kl_to_teacher, lm_loss
-from ..train.lora import DEFAULT_TARGETS
 from ..workspace import VersionInfo, Workspace
 from . import bundle
 
@@ -98,12 +98,10 @@ def train_update(ws: Workspace, version: VersionInfo, train: tuple[str, ...], he
     if cfg.kind == "lora":
         from peft import LoraConfig, get_peft_model
 
-        mt = model.config.model_type
-        targets = DEFAULT_TARGETS.get(mt)
-        if not targets:
-            raise StemmaError(f"no default LoRA targets for {mt}; use kind full")
-        peft_model = get_peft_model(model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, target_modules=targets,
-                                                      fan_in_fan_out=mt == "gpt2", bias="none",
+        family = families.of(model.config)
+        peft_model = get_peft_model(model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha,
+                                                      target_modules=list(family.lora_targets),
+                                                      fan_in_fan_out=family.lora_fan_in_fan_out, bias="none",
                                                       task_type="CAUSAL_LM"))
         train_model = peft_model
     else:

@@ -19,12 +19,10 @@ from safetensors.torch import save as st_save
 from sqlalchemy import select
 
 from ..errors import StemmaError, TokenizerMismatchError
-from ..evaluate.perplexity import perplexity
-from ..models.arch import model_context
+from ..evaluate.evaluator import Evaluator
 from ..progress import NullReporter, Reporter
 from ..registry.tables import Contributor, Node, Round, Update, Version, VersionDataset
 from ..store import canonical_json, sha256_bytes
-from ..train.base import encode_corpus
 from ..workspace import VersionInfo, Workspace
 from . import bundle, strategies
 from .gate import GateConfig, Verdict, judge, make_gate
@@ -202,7 +200,7 @@ def _adapter_candidate(ws: Workspace, parent: VersionInfo, delta: dict[str, torc
     cfg.update({"r": r_new, "lora_alpha": r_new})
     files = {"adapter_config.json": json.dumps(cfg, sort_keys=True, indent=2).encode(),
              "adapter_model.safetensors": st_save(new)}
-    base = ws.load_model(parent.row.parent_id)
+    base = ws.load_model(parent.id, below=True)  # what the adapter applies to (past earlier updates of it)
     with tempfile.TemporaryDirectory(prefix="stemma-cand-") as d:
         paths = {}
         for name, data in files.items():
@@ -221,16 +219,14 @@ def _adapter_candidate(ws: Workspace, parent: VersionInfo, delta: dict[str, torc
 
 
 def make_candidate(ws: Workspace, parent: VersionInfo, delta: dict[str, torch.Tensor], gate: GateConfig) -> Candidate:
-    from ..models.io import has_loader, save_model_files
+    from ..lineage import ADAPTER, VARIANT
+    from ..models.io import save_model_files
 
-    files = parent.manifest["files"]
-    plain = "model.safetensors" in files or "adapter_model.safetensors" in files
-    if has_loader(parent.row.relation) and not plain:
+    kind = ws.plan(parent.id).kind
+    if kind == VARIANT:
         raise StemmaError(f"{parent.row.node_path} is a compressed variant; update its source and rebuild")
-    if "adapter_model.safetensors" in files:
+    if kind == ADAPTER:
         return _adapter_candidate(ws, parent, delta, gate.adapter_rank)
-    if "model.safetensors" not in files or has_loader(parent.row.relation):
-        raise StemmaError(f"{parent.row.node_path}: updates apply to full-weight or adapter versions only")
     model = ws.load_model(parent.id)
     sd = model.state_dict()
     with torch.no_grad():
@@ -241,22 +237,6 @@ def make_candidate(ws: Workspace, parent: VersionInfo, delta: dict[str, torch.Te
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-
-
-class _Eval:
-    def __init__(self, ws: Workspace, tok_digest: str, max_tokens: int, reporter: Reporter):
-        self.ws, self.max_tokens, self.reporter = ws, max_tokens, reporter
-        self.tok = ws.tokenizer(tok_digest)
-        self._ids: dict[str, torch.Tensor] = {}
-
-    def ids(self, dataset_id: str) -> torch.Tensor:
-        if dataset_id not in self._ids:
-            self._ids[dataset_id] = encode_corpus(self.tok, self.ws.dataset_texts(dataset_id, "test"))
-        return self._ids[dataset_id]
-
-    def ppl(self, model, ids: torch.Tensor, label: str) -> float:
-        return perplexity(model, ids, model_context(model), max_tokens=self.max_tokens, reporter=self.reporter,
-                          label=label)
 
 
 def _children_datasets(ws: Workspace, node: str) -> dict[str, str]:
@@ -284,23 +264,24 @@ def _heldout_ids(upds: list[bundle.UpdateFile]) -> torch.Tensor | None:
 
 def _gate(ws: Workspace, target: VersionInfo, cand: Candidate, heldout: torch.Tensor | None, n_contrib: int,
           gate: GateConfig, reporter: Reporter) -> Verdict:
-    ev = _Eval(ws, target.row.tokenizer, gate.eval_tokens, reporter)
+    ev = Evaluator(ws, reporter, max_tokens=gate.eval_tokens)
+    tok = target.row.tokenizer
     before_model = ws.load_model(target.id)
     node = target.row.node_path
     held = own = None
     if heldout is not None:
-        held = (ev.ppl(before_model, heldout, f"{node}: held-out, before"),
-                ev.ppl(cand.model, heldout, f"{node}: held-out, after"))
+        held = (ev.model_ppl(before_model, heldout, f"{node}: held-out, before"),
+                ev.model_ppl(cand.model, heldout, f"{node}: held-out, after"))
     own_ds = ws.version_datasets(target.id).get("train")
     if own_ds:
-        own = (ev.ppl(before_model, ev.ids(own_ds), f"{node}: own test, before"),
-               ev.ppl(cand.model, ev.ids(own_ds), f"{node}: own test, after"))
+        own = (ev.model_ppl(before_model, ev.ids(tok, own_ds), f"{node}: own test, before"),
+               ev.model_ppl(cand.model, ev.ids(tok, own_ds), f"{node}: own test, after"))
     kids = {}
     for child, ds in _children_datasets(ws, node).items():
         if ds == own_ds:
             continue
-        kids[child] = (ev.ppl(before_model, ev.ids(ds), f"{child}: test, before"),
-                       ev.ppl(cand.model, ev.ids(ds), f"{child}: test, after"))
+        kids[child] = (ev.model_ppl(before_model, ev.ids(tok, ds), f"{child}: test, before"),
+                       ev.model_ppl(cand.model, ev.ids(tok, ds), f"{child}: test, after"))
     return judge(gate, n_contrib, held, own, kids)
 
 
@@ -362,8 +343,6 @@ def run_round(ws: Workspace, target: VersionInfo, delta_updates: list[bundle.Upd
     round_id = sha256_bytes(canonical_json(record))
     version = _register_update_version(ws, target, cand, round_id, record) if verdict.accepted else None
     if version is not None:
-        from ..build import Evaluator
-
         Evaluator(ws, reporter).evaluate_version(version)  # the numbers `stemma tree` shows
     with ws.db.session() as s:
         row = s.get(Round, round_id)

@@ -1,0 +1,60 @@
+"""Model families: everything architecture-specific, one module per family behind one interface.
+
+A family knows how to make the Hugging Face config for a stemma config, which projections LoRA adapts, how a
+student starts from its teacher, what structured pruning removes, what the serving decoder needs from the
+weights and how llama.cpp names the tensors. The rest of stemma asks `of(config)` (or `get(name)`) and never
+looks at ``model_type`` itself. Adding a family is one module here that calls `register`, plus its parity tests.
+"""
+
+from __future__ import annotations
+
+from ...errors import StemmaError
+from .base import ArchConfig, Family, UnsupportedArchitectureError
+
+_FAMILIES: dict[str, Family] = {}
+_BY_MODEL_TYPE: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Make ``family`` available under its name and for each of its Hugging Face ``model_type`` values."""
+    if family.name in _FAMILIES and _FAMILIES[family.name] is not family:
+        raise ValueError(f"model family {family.name!r} registered twice")
+    _FAMILIES[family.name] = family
+    for mt in family.model_types:
+        _BY_MODEL_TYPE[mt] = family
+    return family
+
+
+def names() -> list[str]:
+    return sorted(_FAMILIES)
+
+
+def get(name: str) -> Family:
+    """The family called ``name`` (``gpt2``, ``llama``); unknown names fail loudly."""
+    try:
+        return _FAMILIES[name]
+    except KeyError:
+        raise StemmaError(f"unknown model family {name!r} (known: {', '.join(names())})") from None
+
+
+def of(config) -> Family:
+    """The family of a transformers config (or a model), refusing model types stemma has no family for."""
+    config = getattr(config, "config", config)
+    mt = getattr(config, "model_type", None)
+    fam = _BY_MODEL_TYPE.get(mt)
+    if fam is None:
+        known = ", ".join(sorted(_BY_MODEL_TYPE))
+        raise UnsupportedArchitectureError(f"model_type {mt!r} has no stemma model family (supported: {known})")
+    return fam
+
+
+def checked(config) -> Family:
+    """`of(config)` after the family has refused every setting it does not implement."""
+    fam = of(config)
+    fam.check(getattr(config, "config", config))
+    return fam
+
+
+from . import gpt2, llama  # noqa: E402,F401 - each module registers its family
+
+__all__ = ["ArchConfig", "Family", "UnsupportedArchitectureError", "checked", "get", "names", "of", "register"]
