@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .configs import make_gate, make_rebase
 from .errors import SpecError
 
 LAYERS = ("master", "language", "domain", "subdomain", "device")
@@ -84,12 +85,12 @@ class NodeSpec:
     """The method's config dataclass, validated."""
     raw_config: dict[str, Any] = field(default_factory=dict, compare=False)
     gate: Any = None
-    """`stemma.update.gate.GateConfig`: when this node accepts its contributors' updates."""
+    """`stemma.configs.GateConfig`: when this node accepts its contributors' updates."""
     on_parent_update: str = "retrain"
     """``retrain`` (build anew from the recipe) or ``rebase`` (a LoRA child re-fits its adapter onto the new parent,
     distilling from its previous version)."""
     rebase: Any = None
-    """`stemma.update.rebase.RebaseConfig` when ``on_parent_update`` is ``rebase``."""
+    """`stemma.configs.RebaseConfig` when ``on_parent_update`` is ``rebase``."""
 
 
 @dataclass(frozen=True)
@@ -196,9 +197,6 @@ def parse_spec(data: Any, root_dir: Path, source: str = "stemma.yaml") -> TreeSp
         if method.needs_dataset and not n.dataset:
             raise SpecError(f"{source}: node {path}: method {n.method} needs a dataset")
         cfg = method.make_config(n.config, where=f"{source}: node {path}")
-        from .update.gate import make_gate
-        from .update.rebase import make_rebase
-
         gate = make_gate(n.gate, f"{source}: node {path}")
         if n.on_parent_update not in ("retrain", "rebase"):
             raise SpecError(f"{source}: node {path}: on_parent_update must be retrain or rebase")

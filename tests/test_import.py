@@ -84,3 +84,109 @@ def test_pickle_checkpoint_is_refused(ws, tmp_path):
         build(ws, load_spec(_spec(tmp_path, ckpt)))
     assert ws.nodes() == []
     assert set(ws.store.iter_digests()) == before
+
+
+# ---------------------------------------------------------------------------------------------- Llama-layout masters
+def _family_spec(d, ckpt):
+    """An imported master with a child of every kind: distilled, LoRA, full finetune, int8 and pruned variants."""
+    tiny_corpus(d)
+    child = {"steps": 6, "batch_size": 4}
+    spec = {
+        "datasets": {"en": {"paths": ["corpus/en-manpages.jsonl"], "max_doc_chars": 1500}},
+        "nodes": {
+            "master": {"method": "import", "config": {"path": str(ckpt)}},
+            "en": {"method": "distill", "dataset": "en", "config": {"n_layer": 2, "max_param_ratio": 0.8, **child}},
+            "en/software": {"method": "lora", "dataset": "en", "config": dict(child)},
+            "en/legal": {"method": "finetune", "dataset": "en", "config": dict(child)},
+            "en/software/int8": {"method": "quantized", "parent": "en/software", "layer": "device",
+                                 "config": {"bits": 8}},
+        },
+    }
+    (d / "stemma.yaml").write_text(yaml.safe_dump(spec))
+    return d / "stemma.yaml"
+
+
+@pytest.mark.parametrize("model_type,extra", [
+    ("llama", {}),
+    ("llama", {"tie_word_embeddings": True, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
+    ("mistral", {}),
+    ("qwen2", {}),
+])
+def test_llama_layout_master_through_every_method(ws, tmp_path, model_type, extra):
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import save_hf_checkpoint
+
+    ckpt = save_hf_checkpoint(tmp_path / "ckpt", model_type, **extra)
+    events = build(ws, load_spec(_family_spec(tmp_path, ckpt)))
+    assert {e.action for e in events} == {"built"}
+    master = ws.resolve_version("master")
+    assert master.manifest["architecture"]["family"] == "llama"
+    assert master.manifest["architecture"]["model_type"] == model_type
+    original = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    x = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        assert torch.allclose(ws.load_model(master.id)(input_ids=x).logits, original(input_ids=x).logits, atol=1e-5)
+    en = ws.resolve_version("en")
+    student = ws.load_model(en.id)
+    assert type(student).__name__ == type(original).__name__  # the teacher's family, not a GPT-2
+    assert student.config.num_hidden_layers == 2
+    assert en.manifest["architecture"]["init_teacher_layers"] == [0, 3]
+    sw = ws.resolve_version("en/software")
+    targets = set(sw.manifest["architecture"]["adapter"]["targets"])
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    for node in ("en", "en/software", "en/legal", "en/software/int8"):
+        v = ws.resolve_version(node)
+        ds = ws.version_datasets(v.id)["train"] if node != "en/software/int8" else None
+        if ds:
+            assert ws.get_metric(v.id, "perplexity", ds, "test") is not None, node
+
+
+@pytest.mark.parametrize("model_type,extra,field", [
+    ("mistral", {"sliding_window": 16}, "sliding_window"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0}, "sliding_window"),
+    ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling"),
+    ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}},
+     "rope_scaling"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act"),
+    ("llama", {"mlp_bias": True}, "mlp_bias"),
+    ("mixtral", {"num_local_experts": 2, "num_experts_per_tok": 1}, "model_type"),
+])
+def test_unsupported_architecture_refused_before_anything_is_stored(ws, tmp_path, model_type, extra, field):
+    from stemma.errors import StemmaError
+    from tests.conftest import save_hf_checkpoint
+
+    if model_type == "mistral":
+        extra = {**extra}
+    ckpt = save_hf_checkpoint(tmp_path / "ckpt", model_type, **extra)
+    if model_type == "mistral":  # save_hf_checkpoint turns the window off for mistral unless asked
+        import json
+
+        cfg = json.loads((ckpt / "config.json").read_text())
+        cfg["sliding_window"] = extra["sliding_window"]
+        (ckpt / "config.json").write_text(json.dumps(cfg))
+    before = set(ws.store.iter_digests())
+    with pytest.raises(StemmaError) as e:
+        build(ws, load_spec(_family_spec(tmp_path, ckpt)))
+    msg = str(e.value)
+    assert "\n" not in msg and field in msg, msg
+    assert ws.nodes() == []
+    assert set(ws.store.iter_digests()) == before
+
+
+@pytest.mark.parametrize("config,field", [
+    ({"arch": "bert"}, "bert"),
+    ({"arch": "llama", "n_head": 4, "n_kv_head": 3}, "n_kv_head"),
+    ({"arch": "gpt2", "n_kv_head": 2}, "n_kv_head"),
+    ({"arch": "llama", "n_embd": 30, "n_head": 4}, "n_embd"),
+])
+def test_bad_pretrain_shape_fails_in_the_spec(tmp_path, config, field):
+    from stemma.errors import SpecError
+    from stemma.spec import parse_spec
+
+    tiny_corpus(tmp_path)
+    data = {"datasets": {"all": {"paths": ["corpus"]}},
+            "nodes": {"master": {"method": "pretrain", "dataset": "all", "config": config}}}
+    with pytest.raises(SpecError, match=field):
+        parse_spec(data, tmp_path)

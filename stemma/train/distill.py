@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import StemmaError
+from ..errors import SpecError, StemmaError
 from ..models import families
 from ..models.arch import count_params, model_context
 from ..models.families import ArchConfig
@@ -77,6 +77,17 @@ class Distill(BuildMethod):
     name = "distill"
     relation = "distill"
     config_cls = DistillConfig
+
+    def make_config(self, raw, where):
+        cfg = super().make_config(raw, where)
+        if cfg.arch is not None:
+            try:
+                families.get(cfg.arch)
+            except StemmaError as e:
+                raise SpecError(f"{where}: {e}") from None
+        if cfg.n_layer < 1:
+            raise SpecError(f"{where}: n_layer must be at least 1")
+        return cfg
 
     def run(self, ctx: BuildContext, cfg: DistillConfig) -> BuildOutput:
         tok = ctx.parent_tokenizer()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import SpecError, StemmaError
 from ..models import families
 from ..models.arch import count_params
 from ..models.families import ArchConfig
@@ -67,6 +68,17 @@ class Pretrain(BuildMethod):
     relation = "pretrain"
     config_cls = PretrainConfig
     root = True
+
+    def make_config(self, raw, where):
+        """The config, with the family and the shape checked here (pre-flight), not after the tokenizer trained."""
+        cfg = super().make_config(raw, where)
+        try:
+            fam = families.get(cfg.arch)
+            cfg.shape.check()
+            fam.check(fam.hf_config(cfg.shape, cfg.vocab_size, 0))
+        except StemmaError as e:
+            raise SpecError(f"{where}: {e}") from None
+        return cfg
 
     def run(self, ctx: BuildContext, cfg: PretrainConfig) -> BuildOutput:
         texts = ctx.texts("train")

@@ -12,50 +12,10 @@ A rejected candidate is kept with its reasons; an accepted one becomes the node'
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from ..errors import SpecError
-
-
-@dataclass(frozen=True)
-class GateConfig:
-    """How a node aggregates updates and decides whether to accept the result."""
-
-    strategy: str = "trimmed_mean"
-    """Aggregation strategy by name (`stemma.update.strategies`): fedavg, median, trimmed_mean, krum, multikrum."""
-    strategy_config: dict[str, Any] = field(default_factory=dict)
-    """The strategy's own settings (for example ``{trim: 0.2, clip: median}``)."""
-    min_contributors: int = 3
-    """Distinct contributors a round needs."""
-    server_lr: float = 1.0
-    """The aggregate is scaled by this before it is added to the node."""
-    min_heldout_gain: float = 0.0
-    """Required relative drop of perplexity on the contributors' held-out data (0.01 = 1% lower; 0 = any drop)."""
-    max_own_rise: float = 0.02
-    """Largest relative rise of perplexity on the node's own test split."""
-    max_child_rise: float = 0.05
-    """Largest relative rise of the node's perplexity on any child's test split."""
-    adapter_rank: int = 0
-    """For an adapter node: rank added to hold the aggregate (truncated SVD); 0 = the adapter's own rank."""
-    eval_tokens: int = 16384
-    """Tokens of each test split the gate evaluates on."""
-
-
-def make_gate(raw: dict[str, Any] | None, where: str) -> GateConfig:
-    from ..configs import parse_dataclass
-
-    cfg = parse_dataclass(GateConfig, raw, where, "gate")
-    if cfg.min_contributors < 1:
-        raise SpecError(f"{where}: gate min_contributors must be >= 1")
-    if cfg.server_lr <= 0:
-        raise SpecError(f"{where}: gate server_lr must be > 0")
-    if cfg.max_own_rise < 0 or cfg.max_child_rise < 0:
-        raise SpecError(f"{where}: gate thresholds must be >= 0")
-    from . import strategies
-
-    strategies.get(cfg.strategy, cfg.strategy_config)  # fails here, at spec time, on a bad strategy
-    return cfg
+from ..configs import GateConfig
 
 
 @dataclass

@@ -12,42 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import SpecError, StemmaError
+from ..configs import RebaseConfig
+from ..errors import StemmaError
 from ..models.arch import model_context
 from ..models.io import materialise, save_model_files
 from ..train.base import Trainer, kl_to_teacher, lm_loss
 from ..train.forgetting import draw, split_batch
 from ..train.registry import BuildContext, BuildOutput
-
-
-@dataclass(frozen=True)
-class RebaseConfig:
-    """How an adapter child follows its parent's update."""
-
-    steps_fraction: float = 0.2
-    """Optimiser steps of the rebase as a share of the node's own training steps."""
-    lr_scale: float = 1.0
-    """Learning rate as a share of the node's own."""
-    temperature: float = 1.0
-    """Softening of the old child's and the student's distributions in the KL term."""
-    alpha: float = 0.2
-    """Weight of KL(old child || new child); ``1 - alpha`` goes to the hard-label loss. Measured on the update
-    simulation: 0.2 keeps about 99% of a retrained child's gain at a fifth of the steps, 0.8 about 88%."""
-
-
-def make_rebase(raw: dict | None, where: str) -> RebaseConfig:
-    from ..configs import parse_dataclass
-
-    cfg = parse_dataclass(RebaseConfig, raw, where, "rebase")
-    if not 0 < cfg.steps_fraction <= 1 or not 0 <= cfg.alpha <= 1 or cfg.lr_scale <= 0 or cfg.temperature <= 0:
-        raise SpecError(f"{where}: rebase needs 0 < steps_fraction <= 1, 0 <= alpha <= 1, lr_scale > 0, "
-                        "temperature > 0")
-    return cfg
 
 
 def comparable(recipe: dict) -> dict:

@@ -18,6 +18,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from sqlalchemy import select
 
+from ..configs import GateConfig, make_gate
 from ..errors import StemmaError, TokenizerMismatchError
 from ..evaluate.evaluator import Evaluator
 from ..progress import NullReporter, Reporter
@@ -25,7 +26,7 @@ from ..registry.tables import Contributor, Node, Round, Update, Version, Version
 from ..store import canonical_json, sha256_bytes
 from ..workspace import VersionInfo, Workspace
 from . import bundle, strategies
-from .gate import GateConfig, Verdict, judge, make_gate
+from .gate import Verdict, judge
 from .keys import parse_public
 from .keys import verify as verify_signature
 

@@ -8,20 +8,18 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-update_app = typer.Typer(no_args_is_help=True, help="Updates from devices and children: sign, submit, aggregate.")
+from .app import update_app
+from .console import err, open_ws, out
 
 
 def _ctx():
-    from ..cli import _ws, err, out
-
-    return _ws(), out, err
+    return open_ws(), out, err
 
 
 @update_app.command("keygen")
 def keygen(path: Path = typer.Argument(..., help="Private key file to create (its public key goes to PATH.pub).")):
     """Create an ed25519 key pair for a contributor."""
-    from ..cli import out
-    from .keys import generate
+    from ..update.keys import generate
 
     pub = generate(path)
     out.print(f"private key {path} (keep it), public key {path}.pub: {pub}", highlight=False)
@@ -32,7 +30,7 @@ def register(node: str = typer.Argument(..., help="Node the contributor may upda
              name: str = typer.Option(..., "--name", help="Contributor name."),
              public_key: str = typer.Option(..., "--public-key", help="A .pub file or 64 hex characters.")):
     """Allow a contributor (by public key) to send updates to a node."""
-    from .service import register_contributor
+    from ..update.service import register_contributor
 
     ws, out, _ = _ctx()
     p = Path(public_key)
@@ -44,7 +42,7 @@ def register(node: str = typer.Argument(..., help="Node the contributor may upda
 @update_app.command("contributors")
 def list_contributors(node: str = typer.Argument(None)):
     """Registered contributors (of one node, or all)."""
-    from .service import contributors
+    from ..update.service import contributors
 
     ws, out, _ = _ctx()
     t = Table("node", "contributor", "public key")
@@ -68,7 +66,7 @@ def train(node: str = typer.Argument(..., help="node or node@version to train ag
     """Train an update on local data and sign it; the data stays here."""
     from ..errors import StemmaError
     from ..progress import RichReporter
-    from .local import LocalTrainConfig, make_update
+    from ..update.local import LocalTrainConfig, make_update
 
     ws, out, err = _ctx()
     if kind not in ("lora", "full"):
@@ -83,7 +81,7 @@ def train(node: str = typer.Argument(..., help="node or node@version to train ag
 def submit(files: list[Path] = typer.Argument(..., help="Signed update files.")):
     """Verify and store updates (a refused update is stored nowhere)."""
     from ..errors import StemmaError
-    from .service import submit as do_submit
+    from ..update.service import submit as do_submit
 
     ws, out, _ = _ctx()
     for f in files:
@@ -96,7 +94,7 @@ def submit(files: list[Path] = typer.Argument(..., help="Signed update files."))
 @update_app.command("list")
 def list_updates(node: str = typer.Argument(...)):
     """Updates submitted to a node."""
-    from .service import contributors, updates
+    from ..update.service import contributors, updates
 
     ws, out, _ = _ctx()
     names = {c.id: c.name for c in contributors(ws, node)}
@@ -124,7 +122,7 @@ def aggregate(node: str = typer.Argument(...),
     """Aggregate the node's pending updates, judge the result with its gate, register it if accepted."""
     from ..errors import StemmaError
     from ..progress import RichReporter
-    from .service import aggregate as run
+    from ..update.service import aggregate as run
 
     ws, out, err = _ctx()
     try:
@@ -140,7 +138,7 @@ def aggregate(node: str = typer.Argument(...),
 @update_app.command("rounds")
 def list_rounds(node: str = typer.Argument(None)):
     """Aggregation rounds with their verdicts and reasons."""
-    from .service import rounds
+    from ..update.service import rounds
 
     ws, out, _ = _ctx()
     for r in rounds(ws, node):
@@ -155,7 +153,7 @@ def offer(round_id: str = typer.Argument(..., help="An accepted round."),
           to: str = typer.Option(..., "--to", help="A sibling node of the round's node.")):
     """Offer an accepted aggregate to a sibling node, under the sibling's gate."""
     from ..progress import RichReporter
-    from .service import offer as run
+    from ..update.service import offer as run
 
     ws, out, err = _ctx()
     res = run(ws, round_id, to, RichReporter(err))
@@ -173,7 +171,7 @@ def federated_server(node: str = typer.Argument(...),
     """Run one federated round for a node over Flower; contributors join with `federated-client`."""
     from ..errors import StemmaError
     from ..progress import RichReporter
-    from .federated import run_server
+    from ..update.federated import run_server
 
     _, out, err = _ctx()
     if clients < 1:
@@ -199,8 +197,8 @@ def federated_client(address: str = typer.Option(..., "--server", help="host:por
                      seed: int = typer.Option(0, "--seed")):
     """Join a federated round: train on local data, send only the signed update."""
     from ..errors import StemmaError
-    from .federated import run_client
-    from .local import LocalTrainConfig
+    from ..update.federated import run_client
+    from ..update.local import LocalTrainConfig
 
     if kind not in ("lora", "full"):
         raise StemmaError("--kind is lora or full")

@@ -1,0 +1,128 @@
+"""The tree verbs: init, build, tree, show, lineage, export, fsck."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from .app import app
+from .console import err, human_bytes, human_params, open_ws, out
+
+
+@app.command()
+def init() -> None:
+    """Create STEMMA_HOME: the registry and the blob store."""
+    from ..workspace import Workspace
+
+    ws = Workspace.init()
+    out.print(f"stemma home ready at {ws.settings.home} (registry {ws.db.engine.url.render_as_string()})")
+
+
+@app.command()
+def build(
+    spec: Path = typer.Argument(Path("stemma.yaml"), help="The tree as code."),
+    node: list[str] = typer.Option(None, "--node", help="Build only these nodes (and their ancestors)."),
+    footprint: bool = typer.Option(True, "--footprint/--no-footprint",
+                                   help="Measure each version's memory and speed once (a child process each)."),
+) -> None:
+    """Reconcile the registry to stemma.yaml: build only what changed."""
+    import time
+
+    from ..build import build as run_build
+    from ..progress import RichReporter
+    from ..spec import load_spec
+    from ..workspace import Workspace
+
+    tree = load_spec(spec)
+    ws = Workspace.init()
+    t0 = time.perf_counter()
+    events = run_build(ws, tree, reporter=RichReporter(err), only=node or None, footprint=footprint)
+    built = sum(e.action in ("built", "rebased") for e in events)
+    for e in events:
+        out.print(f"  {e.action:7} {e.node:28} {e.version[:12]}  {e.seconds:7.1f}s")
+    out.print(f"{built} built, {len(events) - built} reused in {time.perf_counter() - t0:.1f}s")
+
+
+@app.command()
+def tree() -> None:
+    """The tree: node, layer, relation, size, perplexity on its own and its parent's split, status."""
+    from ..lineage import tree_rows
+
+    rows = tree_rows(open_ws())
+    if not rows:
+        out.print("the registry is empty; run `stemma build`")
+        return
+    t = Table("node", "layer", "relation", "version", "params", "bytes", "ppl own split (vs parent)",
+              "parent on own split", "ppl parent split (forgetting)", "parent on its split", "status",
+              title="stemma tree", caption="perplexity on held-out test splits; lower is better")
+    for r in rows:
+        fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        gain = "" if r.gain is None else f" ({r.gain:+.0%})"
+        forg = "" if r.forgetting is None else f" ({r.forgetting:+.1%})"
+        t.add_row(
+            "  " * r.depth + r.path, r.layer, r.relation or "-", r.version.short if r.version else "-",
+            human_params(r.params), human_bytes(r.bytes), fmt(r.ppl_own) + gain, fmt(r.parent_ppl_own),
+            fmt(r.ppl_parent_split) + forg, fmt(r.parent_ppl_parent_split),
+            {"ok": "[green]ok[/green]", "stale": "[yellow]stale[/yellow]"}.get(r.status, f"[red]{r.status}[/red]"),
+        )
+    out.print(t)
+
+
+@app.command()
+def show(ref: str = typer.Argument(..., help="node, node@version-prefix, or version id prefix")) -> None:
+    """One version: manifest, parent, recipe, datasets, metrics."""
+    ws = open_ws()
+    v = ws.resolve_version(ref)
+    ds = ws.version_datasets(v.id)
+    metrics = [{"name": m.name, "dataset": m.dataset_id[:12] if m.dataset_id else None, "split": m.split,
+                "value": round(m.value, 4)} for m in ws.metrics_of(v.id)]
+    doc = {"id": v.id, "node": v.row.node_path, "created_at": v.row.created_at.isoformat(), "bytes": v.row.bytes,
+           "datasets": {role: {"id": d, "name": ws.resolve_dataset(d).name} for role, d in ds.items()},
+           "metrics": metrics, "manifest": v.manifest}
+    out.print_json(json.dumps(doc, default=str))
+
+
+@app.command()
+def lineage(ref: str) -> None:
+    """The chain from the master down to a version, with relations and content hashes."""
+    ws = open_ws()
+    v = ws.resolve_version(ref)
+    chain = ws.chain(v.id)
+    for i, c in enumerate(chain):
+        arrow = "" if i == 0 else "  " * (i - 1) + "└─"
+        files = ", ".join(f"{n}:{d[:8]}" for n, d in sorted(c.manifest["files"].items()))
+        out.print(f"{arrow}{c.row.node_path} [bold]{c.id[:12]}[/bold]  {c.row.relation} ({c.row.method})  "
+                  f"tokenizer {c.row.tokenizer[:8]}  files {files}", highlight=False)
+
+
+@app.command()
+def export(
+    ref: str = typer.Argument(..., help="node or node@version"),
+    out_dir: Path = typer.Option(..., "--out", help="Directory to create."),
+    fmt: str = typer.Option("merged", "--format", help="merged (full HF model) or adapter (PEFT dir + base/)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
+) -> None:
+    """Write a version as a plain Hugging Face directory (merged) or a PEFT adapter directory."""
+    from ..export import export as run_export
+
+    path = run_export(open_ws(), ref, out_dir, fmt=fmt, force=force)
+    out.print(f"exported {ref} ({fmt}) to {path}")
+
+
+@app.command()
+def fsck() -> None:
+    """Re-hash every blob; report corrupt, missing and orphan blobs."""
+    ws = open_ws()
+    r = ws.fsck()
+    for d in r.corrupt:
+        out.print(f"[red]corrupt[/red] {d}")
+    for d in r.missing:
+        out.print(f"[red]missing[/red] {d}")
+    for d in r.orphans:
+        out.print(f"[yellow]orphan[/yellow]  {d}")
+    out.print(f"{r.checked} blobs checked: {len(r.corrupt)} corrupt, {len(r.missing)} missing, {len(r.orphans)} orphan")
+    if not r.clean:
+        raise typer.Exit(1)
