@@ -100,7 +100,7 @@ def make_requests(ws, n: int) -> list[list[int]]:
 def gemm_peak(n: int = 1024, reps: int = 5) -> float:
     """FLOP/s of an n x n x n fp32 GEMM: the faster of PyTorch's matmul (MKL) and the server's `Linear` (oneDNN's
     packed linear where PyTorch has it), so the fraction is against the best this machine does."""
-    from stemma.serve.model import Linear
+    from stemma.serve.linear import Linear
 
     a, b = torch.randn(n, n), torch.randn(n, n)
     best = 0.0
@@ -241,9 +241,10 @@ def measure(ws, home: Path, prompts, rounds: int, peer_per_round: int, threads: 
 
 def decoder_shape(ws):
     """The served base's shape (for its FLOPs per token)."""
-    from stemma.serve.model import shape_of
+    from stemma.models import families
 
-    return shape_of(ws.load_model(ws.resolve_version("master").id).config)
+    config = ws.load_model(ws.resolve_version("master").id).config
+    return families.checked(config).decoder_shape(config)
 
 
 def rss_probe(kind: str) -> None:

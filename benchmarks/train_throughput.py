@@ -98,8 +98,9 @@ def main() -> None:
           "")],
     )
     print(f"peer: plain PyTorch loop; stemma overhead = 1 - stemma/peer = {overhead:+.1%} (target <= 10%)")
-    write_json(args.json, {"family": arch.arch, "peer": "plain PyTorch loop", "peer_tokens_per_s": peer, "stemma_tokens_per_s": ours,
-                           "overhead": overhead, "runs": results, "steps": steps, "rounds": rounds})
+    write_json(args.json, {"family": arch.arch, "peer": "plain PyTorch loop", "peer_tokens_per_s": peer,
+                           "stemma_tokens_per_s": ours, "overhead": overhead, "runs": results, "steps": steps,
+                           "rounds": rounds})
 
 
 if __name__ == "__main__":

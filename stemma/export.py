@@ -1,8 +1,11 @@
 """Materialise a version as a directory that plain transformers / peft load.
 
-``merged``: the whole adapter chain merged into full weights, a standard Hugging Face model directory.
-``adapter``: for an adapter version, PEFT's adapter files plus ``base/``, its parent merged to a full
-model (``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DIR/base), DIR)``).
+``merged``: the whole adapter chain merged into full weights (a compressed variant expanded to dense weights),
+a standard Hugging Face model directory.
+``adapter``: for an adapter version, PEFT's adapter files plus ``base/``, the model the adapter applies to (its load
+plan's base with the adapters above it merged):
+``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DIR/base), DIR)``.
+What a version is comes from its load plan (`stemma.lineage.LoadPlan`), never from its file names.
 Both carry the tokenizer and a ``stemma.json`` with the content-addressed lineage. The directory is
 written beside its destination and renamed into place, so a failed export leaves nothing behind.
 """
@@ -23,13 +26,23 @@ FORMATS = ("merged", "adapter")
 
 
 def export(ws: Workspace, ref: str, out: Path, fmt: str = "merged", force: bool = False) -> Path:
+    """Write the version ``ref`` names to ``out`` as ``fmt`` (see the module docstring); returns the directory.
+
+    Raises:
+        StemmaError: unknown format or version, a non-empty ``out`` without ``force``, ``adapter`` for a version
+            that is not an adapter, or a corrupt blob (nothing is left in ``out``).
+    """
+    from .lineage import ADAPTER
+    from .pull import dense_model
+
     if fmt not in FORMATS:
         raise StemmaError(f"unknown export format {fmt!r} (one of {', '.join(FORMATS)})")
     v = ws.resolve_version(ref)
     out = Path(out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise StemmaError(f"{out} exists and is not empty; choose another --out or pass --force")
-    if fmt == "adapter" and "adapter_model.safetensors" not in v.manifest["files"]:
+    plan = ws.plan(v.id)
+    if fmt == "adapter" and plan.kind != ADAPTER:
         raise StemmaError(f"{v.row.node_path} is a {v.row.relation} version, not an adapter; export it merged")
     parent_dir = out.parent
     try:
@@ -41,14 +54,13 @@ def export(ws: Workspace, ref: str, out: Path, fmt: str = "merged", force: bool 
         tok = hf_tokenizer(ws.tokenizer(v.row.tokenizer))
         chain = ws.chain(v.id)
         if fmt == "merged":
-            model = ws.load_model(v.id)
-            model.save_pretrained(tmp, safe_serialization=True)
+            dense_model(ws.load_model(v.id)).save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
         else:
-            base = ws.load_model(ws.model_chain(v.id)[-2].id)
+            base = ws.load_model(v.id, below=True)
             base.save_pretrained(tmp / "base", safe_serialization=True)
             tok.save_pretrained(tmp / "base")
-            for name, digest in v.manifest["files"].items():
+            for name, digest in plan.version.files:
                 shutil.copyfile(ws.store.verified_path(digest), tmp / name)
             cfg = json.loads((tmp / "adapter_config.json").read_text())
             cfg["base_model_name_or_path"] = "base"
@@ -60,6 +72,8 @@ def export(ws: Workspace, ref: str, out: Path, fmt: str = "merged", force: bool 
             "format": fmt,
             "chain": [{"node": c.row.node_path, "version": c.id, "relation": c.row.relation} for c in chain],
             "tokenizer": v.row.tokenizer,
+            "base": plan.base.id,
+            "adapters": [a.id for a in plan.adapters],
         }
         (tmp / "stemma.json").write_text(json.dumps(lineage, indent=2))
         if out.exists():

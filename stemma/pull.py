@@ -5,9 +5,11 @@ Formats:
   weights), loadable by ``AutoModelForCausalLM.from_pretrained`` with no stemma code.
 - ``safetensors``: the version's own stored form: a compressed variant stays compressed (``variant.json`` +
   ``variant.safetensors``, loaded by `stemma.compress.layers.load_variant`); other versions are merged.
-- ``gguf``: one ``model.gguf`` for llama.cpp (GPT-2 architecture), f32, or f16 for a quantised variant; ``q8_0``
-  is made from the f32 file by llama.cpp's own quantizer (``llama_model_quantize`` through llama-cpp-python),
-  because q8_0 tensors written with the ``gguf`` package crash llama-cpp-python 0.3.36 at decode here.
+- ``gguf``: one ``model.gguf`` for llama.cpp in its family's layout (``gpt2``, ``llama``, ``qwen2``), f32, or f16
+  for a quantised variant; ``q8_0`` is made from the f32 file by llama.cpp's own quantizer
+  (``llama_model_quantize`` through llama-cpp-python). On a CPU with AMX, llama-cpp-python 0.3.36 repacks q8_0
+  weights for AMX and segfaults at the first decode, whichever tool wrote the file (llama.cpp issue #20824);
+  loading with the model parameter ``use_extra_bufts`` off avoids it.
 
 Every format carries the tokenizer, ``stemma.json`` (content-addressed lineage) and a model card (``README.md``)
 whose metadata names the base model, the Hugging Face ``base_model_relation``, datasets, licence and metrics.
@@ -118,80 +120,89 @@ def model_card(ws: Workspace, v: VersionInfo, fmt: str, extra: dict | None = Non
     return "\n".join(lines) + "\n"
 
 
-def write_gguf(model: nn.Module, tok, path: Path, out_type: str = "f32") -> None:
-    """Write a GPT-2 model as GGUF, in llama.cpp's GPT-2 layout (what its ``convert_hf_to_gguf.py`` writes).
+# Tensors llama.cpp's converter keeps in f32 whatever the file type (besides every 1-D tensor).
+GGUF_F32_TENSORS = ("position_embd.weight",)
 
-    The tensor names and metadata keys follow the ``gguf`` package's constants for ``gpt2``; Conv1D weights are
-    transposed to [out, in] as the converter does, and the tied output head is written out explicitly.
+
+def check_gguf_tokenizer(tok) -> None:
+    """Refuse a tokenizer llama.cpp's pre-tokenizer ``gpt-2`` would split differently (one line naming it)."""
+    spec = json.loads(tok.to_str())
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) \
+            or pre.get("add_prefix_space"):
+        got = f"{model.get('type')} model, {pre.get('type')} pre-tokenizer"
+        raise StemmaError(f"GGUF export needs a byte-level BPE tokenizer with GPT-2's split (llama.cpp's "
+                          f"pre-tokenizer gpt-2); this version's tokenizer has a {got}")
+
+
+def write_gguf(model: nn.Module, tok, path: Path, out_type: str = "f32") -> None:
+    """Write a model as GGUF in llama.cpp's layout for its family (what llama.cpp's ``convert_hf_to_gguf.py``
+    writes).
+
+    The shared part is here: file type, the byte-level BPE tokenizer (pre-tokenizer ``gpt-2``), bos/eos, and the
+    precision of each tensor; the family (`stemma.models.families.Family.write_gguf`) adds the architecture's
+    metadata and tensors. Everything the file cannot express is refused before it is created; a failure while
+    writing removes it.
+
+    Args:
+        model: a plain transformers model (`dense_model` expands compressed variants).
+        tok: the version's ``tokenizers.Tokenizer``.
+        path: the file to write.
+        out_type: ``f32``, or ``f16`` for every matrix (1-D tensors and position embeddings stay f32).
     """
     import gguf
     import numpy as np
 
+    from .models import families
+
     cfg = model.config
-    if getattr(cfg, "model_type", None) != "gpt2":
-        raise StemmaError(f"GGUF export supports the GPT-2 architecture stemma trains, not {cfg.model_type!r}")
+    fam = families.checked(cfg)
+    arch = fam.gguf_architecture(cfg)
     if out_type not in ("f32", "f16"):
         raise StemmaError(f"unknown GGUF type {out_type!r} (one of f32, f16)")
-    n_inner = cfg.n_inner or 4 * cfg.n_embd
-    w = gguf.GGUFWriter(str(path), "gpt2")
-    w.add_name("stemma")
-    w.add_context_length(cfg.n_positions)
-    w.add_embedding_length(cfg.n_embd)
-    w.add_feed_forward_length(n_inner)
-    w.add_block_count(cfg.n_layer)
-    w.add_head_count(cfg.n_head)
-    w.add_layer_norm_eps(cfg.layer_norm_epsilon)
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}[out_type]
-    w.add_file_type(ftype)
-    # Tokenizer: byte-level BPE with GPT-2's split, which llama.cpp calls pre-tokenizer "gpt-2".
-    vocab = tok.get_vocab(with_added_tokens=True)
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    if len(tokens) != cfg.vocab_size:
-        tokens += [f"[PAD{i}]" for i in range(len(tokens), cfg.vocab_size)]
-    specials = {t.content for t in tok.get_added_tokens_decoder().values()}
-    types = [gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens]
-    merges = json.loads(tok.to_str())["model"]["merges"]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    eos = cfg.eos_token_id if cfg.eos_token_id is not None else 0
-    w.add_bos_token_id(cfg.bos_token_id if cfg.bos_token_id is not None else eos)
-    w.add_eos_token_id(eos)
-    w.add_add_bos_token(False)
+    check_gguf_tokenizer(tok)
+    w = gguf.GGUFWriter(str(path), arch)
+    try:
+        w.add_name("stemma")
+        w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}[out_type])
+        vocab = tok.get_vocab(with_added_tokens=True)
+        tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+        if len(tokens) != cfg.vocab_size:
+            tokens += [f"[PAD{i}]" for i in range(len(tokens), cfg.vocab_size)]
+        specials = {t.content for t in tok.get_added_tokens_decoder().values()}
+        merges = json.loads(tok.to_str())["model"]["merges"]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        w.add_token_list(tokens)
+        w.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens])
+        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+        eos = _first_id(cfg.eos_token_id, 0)
+        w.add_bos_token_id(_first_id(cfg.bos_token_id, eos))
+        w.add_eos_token_id(eos)
+        # stemma's models are trained without a leading BOS; llama.cpp would otherwise add one to every prompt.
+        w.add_add_bos_token(False)
 
-    def put(name: str, t: torch.Tensor) -> None:
-        a = t.detach().float().contiguous().numpy()
-        if a.ndim == 2 and out_type == "f16" and name != "position_embd.weight":
-            w.add_tensor(name, a.astype(np.float16))
-            return
-        w.add_tensor(name, a.astype(np.float32))
+        def put(name: str, t: torch.Tensor) -> None:
+            a = t.detach().float().contiguous().numpy()
+            half = out_type == "f16" and a.ndim == 2 and name not in GGUF_F32_TENSORS
+            w.add_tensor(name, a.astype(np.float16 if half else np.float32))
 
-    tr = model.transformer
-    put("token_embd.weight", tr.wte.weight)
-    put("position_embd.weight", tr.wpe.weight)
-    for i, b in enumerate(tr.h):
-        put(f"blk.{i}.attn_norm.weight", b.ln_1.weight)
-        put(f"blk.{i}.attn_norm.bias", b.ln_1.bias)
-        put(f"blk.{i}.attn_qkv.weight", b.attn.c_attn.weight.t())
-        put(f"blk.{i}.attn_qkv.bias", b.attn.c_attn.bias)
-        put(f"blk.{i}.attn_output.weight", b.attn.c_proj.weight.t())
-        put(f"blk.{i}.attn_output.bias", b.attn.c_proj.bias)
-        put(f"blk.{i}.ffn_norm.weight", b.ln_2.weight)
-        put(f"blk.{i}.ffn_norm.bias", b.ln_2.bias)
-        put(f"blk.{i}.ffn_up.weight", b.mlp.c_fc.weight.t())
-        put(f"blk.{i}.ffn_up.bias", b.mlp.c_fc.bias)
-        put(f"blk.{i}.ffn_down.weight", b.mlp.c_proj.weight.t())
-        put(f"blk.{i}.ffn_down.bias", b.mlp.c_proj.bias)
-    put("output_norm.weight", tr.ln_f.weight)
-    put("output_norm.bias", tr.ln_f.bias)
-    put("output.weight", model.lm_head.weight)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+        fam.write_gguf(model, w, put)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    except BaseException:
+        w.close()
+        Path(path).unlink(missing_ok=True)
+        raise
     w.close()
+
+
+def _first_id(v, default: int) -> int:
+    """A config's token id, which some configs give as a list (the first one is the one llama.cpp takes)."""
+    if isinstance(v, list | tuple):
+        v = v[0] if v else None
+    return default if v is None else int(v)
 
 
 def quantize_gguf(src: Path, dst: Path, kind: str = "q8_0") -> None:

@@ -7,8 +7,9 @@ are the measured footprints (`stemma.footprint`), never estimates: a candidate f
 resident memory while generating is within the memory budget and its measured ms/token, scaled from the machine
 it was measured on to the target machine by their GEMM throughput, is within the latency budget.
 
-With ``measure=False`` (the server's ``model: auto``) nothing is measured or evaluated: a candidate whose footprint
-or perplexity is not stored yet is left out with that reason, and measuring stays with `stemma build`.
+With ``measure=False`` (the server's ``model: auto``) nothing is measured or evaluated: a candidate whose
+perplexity (or, when memory or latency is asked, footprint) is not stored yet is left out with that reason, and
+measuring stays with `stemma build`.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ class Candidate:
     kind: str
     """``target``, ``ancestor`` or ``variant``."""
     perplexity: float
-    footprint: Footprint
+    footprint: Footprint | None
+    """None only when nothing asks about memory or speed and none is stored (``measure=False``)."""
     ms_per_token: float
     """Measured, scaled to the target machine."""
     misses: list[tuple[str, float, str]] = field(default_factory=list)
@@ -103,7 +105,7 @@ class Candidate:
 
     @property
     def memory(self) -> int:
-        return self.footprint.rss_generate_bytes
+        return self.footprint.rss_generate_bytes if self.footprint is not None else 0
 
     @property
     def worst_miss(self) -> float:
@@ -183,13 +185,16 @@ def select(ws: Workspace, language: str, domain: str | None = None, memory_bytes
             fp, ppl = ensure(ws, v.id), evaluator.ppl(v, ds)
         else:
             fp, ppl = stored(ws, v.id), evaluator.stored(v, ds)
-            if fp is None or ppl is None:
-                what = " and ".join(w for w, x in (("footprint", fp), ("perplexity", ppl)) if x is None)
+            needs_fp = memory_bytes is not None or latency_ms is not None
+            if (fp is None and needs_fp) or ppl is None:
+                what = " and ".join(w for w, x in (("footprint", fp if needs_fp else 1), ("perplexity", ppl))
+                                    if x is None)
                 unmeasured.append(f"{node} ({v.short}): no stored {what}; run `stemma build` to measure it")
                 continue
-        scale = target_gflops / fp.machine["gemm_gflops"] if target_gflops and fp.machine.get("gemm_gflops") else 1.0
+        gemm = fp.machine.get("gemm_gflops") if fp is not None else None
+        scale = target_gflops / gemm if target_gflops and gemm else 1.0
         c = Candidate(node=node, version=v, kind=kind, perplexity=ppl, footprint=fp,
-                      ms_per_token=fp.ms_per_token / scale)
+                      ms_per_token=fp.ms_per_token / scale if fp is not None else float("nan"))
         if memory_bytes is not None and c.memory > memory_bytes:
             over = c.memory - memory_bytes
             c.misses.append(("memory", over / memory_bytes, f"needs {_mb(c.memory)} peak memory, {_mb(over)} "
@@ -207,8 +212,9 @@ def select(ws: Workspace, language: str, domain: str | None = None, memory_bytes
     missing = sorted((c for c in out if not c.fits), key=lambda c: (c.worst_miss, c.perplexity))
     if fitting:
         best = fitting[0]
-        best.reason = (f"best perplexity ({best.perplexity:.2f}) of the {len(fitting)} that fit, "
-                       f"{_mb(best.memory)} peak, {best.ms_per_token:.1f} ms/token")
+        cost = (f", {_mb(best.memory)} peak, {best.ms_per_token:.1f} ms/token" if best.footprint is not None
+                else " (no memory or latency asked)")
+        best.reason = f"best perplexity ({best.perplexity:.2f}) of the {len(fitting)} that fit{cost}"
         for c in fitting[1:]:
             worse = c.perplexity / best.perplexity - 1
             c.reason = f"fits, perplexity {worse:.1%} worse than {best.node}, which also fits"

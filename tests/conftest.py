@@ -102,7 +102,7 @@ def _build_tree(tmp_path_factory, arch: str) -> dict:
     os.environ["STEMMA_HOME"] = str(home)
     try:
         ws = Workspace.init(home)
-        events = build(ws, load_spec(spec_path))
+        events = build(ws, load_spec(spec_path), footprint=True)  # as `stemma build` does by default
     finally:
         if old is None:
             os.environ.pop("STEMMA_HOME", None)
@@ -113,7 +113,7 @@ def _build_tree(tmp_path_factory, arch: str) -> dict:
 
 @pytest.fixture(scope="session")
 def built_tree(tmp_path_factory):
-    """One tiny GPT-2 tree, built once; tests must treat it as read-only (copy it to modify)."""
+    """One tiny GPT-2 tree, built once with footprints; tests must treat it as read-only (copy it to modify)."""
     return _build_tree(tmp_path_factory, "gpt2")
 
 

@@ -11,8 +11,8 @@ from stemma.export import export
 
 
 @pytest.mark.parametrize("node", ["master", "en", "en/legal", "en/software", "en/software/python"])
-def test_merged_export_loads_in_transformers_with_equal_logits(tree_copy, node, tmp_path):
-    ws = tree_copy["ws"]
+def test_merged_export_loads_in_transformers_with_equal_logits(any_copy, node, tmp_path):
+    ws = any_copy["ws"]
     out = export(ws, node, tmp_path / "out")
     hf = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
@@ -26,17 +26,25 @@ def test_merged_export_loads_in_transformers_with_equal_logits(tree_copy, node, 
 
 
 @pytest.mark.parametrize("node", ["en/software", "en/software/python"])
-def test_adapter_export_loads_in_peft_with_equal_logits(tree_copy, node, tmp_path):
+def test_adapter_export_loads_in_peft_with_equal_logits(any_copy, node, tmp_path):
+    """The adapter (``en/software``) and the chain (``en/software/python``, whose base has ``en/software`` merged):
+    the exported base is what the adapter applies to, and peft on it gives stemma's logits."""
     from peft import PeftModel
 
-    ws = tree_copy["ws"]
+    ws = any_copy["ws"]
+    v = ws.resolve_version(node)
     out = export(ws, node, tmp_path / "out", fmt="adapter")
     base = AutoModelForCausalLM.from_pretrained(out / "base")
-    model = PeftModel.from_pretrained(base, out)
     ids = torch.randint(0, 500, (2, 24))
-    ours = ws.load_model(ws.resolve_version(node).id)
     with torch.no_grad():
-        assert torch.allclose(model(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5)
+        below = ws.load_model(v.id, below=True)(input_ids=ids).logits
+        assert torch.allclose(base(input_ids=ids).logits, below, atol=1e-5)
+        model = PeftModel.from_pretrained(base, out)
+        ours = ws.load_model(v.id)(input_ids=ids).logits
+        assert torch.allclose(model(input_ids=ids).logits, ours, atol=1e-5)
+        assert not torch.allclose(ours, below, atol=1e-5)  # the adapter changes the model
+    meta = json.loads((out / "stemma.json").read_text())
+    assert meta["adapters"][-1] == v.id and meta["base"] == ws.plan(v.id).base.id
 
 
 def test_export_refuses_non_empty_target_and_leaves_nothing_on_error(tree_copy, tmp_path):

@@ -143,13 +143,13 @@ def _stemma_greedy(model, ids: list[int], n: int) -> list[int]:
 
 
 def test_gguf_refuses_architectures_it_cannot_express(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import OPTConfig, OPTForCausalLM
 
     from stemma.pull import write_gguf
 
-    m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                     num_attention_heads=2))
-    with pytest.raises(StemmaError, match="GPT-2 architecture"):
+    m = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                                 num_attention_heads=2, word_embed_proj_dim=32))
+    with pytest.raises(StemmaError, match="no stemma model family"):
         write_gguf(m, None, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
 
@@ -179,8 +179,9 @@ def test_llama_cpp_greedy_output_equals_stemmas(variants, tmp_path, gguf_type):
 
 
 def test_gguf_q8_0_by_llama_cpps_quantizer_loads_and_tracks_stemma(variants, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     from stemma.pull import pull
+    from tests.test_gguf import open_q8_0
 
     ws = variants["ws"]
     v = ws.resolve_version("en/legal")
@@ -191,7 +192,7 @@ def test_gguf_q8_0_by_llama_cpps_quantizer_loads_and_tracks_stemma(variants, tmp
     assert (f32 / "model.gguf").stat().st_size / (q8 / "model.gguf").stat().st_size > 3.0
     tok = ws.tokenizer(v.row.tokenizer)
     ref = ws.load_model(v.id)
-    llm = llama_cpp.Llama(str(q8 / "model.gguf"), n_ctx=64, verbose=False, seed=0)
+    llm = open_q8_0(q8 / "model.gguf")
     agree = 0
     for prompt in PROMPTS:
         ids = tok.encode(prompt).ids

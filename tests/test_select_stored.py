@@ -27,10 +27,10 @@ def test_unmeasured_candidates_are_skipped_with_a_reason(variants, monkeypatch):
     with ws.db.session() as s:  # as if the variant had been built without footprints
         s.execute(delete(Metric).where(Metric.version_id == int8.id, Metric.name.like("footprint.%")))
     _forbid_measuring(monkeypatch)
-    sel = select(ws, "en", "software/python", measure=False)
+    sel = select(ws, "en", "software/python", memory_bytes=10**12, measure=False)
     assert "en/software/python/int8" not in {c.node for c in sel.ranked}
     assert any(s.startswith("en/software/python/int8") and "no stored footprint" in s for s in sel.skipped)
-    chosen = serve_select(ws, language="en", domain="python")
+    chosen = serve_select(ws, language="en", domain="python", memory_bytes=10**12)
     assert "not considered: en/software/python/int8" in chosen.reason
 
 
@@ -42,4 +42,4 @@ def test_nothing_stored_is_a_clear_error_not_a_measurement(variants, monkeypatch
         s.execute(delete(Metric).where(Metric.name.like("footprint.%")))
     _forbid_measuring(monkeypatch)
     with pytest.raises(StemmaError, match="no candidate for en/software/python has stored measurements"):
-        select(ws, "en", "software/python", measure=False)
+        select(ws, "en", "software/python", latency_ms=1000.0, measure=False)

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import StemmaError
-from .model import Decoder, LoraDelta
+from .decoder import Decoder
+from .lora import LoraDelta
 
 log = logging.getLogger("stemma.serve")
 _ids = itertools.count(1)

@@ -2,7 +2,8 @@
 
 A request names a node (``en/software/python``: its current version), a pinned version
 (``en/software/python@6994441f``) or ``auto`` (a selector picks). Every servable version is
-*base + adapter chain*: its nearest ancestor with full weights (the base) and the LoRA adapters below it.
+*base + adapter chain*, read from its `LoadPlan`: its nearest ancestor with full weights (the base) and the LoRA
+adapters below it.
 Versions that share a base share one `Engine` and are batched together; a distilled student or a full
 finetune is a base of its own and gets its own engine. Engines are measured once loaded (weights, KV cache,
 adapters) and evicted least-recently-used while idle when the total exceeds the budget.
@@ -10,25 +11,27 @@ adapters) and evicted least-recently-used while idle when the total exceeds the 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
 
 from ..errors import StemmaError
+from ..models import families
+from ..models.families.serving import DecoderShape, LoraSite
 from .config import ServeConfig
+from .decoder import Decoder
 from .engine import Engine, Scheduler, Sequence
-from .model import Decoder, LoraDelta, lora_from_peft, shape_of
+from .lora import LoraDelta, lora_from_peft
 from .selector import select
 
 log = logging.getLogger("stemma.serve")
-PLAIN_FILES = {"config.json", "generation_config.json", "model.safetensors"}
-"""Files of a full-weight version the engine can serve; anything more is a format of its own."""
-ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 
 
 class ModelNotFoundError(StemmaError):
@@ -84,34 +87,19 @@ class ModelPool:
         t = self._targets.get(version_id)
         if t is not None:
             return t
-        chain = self.ws.model_chain(version_id)
-        for v in chain[::-1]:
-            custom = set(v.manifest["files"]) - PLAIN_FILES - ADAPTER_FILES
-            if custom:  # e.g. a quantized variant's variant.json: its layers are not plain GPT-2 linears
-                raise ModelNotFoundError(
-                    f"{chain[-1].row.node_path}: {v.row.node_path} is a {v.row.relation} variant stored in its own "
-                    f"format ({', '.join(sorted(custom))}); the batched engine serves plain GPT-2 weights and LoRA "
-                    "chains")
-            if "adapter_model.safetensors" not in v.manifest["files"]:
-                break
-        full = [i for i, v in enumerate(chain) if "model.safetensors" in v.manifest["files"]]
-        if not full:
-            raise ModelNotFoundError(f"{chain[-1].row.node_path} has no full-weight ancestor to serve")
-        start = full[-1]
-        base, below = chain[start], chain[start + 1 :]
-        for v in below:
-            if "adapter_model.safetensors" not in v.manifest["files"]:
-                raise ModelNotFoundError(f"{v.row.node_path}: only LoRA adapter chains are served, not "
-                                         f"{v.row.relation}")
-            if v.row.tokenizer != base.row.tokenizer:
-                raise ModelNotFoundError(f"{v.row.node_path}: tokenizer differs from its base's; refusing to serve")
-        arch = chain[-1].manifest.get("architecture") or {}
-        if arch.get("model_type", "gpt2") != "gpt2":
-            raise ModelNotFoundError(f"{chain[-1].row.node_path}: serving supports GPT-2 models only")
-        v = chain[-1]
-        node = self.ws.node(v.row.node_path)
-        t = Target(node=v.row.node_path, version_id=v.id, base_id=base.id, base_node=base.row.node_path,
-                   adapters=tuple(x.id for x in below), relation=v.row.relation,
+        try:
+            plan = self.ws.plan(version_id)
+        except StemmaError as e:  # no full-weight ancestor, or an adapter on a different tokenizer
+            raise ModelNotFoundError(str(e)) from None
+        me = plan.version
+        if plan.loader == "variant":  # e.g. a quantized variant: its layers are not plain linears
+            raise ModelNotFoundError(
+                f"{me.node}: {plan.base.node} is a {plan.base.relation} variant stored in its own format; the batched "
+                "engine serves full weights and LoRA chains")
+        arch = self.ws.version(me.id).manifest.get("architecture") or {}
+        node = self.ws.node(me.node)
+        t = Target(node=me.node, version_id=me.id, base_id=plan.base.id, base_node=plan.base.node,
+                   adapters=tuple(a.id for a in plan.adapters), relation=me.relation,
                    layer=node.layer if node else "", parent_node=node.parent_path if node else None,
                    context=int(arch.get("context") or 0))
         self._targets[version_id] = t
@@ -228,31 +216,31 @@ class ModelPool:
     def _load_engine(self, t: Target) -> Engine:
         from ..models.tokenizer import eos_id
 
-        def build() -> Decoder:
+        def build() -> tuple[Decoder, Callable[[str], LoraSite | None]]:
             hf = self.ws.load_model(t.base_id)
-            return Decoder(hf.state_dict(), shape_of(hf.config), self.cfg.max_batch)
+            family = families.checked(hf.config)
+            shape = family.decoder_shape(hf.config)
+            return Decoder(family.decoder_weights(hf), shape, self.cfg.max_batch), \
+                functools.partial(family.lora_site, config=hf.config)
 
         # On the scheduler thread, the only one that runs tensor work (see `Scheduler`).
-        decoder = self.scheduler.call(build)
-        shape = decoder.shape
-        base = self.ws.version(t.base_id)
-        tok = self.ws.tokenizer(base.row.tokenizer)
+        decoder, site = self.scheduler.call(build)
+        tok = self.ws.tokenizer(self.ws.plan(t.base_id).base.tokenizer)
 
         def load_adapter(key: tuple[str, ...]) -> LoraDelta:
-            return LoraDelta.concat([self._delta(vid, shape) for vid in key])
+            return LoraDelta.concat([self._delta(vid, decoder.shape, site) for vid in key])
 
         return Engine(t.base_node, decoder, tok, eos_id(tok), load_adapter, max_adapters=self.cfg.max_adapters,
                       adapter_budget_bytes=self.cfg.adapter_budget_bytes,
                       max_prefill_tokens=self.cfg.max_prefill_tokens)
 
-    def _delta(self, version_id: str, shape) -> LoraDelta:
+    def _delta(self, version_id: str, shape: DecoderShape, site: Callable[[str], LoraSite | None]) -> LoraDelta:
         from safetensors.torch import load_file
 
-        v = self.ws.version(version_id)
-        files = v.manifest["files"]
+        files = dict(self.ws.plan(version_id).version.files)
         cfg = json.loads(self.ws.store.get_bytes(files["adapter_config.json"]))
         tensors = load_file(str(self.ws.store.verified_path(files["adapter_model.safetensors"])))
-        return lora_from_peft(tensors, cfg, shape)
+        return lora_from_peft(tensors, cfg, shape, site)
 
     def _drop(self, base_id: str) -> None:
         e = self.engines.pop(base_id)

@@ -2,27 +2,49 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
 
 
-@pytest.fixture(scope="module")
-def tree_ws(built_tree):
-    """A workspace on the session tree (read-only use)."""
+@contextlib.contextmanager
+def _open(tree):
+    """A workspace on a session tree, with STEMMA_HOME pointing at it meanwhile."""
     import os
 
     from stemma.workspace import Workspace
 
     old = os.environ.get("STEMMA_HOME")
-    os.environ["STEMMA_HOME"] = str(built_tree["home"])
+    os.environ["STEMMA_HOME"] = str(tree["home"])
     try:
-        yield Workspace.open(built_tree["home"])
+        yield Workspace.open(tree["home"])
     finally:
         if old is None:
             os.environ.pop("STEMMA_HOME", None)
         else:
             os.environ["STEMMA_HOME"] = old
+
+
+@pytest.fixture(scope="module")
+def tree_ws(built_tree):
+    """A workspace on the session GPT-2 tree (read-only use)."""
+    with _open(built_tree) as ws:
+        yield ws
+
+
+@pytest.fixture(scope="module")
+def llama_ws(llama_tree):
+    """A workspace on the session Llama tree (read-only use)."""
+    with _open(llama_tree) as ws:
+        yield ws
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def family_ws(request):
+    """Each family's session tree in turn (read-only use)."""
+    with _open(request.getfixturevalue("built_tree" if request.param == "gpt2" else "llama_tree")) as ws:
+        yield ws
 
 
 def run_sequences(pool, jobs, timeout: float = 60.0):

@@ -20,6 +20,22 @@ def client(tree_ws):
         yield c
 
 
+@pytest.fixture(scope="module")
+def llama_client(llama_tree):
+    """The same app over the Llama tree (GQA, RoPE, SwiGLU; the same nodes and relations)."""
+    from stemma.workspace import Workspace
+
+    app = create_app(Workspace.open(llama_tree["home"]), ServeConfig(admin_token=TOKEN, max_batch=16, max_n=4))
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def any_client(request):
+    """Each family's app in turn."""
+    return request.getfixturevalue("client" if request.param == "gpt2" else "llama_client")
+
+
 def _complete(client, **body):
     r = client.post("/v1/completions", json={"temperature": 0, **body})
     assert r.status_code == 200, r.text
@@ -35,7 +51,8 @@ def _sse(lines) -> list:
     return out
 
 
-def test_models_lists_every_servable_node_with_lineage(client):
+def test_models_lists_every_servable_node_with_lineage(any_client):
+    client = any_client
     data = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     assert set(data) == {"master", "en", "en/software", "en/software/python", "en/legal"}
     py = data["en/software/python"]
@@ -69,7 +86,8 @@ def test_n_prompts_and_token_prompts(client):
     assert ids["usage"]["prompt_tokens"] == 3
 
 
-def test_stream_equals_non_stream(client):
+def test_stream_equals_non_stream(any_client):
+    client = any_client
     body = {"model": "en/software/python", "prompt": "import os\n", "max_tokens": 20, "temperature": 0}
     plain = _complete(client, **body)
     with client.stream("POST", "/v1/completions",
@@ -85,7 +103,8 @@ def test_stream_equals_non_stream(client):
         plain["choices"][0]["finish_reason"]
 
 
-def test_chat_completion_and_stream(client):
+def test_chat_completion_and_stream(any_client):
+    client = any_client
     body = {"model": "en/software", "messages": [{"role": "system", "content": "You answer briefly."},
                                                  {"role": "user", "content": "What does ls do?"}],
             "max_tokens": 16, "temperature": 0}

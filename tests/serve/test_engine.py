@@ -1,5 +1,6 @@
 """The serving engine against Hugging Face: greedy output equals `generate` on the merged model, for the base,
-a single adapter, an adapter chain and a batch mixing all of them; plus the engine's own mechanics."""
+a single adapter, an adapter chain and a batch mixing all of them, on the GPT-2 tree and the Llama tree (GQA,
+RoPE, SwiGLU); plus the engine's own mechanics."""
 
 from __future__ import annotations
 
@@ -20,23 +21,23 @@ NEW = 24
 
 
 @pytest.fixture(scope="module")
-def pool(tree_ws):
-    p = ModelPool(tree_ws, ServeConfig(max_batch=32))
+def pool(family_ws):
+    p = ModelPool(family_ws, ServeConfig(max_batch=32))
     yield p
     p.close()
 
 
 @pytest.fixture(scope="module")
-def references(tree_ws):
+def references(family_ws):
     """Greedy continuations by Hugging Face `generate` on each merged model (stopping at end-of-text)."""
     from stemma.models.tokenizer import eos_id
 
-    tok = tree_ws.tokenizer(tree_ws.resolve_version("en").row.tokenizer)
+    tok = family_ws.tokenizer(family_ws.resolve_version("en").row.tokenizer)
     eos = eos_id(tok)
     prompts = [tok.encode(p).ids for p in PROMPTS]
     refs = {}
     for m in MODELS:
-        hf = tree_ws.load_model(tree_ws.resolve_version(m).id)
+        hf = family_ws.load_model(family_ws.resolve_version(m).id)
         for i, p in enumerate(prompts):
             out = hf.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, eos_token_id=eos,
                               pad_token_id=eos)[0, len(p):].tolist()
@@ -64,27 +65,62 @@ def test_greedy_equals_hf_generate(pool, references, model):
         assert s.generated == refs[model, i], f"{model} prompt {i}"
 
 
+@pytest.mark.parametrize(("fused_columns", "concat_columns"), [(128, 128), (0, 0)], ids=["fused", "grouped"])
+def test_logits_equal_merged_model(pool, family_ws, references, fused_columns, concat_columns, monkeypatch):
+    """The tiny trees' greedy text is repetitive, so tokens alone could hide a small error: the logits of a mixed
+    batch (base, adapter, chain) and of each full-weight model, prefill and decode, equal the merged model's."""
+    from stemma.serve import lora as serve_lora
+
+    monkeypatch.setattr(serve_lora, "FUSED_COLUMNS", fused_columns)
+    monkeypatch.setattr(serve_lora, "CONCAT_COLUMNS", concat_columns)
+    prompts, _ = references
+    for group in (["en", "en/software", "en/software/python"], ["en/legal"], ["master"]):
+        targets = [pool.resolve(m) for m in group]
+        engine = pool._load_engine(targets[0])  # a decoder of its own, outside the scheduler's engines
+        dec = engine.decoder
+        aids = torch.tensor([dec.bank.add(engine.load_adapter(t.adapters)) if t.adapters else 0 for t in targets])
+        models = [family_ws.load_model(t.version_id) for t in targets]
+        rows = [list(prompts[i + 1]) for i in range(len(targets))]
+        lengths = torch.tensor([len(r) for r in rows])
+        tokens = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)] = torch.tensor(r)
+        with torch.no_grad():
+            out = dec.prefill(tokens, lengths, 0, aids)
+            for step in range(4):
+                for i, (m, r) in enumerate(zip(models, rows)):
+                    want = m(torch.tensor([r])).logits[0, -1]
+                    torch.testing.assert_close(out[i], want, atol=1e-4, rtol=1e-4, msg=f"{group[i]} step {step}")
+                nxt = torch.tensor([(7 * step + 3 * i) % dec.shape.vocab_size for i in range(len(rows))])
+                positions = torch.tensor([len(r) for r in rows])
+                for r, t in zip(rows, nxt.tolist()):
+                    r.append(t)
+                out = dec.decode(nxt, positions, aids)
+
+
 @pytest.mark.parametrize(("packed", "fused_columns", "concat_columns"),
                          [(True, 128, 128), (True, 0, 128), (True, 0, 0), (False, 128, 128)],
                          ids=["fused", "concatenated", "grouped", "fused-unpacked"])
-def test_mixed_batch_equals_hf_generate(pool, tree_ws, references, packed, fused_columns, concat_columns,
+def test_mixed_batch_equals_hf_generate(pool, family_ws, references, packed, fused_columns, concat_columns,
                                         monkeypatch):
     """Every model on every prompt in one submission: adapters, a chain and the base share decode steps.
     Each form of per-row LoRA: the bank's A's as extra columns of the base weights, the batch's adapters
     concatenated, and grouped batched matmuls; and the base GEMMs with oneDNN-packed and with plain weights."""
-    from stemma.serve import model as serve_model
+    from stemma.serve import decoder as serve_decoder
+    from stemma.serve import linear as serve_linear
+    from stemma.serve import lora as serve_lora
 
     if not packed:
-        monkeypatch.setattr(serve_model, "PACKED", False)
-        pool = ModelPool(tree_ws, ServeConfig(max_batch=32))
-    elif not serve_model.PACKED:
+        monkeypatch.setattr(serve_linear, "PACKED", False)
+        pool = ModelPool(family_ws, ServeConfig(max_batch=32))
+    elif not serve_linear.PACKED:
         pytest.skip("this PyTorch has no oneDNN packed linear")
-    monkeypatch.setattr(serve_model, "FUSED_COLUMNS", fused_columns)
-    monkeypatch.setattr(serve_model, "CONCAT_COLUMNS", concat_columns)
+    monkeypatch.setattr(serve_lora, "FUSED_COLUMNS", fused_columns)
+    monkeypatch.setattr(serve_lora, "CONCAT_COLUMNS", concat_columns)
     calls = []  # (tokens per row, fused columns) of every block linear
-    real = serve_model.Decoder._linear
-    monkeypatch.setattr(serve_model.Decoder, "_linear", lambda self, x, layer, name, plan: calls.append(
-        (x.shape[1], self._fused_key[0] if plan is not None and plan.uniform is None else 0))
+    real = serve_decoder.Decoder._linear
+    monkeypatch.setattr(serve_decoder.Decoder, "_linear", lambda self, x, layer, name, plan: calls.append(
+        (x.shape[1], self._fused.get(name, 0) if plan is not None and plan.uniform is None else 0))
         or real(self, x, layer, name, plan))
     try:
         prompts, refs = references
@@ -111,10 +147,10 @@ def test_mixed_batch_equals_hf_generate(pool, tree_ws, references, packed, fused
             pool.close()
 
 
-def test_adapters_evicted_lru_and_still_exact(tree_ws, references):
+def test_adapters_evicted_lru_and_still_exact(family_ws, references):
     """With room for one adapter, the two children take turns in the bank and stay exact."""
     prompts, refs = references
-    p = ModelPool(tree_ws, ServeConfig(max_batch=8, max_adapters=1))
+    p = ModelPool(family_ws, ServeConfig(max_batch=8, max_adapters=1))
     try:
         for _ in range(2):
             for m in ("en/software", "en/software/python"):
@@ -129,9 +165,9 @@ def test_adapters_evicted_lru_and_still_exact(tree_ws, references):
         p.close()
 
 
-def test_more_requests_than_slots_join_as_slots_free(tree_ws, references):
+def test_more_requests_than_slots_join_as_slots_free(family_ws, references):
     prompts, refs = references
-    p = ModelPool(tree_ws, ServeConfig(max_batch=3))
+    p = ModelPool(family_ws, ServeConfig(max_batch=3))
     try:
         jobs = [(m, prompts[i % len(prompts)], _greedy()) for i, m in enumerate(["en", "en/software"] * 6)]
         seqs, _ = run_sequences(p, jobs)
@@ -181,26 +217,44 @@ def test_cancelled_sequence_frees_its_slot(pool, references):
     assert not any(e.done for e in got) and len(s.generated) < 30
 
 
-def test_lora_conversion_refuses_unsupported_adapters(tree_ws):
+def test_lora_conversion_refuses_unsupported_adapters(family_ws):
+    """Each projection's delta lands in its decoder linear (Llama's q/k/v in the fused qkv: three ranks, B zero
+    outside each projection's columns); DoRA, rsLoRA, patterns and non-block modules are refused."""
+    import functools
     import json
 
     from safetensors.torch import load_file
 
     from stemma.errors import StemmaError
-    from stemma.serve.model import lora_from_peft, shape_of
+    from stemma.models import families
+    from stemma.models.families.serving import ATTN_OUT, LINEARS, MLP_DOWN, MLP_UP, QKV
+    from stemma.serve.lora import lora_from_peft
 
-    v = tree_ws.resolve_version("en/software")
+    v = family_ws.resolve_version("en/software")
     files = v.manifest["files"]
-    cfg = json.loads(tree_ws.store.get_bytes(files["adapter_config.json"]))
-    tensors = load_file(str(tree_ws.store.verified_path(files["adapter_model.safetensors"])))
-    shape = shape_of(tree_ws.load_model(v.row.parent_id).config)
-    delta = lora_from_peft(tensors, cfg, shape)
-    assert delta.rank() == cfg["r"] and len(delta.a) == 4 * shape.n_layer
+    cfg = json.loads(family_ws.store.get_bytes(files["adapter_config.json"]))
+    tensors = load_file(str(family_ws.store.verified_path(files["adapter_model.safetensors"])))
+    config = family_ws.load_model(v.row.parent_id).config
+    family = families.checked(config)
+    shape, site = family.decoder_shape(config), functools.partial(family.lora_site, config=config)
+    delta = lora_from_peft(tensors, cfg, shape, site)
+    r = cfg["r"]
+    assert set(delta.a) == {(layer, n) for layer in range(shape.n_layer) for n in LINEARS}
+    fused = shape.positions == "rope"  # the Llama tree: q/k/v and gate/up are fused in the decoder
+    expect = {QKV: 3 * r, ATTN_OUT: r, MLP_UP: 2 * r, MLP_DOWN: r} if fused else dict.fromkeys(LINEARS, r)
+    assert delta.ranks() == expect
+    if fused:
+        q, kv = shape.n_head * shape.head_dim, shape.n_kv_head * shape.head_dim
+        b = delta.b[(0, QKV)].abs()  # [3r, q + 2kv]: block-diagonal, rows of q, then k, then v
+        for i, (start, width) in enumerate(((0, q), (q, kv), (q + kv, kv))):
+            rows = b[i * r : (i + 1) * r]
+            assert rows[:, start : start + width].max() > 0
+            assert rows[:, :start].sum() == 0 and rows[:, start + width :].sum() == 0
     for bad in ({"use_dora": True}, {"use_rslora": True}, {"rank_pattern": {"c_fc": 4}}):
         with pytest.raises(StemmaError):
-            lora_from_peft(tensors, {**cfg, **bad}, shape)
+            lora_from_peft(tensors, {**cfg, **bad}, shape, site)
     with pytest.raises(StemmaError):
-        lora_from_peft({**tensors, "base_model.model.lm_head.lora_A.weight": torch.zeros(8, 64)}, cfg, shape)
+        lora_from_peft({**tensors, "base_model.model.lm_head.lora_A.weight": torch.zeros(8, 64)}, cfg, shape, site)
 
 
 def test_scheduler_runs_tensor_work_on_its_own_thread():

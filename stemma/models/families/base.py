@@ -120,8 +120,20 @@ class Family:
 
     # ------------------------------------------------------------------ GGUF
     gguf_arch: ClassVar[str]
-    """llama.cpp's architecture name."""
+    """llama.cpp's architecture name for the family's own configs (`gguf_architecture` may pick another)."""
+
+    def gguf_architecture(self, config) -> str:
+        """llama.cpp's architecture name for ``config``; refuses, with one line, what no llama.cpp architecture
+        expresses. Called before anything is written."""
+        return self.gguf_arch
 
     def write_gguf(self, model, writer, put) -> None:
-        """Add the architecture metadata and every tensor (``put(name, tensor)``) in llama.cpp's layout."""
+        """Add the architecture metadata and every tensor in llama.cpp's layout.
+
+        Args:
+            model: a plain transformers model of the family (adapters merged, compressed modules expanded).
+            writer: the ``gguf.GGUFWriter`` made for `gguf_architecture`; the file type and tokenizer are written
+                by the caller.
+            put: ``put(name, tensor)`` adds one tensor in the requested precision.
+        """
         raise NotImplementedError

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from . import register
+from . import serving as sv
 from .base import ArchConfig, Family, UnsupportedArchitectureError
 
 
@@ -89,6 +90,79 @@ class GPT2(Family):
             if not student.config.tie_word_embeddings and not teacher.config.tie_word_embeddings:
                 student.lm_head.weight.copy_(teacher.lm_head.weight)
         return picks
+
+    # ------------------------------------------------------------------ serving
+    _SERVED = {"attn.c_attn": sv.QKV, "attn.c_proj": sv.ATTN_OUT, "mlp.c_fc": sv.MLP_UP, "mlp.c_proj": sv.MLP_DOWN}
+    """GPT-2 block module -> serving decoder linear (the same linears: ``c_attn`` already holds q, k and v)."""
+
+    def decoder_shape(self, config) -> sv.DecoderShape:
+        c = config
+        d, inner, hd = c.n_embd, c.n_inner or 4 * c.n_embd, c.n_embd // c.n_head
+        return sv.DecoderShape(
+            n_layer=c.n_layer, n_head=c.n_head, n_kv_head=c.n_head, head_dim=hd, n_embd=d, n_inner=inner,
+            context=c.n_positions, vocab_size=c.vocab_size, eps=c.layer_norm_epsilon, norm="layer",
+            activation="gelu_tanh", positions="learned",
+            linears=sv.block_linears(d, c.n_head, c.n_head, hd, inner, gated=False))
+
+    def decoder_weights(self, model) -> sv.DecoderWeights:
+        """``Conv1D`` weights are already ``[in, out]``: every tensor is the model's own, none copied."""
+        tr = model.transformer
+
+        def norm(ln) -> sv.Norm:
+            return sv.Norm(sv.fp32(ln.weight), sv.fp32(ln.bias))
+
+        def block(b) -> sv.BlockWeights:
+            mods = {"attn.c_attn": b.attn.c_attn, "attn.c_proj": b.attn.c_proj, "mlp.c_fc": b.mlp.c_fc,
+                    "mlp.c_proj": b.mlp.c_proj}
+            return sv.BlockWeights(norm_1=norm(b.ln_1), norm_2=norm(b.ln_2), linears={
+                self._SERVED[n]: sv.LinearWeights(sv.fp32(m.weight), sv.fp32(m.bias)) for n, m in mods.items()})
+
+        return sv.DecoderWeights(
+            embedding=sv.fp32(tr.wte.weight), blocks=tuple(block(b) for b in tr.h), norm=norm(tr.ln_f),
+            head=sv.fp32(model.lm_head.weight).t(), position_table=sv.fp32(tr.wpe.weight))
+
+    def lora_site(self, module_path: str, config) -> sv.LoraSite | None:
+        parts = module_path.split(".")  # [..., "h", "<layer>", "attn", "c_attn"]
+        try:
+            i = parts.index("h")
+            layer = int(parts[i + 1])
+        except (ValueError, IndexError):
+            return None
+        name = self._SERVED.get(".".join(parts[i + 2 :]))
+        if name is None or not 0 <= layer < config.n_layer:
+            return None
+        return sv.LoraSite(layer, name, 0, self.decoder_shape(config).linear_dims(name)[1])
+
+    # ------------------------------------------------------------------ GGUF
+    def write_gguf(self, model, writer, put) -> None:
+        """llama.cpp's ``gpt2`` layout, as its ``convert_hf_to_gguf.py`` writes it: ``Conv1D`` weights transposed to
+        ``[out, in]``, the fused ``c_attn`` kept as ``attn_qkv``, and the output head written out even when tied."""
+        c = model.config
+        writer.add_context_length(c.n_positions)
+        writer.add_embedding_length(c.n_embd)
+        writer.add_feed_forward_length(c.n_inner or 4 * c.n_embd)
+        writer.add_block_count(c.n_layer)
+        writer.add_head_count(c.n_head)
+        writer.add_layer_norm_eps(c.layer_norm_epsilon)
+        tr = model.transformer
+        put("token_embd.weight", tr.wte.weight)
+        put("position_embd.weight", tr.wpe.weight)
+        for i, b in enumerate(tr.h):
+            put(f"blk.{i}.attn_norm.weight", b.ln_1.weight)
+            put(f"blk.{i}.attn_norm.bias", b.ln_1.bias)
+            put(f"blk.{i}.attn_qkv.weight", b.attn.c_attn.weight.t())
+            put(f"blk.{i}.attn_qkv.bias", b.attn.c_attn.bias)
+            put(f"blk.{i}.attn_output.weight", b.attn.c_proj.weight.t())
+            put(f"blk.{i}.attn_output.bias", b.attn.c_proj.bias)
+            put(f"blk.{i}.ffn_norm.weight", b.ln_2.weight)
+            put(f"blk.{i}.ffn_norm.bias", b.ln_2.bias)
+            put(f"blk.{i}.ffn_up.weight", b.mlp.c_fc.weight.t())
+            put(f"blk.{i}.ffn_up.bias", b.mlp.c_fc.bias)
+            put(f"blk.{i}.ffn_down.weight", b.mlp.c_proj.weight.t())
+            put(f"blk.{i}.ffn_down.bias", b.mlp.c_proj.bias)
+        put("output_norm.weight", tr.ln_f.weight)
+        put("output_norm.bias", tr.ln_f.bias)
+        put("output.weight", model.lm_head.weight)
 
 
 GPT2_FAMILY = register(GPT2())

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from . import register
+from . import serving as sv
 from .base import ArchConfig, Family, UnsupportedArchitectureError
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -144,6 +145,137 @@ class Llama(Family):
             if not student.config.tie_word_embeddings:
                 student.lm_head.weight.copy_(teacher.lm_head.weight)
         return picks
+
+    # ------------------------------------------------------------------ serving
+    def decoder_shape(self, config) -> sv.DecoderShape:
+        c = config
+        n_kv, hd = kv_heads(c), head_dim(c)
+        return sv.DecoderShape(
+            n_layer=c.num_hidden_layers, n_head=c.num_attention_heads, n_kv_head=n_kv, head_dim=hd,
+            n_embd=c.hidden_size, n_inner=c.intermediate_size, context=c.max_position_embeddings,
+            vocab_size=c.vocab_size, eps=c.rms_norm_eps, norm="rms", activation="silu_glu", positions="rope",
+            linears=sv.block_linears(c.hidden_size, c.num_attention_heads, n_kv, hd, c.intermediate_size, gated=True))
+
+    def decoder_weights(self, model) -> sv.DecoderWeights:
+        """q/k/v and gate/up are fused into one ``[in, out]`` weight each (a copy of those weights); the others are
+        transposed views of the model's own. RoPE's frequencies come from the model's rotary embedding, which
+        transformers computed for the config's scaling type."""
+        inner = model.model
+
+        def linear(*mods) -> sv.LinearWeights:
+            w = torch.cat([sv.fp32(m.weight) for m in mods]) if len(mods) > 1 else sv.fp32(mods[0].weight)
+            if all(m.bias is None for m in mods):
+                return sv.LinearWeights(w.t())
+            bias = [sv.fp32(m.bias) if m.bias is not None else torch.zeros(m.out_features) for m in mods]
+            return sv.LinearWeights(w.t(), torch.cat(bias))
+
+        def block(b) -> sv.BlockWeights:
+            at, mlp = b.self_attn, b.mlp
+            return sv.BlockWeights(
+                norm_1=sv.Norm(sv.fp32(b.input_layernorm.weight)),
+                norm_2=sv.Norm(sv.fp32(b.post_attention_layernorm.weight)),
+                linears={sv.QKV: linear(at.q_proj, at.k_proj, at.v_proj), sv.ATTN_OUT: linear(at.o_proj),
+                         sv.MLP_UP: linear(mlp.gate_proj, mlp.up_proj), sv.MLP_DOWN: linear(mlp.down_proj)})
+
+        rotary = inner.rotary_emb
+        return sv.DecoderWeights(
+            embedding=sv.fp32(inner.embed_tokens.weight), blocks=tuple(block(b) for b in inner.layers),
+            norm=sv.Norm(sv.fp32(inner.norm.weight)), head=sv.fp32(model.get_output_embeddings().weight).t(),
+            inv_freq=sv.fp32(rotary.inv_freq), attention_scaling=float(rotary.attention_scaling))
+
+    def lora_site(self, module_path: str, config) -> sv.LoraSite | None:
+        """q/k/v land in column slices of the fused ``attn.qkv``, gate/up in halves of ``mlp.up``."""
+        parts = module_path.split(".")  # [..., "layers", "<layer>", "self_attn", "k_proj"]
+        try:
+            i = parts.index("layers")
+            layer = int(parts[i + 1])
+        except (ValueError, IndexError):
+            return None
+        if not 0 <= layer < config.num_hidden_layers:
+            return None
+        q, kv = config.num_attention_heads * head_dim(config), kv_heads(config) * head_dim(config)
+        f, d = config.intermediate_size, config.hidden_size
+        site = {"self_attn.q_proj": (sv.QKV, 0, q), "self_attn.k_proj": (sv.QKV, q, kv),
+                "self_attn.v_proj": (sv.QKV, q + kv, kv), "self_attn.o_proj": (sv.ATTN_OUT, 0, d),
+                "mlp.gate_proj": (sv.MLP_UP, 0, f), "mlp.up_proj": (sv.MLP_UP, f, f),
+                "mlp.down_proj": (sv.MLP_DOWN, 0, d)}.get(".".join(parts[i + 2 :]))
+        return None if site is None else sv.LoraSite(layer, *site)
+
+    # ------------------------------------------------------------------ GGUF
+    def gguf_architecture(self, config) -> str:
+        # llama.cpp's converter writes Qwen2 checkpoints as its own ``qwen2`` architecture (rotate-half RoPE, q/k/v
+        # biases) and Llama and Mistral ones as ``llama``.
+        if config.model_type != "qwen2":
+            return "llama"
+        if rope_parameters(config)["rope_type"] == "llama3":
+            raise UnsupportedArchitectureError(
+                "GGUF: llama.cpp's qwen2 architecture has no per-frequency RoPE factors, so llama3 rope_scaling "
+                "cannot be written for a qwen2 model")
+        return "qwen2"
+
+    @staticmethod
+    def _pairs_adjacent(w: torch.Tensor, heads: int) -> torch.Tensor:
+        """Reorder a q/k projection's output rows from transformers' RoPE layout (each head's dimension i pairs
+        with i + head_dim/2) to llama.cpp's ``llama`` one (pairs 2j, 2j+1), as its converter does."""
+        d = w.shape[0] // heads
+        return w.reshape(heads, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+    def write_gguf(self, model, writer, put) -> None:
+        """llama.cpp's ``llama`` or ``qwen2`` layout, with the metadata its converter writes.
+
+        ``llama`` rotates adjacent pairs, so q/k rows (and biases) are reordered per head; ``qwen2`` rotates halves
+        as transformers does and takes the weights as they are. A tied head is left out: llama.cpp then reads
+        ``token_embd`` for the output, as it does for the converter's files. Linear RoPE scaling is metadata; llama3
+        scaling is the ``rope_freqs`` tensor of per-frequency divisors, taken from the frequencies the model uses.
+        """
+        c = model.config
+        arch = self.gguf_architecture(c)
+        n_head, n_kv, hd = c.num_attention_heads, kv_heads(c), head_dim(c)
+        rope = rope_parameters(c)
+        writer.add_vocab_size(c.vocab_size)
+        writer.add_context_length(c.max_position_embeddings)
+        writer.add_embedding_length(c.hidden_size)
+        writer.add_feed_forward_length(c.intermediate_size)
+        writer.add_block_count(c.num_hidden_layers)
+        writer.add_head_count(n_head)
+        writer.add_head_count_kv(n_kv)
+        writer.add_key_length(hd)
+        writer.add_value_length(hd)
+        writer.add_rope_dimension_count(hd)
+        writer.add_rope_freq_base(float(rope["rope_theta"]))
+        writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+        if rope["rope_type"] == "linear":
+            import gguf
+
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(rope["factor"]))
+        inner = model.model
+        put("token_embd.weight", inner.embed_tokens.weight)
+        if rope["rope_type"] == "llama3":
+            used = inner.rotary_emb.inv_freq.detach().float()
+            plain = 1.0 / (float(rope["rope_theta"]) ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+            put("rope_freqs.weight", plain / used)
+        permute = arch == "llama"
+        qk_bias, o_bias = self.qkv_bias(c), self.o_bias(c)
+        for i, layer in enumerate(inner.layers):
+            at, mlp = layer.self_attn, layer.mlp
+            for part, proj, heads in (("q", at.q_proj, n_head), ("k", at.k_proj, n_kv), ("v", at.v_proj, 0)):
+                names = ("weight", "bias") if qk_bias else ("weight",)
+                for kind in names:
+                    t = getattr(proj, kind)
+                    put(f"blk.{i}.attn_{part}.{kind}", self._pairs_adjacent(t, heads) if permute and heads else t)
+            put(f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight)
+            put(f"blk.{i}.attn_output.weight", at.o_proj.weight)
+            if o_bias:
+                put(f"blk.{i}.attn_output.bias", at.o_proj.bias)
+            put(f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight)
+            put(f"blk.{i}.ffn_gate.weight", mlp.gate_proj.weight)
+            put(f"blk.{i}.ffn_up.weight", mlp.up_proj.weight)
+            put(f"blk.{i}.ffn_down.weight", mlp.down_proj.weight)
+        put("output_norm.weight", inner.norm.weight)
+        head = model.get_output_embeddings().weight
+        if head.data_ptr() != inner.embed_tokens.weight.data_ptr():
+            put("output.weight", head)
 
 
 LLAMA_FAMILY = register(Llama())

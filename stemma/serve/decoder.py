@@ -1,0 +1,297 @@
+"""A batched decoder-only transformer for serving, one forward for every family (nanoGPT style).
+
+Training uses transformers' models; serving runs this smaller re-implementation because it needs three things
+``generate`` does not give: a KV cache preallocated per *slot* (a request occupies a slot from prefill to its
+last token, and requests join and leave between decode steps), rows at different positions in one decode step,
+and a different LoRA adapter per row (`stemma.serve.lora`).
+
+It runs from a family's `DecoderShape` and `DecoderWeights` (`stemma.models.families.serving`) alone: GPT-2
+(LayerNorm, learned positions, GELU) and the Llama layout (RMSNorm, RoPE, SwiGLU, grouped-query attention) are
+the same block with different norms, positions and activation::
+
+    x = embed(tokens) (+ position_table[positions])
+    for each block:
+        q, k, v = split(norm_1(x) @ W_qkv)          (RoPE on q and k)
+        x = x + attention(q, k, v) @ W_out           (causal; K/V into the slot cache)
+        x = x + down(act(norm_2(x) @ W_up))          (act: gelu, or silu(gate) * up)
+    logits = norm(x) @ W_head
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..models.families.serving import ATTN_OUT, LINEARS, MLP_DOWN, MLP_UP, QKV, DecoderShape, DecoderWeights, Norm
+from . import lora
+from .linear import Linear
+from .lora import LoraBank, LoraPlan
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """transformers' RoPE convention: dimension i of a head pairs with i + head_dim/2."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Decoder:
+    """Decoder forward over a slot KV cache with per-row LoRA.
+
+    Args:
+        weights: the model's weights (tensors are used as they are where the layout allows, not copied).
+        shape: its shape.
+        max_slots: rows of the KV cache, i.e. the largest batch.
+    """
+
+    def __init__(self, weights: DecoderWeights, shape: DecoderShape, max_slots: int):
+        self.shape = shape
+        self.embedding = weights.embedding  # [V, C]
+        self.position_table = weights.position_table  # [ctx, C] or None
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        if shape.positions == "rope":
+            # cos and sin of every position, computed as transformers does (fp32 angle = position * inv_freq, each
+            # frequency for dimensions i and i + head_dim/2, times attention_scaling), so each row looks its own
+            # position up.
+            freqs = torch.arange(shape.context, dtype=torch.float32)[:, None] * weights.inv_freq.float()[None, :]
+            angles = torch.cat((freqs, freqs), dim=-1)  # [ctx, D]
+            self.rope = (angles.cos() * weights.attention_scaling, angles.sin() * weights.attention_scaling)
+        self.norms = [(b.norm_1, b.norm_2) for b in weights.blocks]
+        self.linears = [{n: Linear(b.linears[n].w, b.linears[n].bias) for n in LINEARS} for b in weights.blocks]
+        self.norm_f = weights.norm
+        self.lm_head = Linear(weights.head, None)  # [C, V]: its own copy, packed or not
+        self.max_slots = max_slots
+        # One K and one V cache per layer: [slot, kv head, position, head_dim].
+        cache = (max_slots, shape.n_kv_head, shape.context, shape.head_dim)
+        self.k_cache = [torch.zeros(cache) for _ in range(shape.n_layer)]
+        self.v_cache = [torch.zeros(cache) for _ in range(shape.n_layer)]
+        self.bank = LoraBank(shape)
+        self._plan: tuple[tuple, LoraPlan | None] | None = None  # (key, plan) of the last batch composition
+        self._fused: dict[str, int] = {}
+        """Rank columns each block linear carries after its ``out`` (empty: fused form off)."""
+        self._fused_version = -1
+        """Bank version the fused columns were built from."""
+
+    def _sync_fused(self) -> None:
+        """Bring the block linears' extra columns up to date with the bank (none: fused form off).
+
+        Adapter slot ``s`` (>= 1) occupies extra columns ``(s-1)*R .. s*R`` of a linear, R being the bank's rank
+        for it. A bank change rebuilds (and repacks) the adapted block linears once, at the next mixed batch; a
+        bank with more than FUSED_COLUMNS columns for some linear drops the extra columns.
+        """
+        bank = self.bank
+        cols = {n: (bank.n_slots - 1) * r for n, r in bank.rank.items() if r}
+        if not 0 < max(cols.values(), default=0) <= lora.FUSED_COLUMNS:
+            cols = {}
+        version = bank.version if cols else -1
+        if (cols, version) == (self._fused, self._fused_version):
+            return
+        for layer, lins in enumerate(self.linears):
+            for name in LINEARS:
+                d_in, d_out = self.shape.linear_dims(name)
+                lin, extra = lins[name], cols.get(name, 0)
+                if lin.n == d_out and not extra:
+                    continue
+                w = lin.dense()[:, :d_out]
+                bias = None if lin.bias is None else lin.bias[:d_out]
+                if extra:
+                    a = bank.a[(layer, name)][1:]  # [slots-1, in, R]
+                    w = torch.cat([w, a.permute(1, 0, 2).reshape(d_in, extra)], dim=1)
+                    bias = None if bias is None else torch.cat([bias, bias.new_zeros(extra)])
+                lins[name] = Linear(w, bias)
+        self._fused, self._fused_version = cols, version
+
+    def plan(self, aids: torch.Tensor) -> LoraPlan | None:
+        """The LoRA plan of a batch, reused while neither the rows' adapters nor the bank change; a batch mixing
+        adapters first brings the fused weights up to date."""
+        key = (self.bank.version, tuple(aids.tolist()))
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, LoraPlan.of(aids))
+        plan = self._plan[1]
+        if plan is not None and plan.uniform is None:
+            self._sync_fused()
+        return plan
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by weights, KV cache and adapter bank (tied weights counted once)."""
+        seen, total = set(), 0
+        tensors = [self.embedding, *self.k_cache, *self.v_cache, *(self.rope or ())]
+        if self.position_table is not None:
+            tensors.append(self.position_table)
+        for norm in [self.norm_f, *(n for pair in self.norms for n in pair)]:
+            tensors.extend(t for t in (norm.weight, norm.bias) if t is not None)
+        linears = [self.lm_head, *(lin for lins in self.linears for lin in lins.values())]
+        for t in tensors:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total + sum(lin.nbytes for lin in linears) + self.bank.nbytes
+
+    # ------------------------------------------------------------------ steps
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, slot0: int, aids: torch.Tensor) -> torch.Tensor:
+        """Run right-padded prompts into cache slots ``slot0 .. slot0+B-1``; returns next-token logits [B, V].
+
+        Right padding is exact under a causal mask: a real token at position t only sees positions <= t,
+        which are all real. The padded tail writes junk K/V past each prompt; decode overwrites position
+        ``length`` first and never attends past a row's own position.
+
+        Args:
+            tokens: [B, T] token ids, row i real up to ``lengths[i]``.
+            lengths: [B] prompt lengths (>= 1).
+            slot0: first cache slot to fill.
+            aids: [B] adapter slot per row (0: none).
+        """
+        B, T = tokens.shape
+        plan = self.plan(aids)
+        positions = torch.arange(T)  # [T]
+        x = self._embed(tokens, positions)  # [B, T, C]
+        rope = self._rope_at(positions)  # cos, sin [T, 1, D]
+        for layer, (norm_1, norm_2) in enumerate(self.norms):
+            q, k, v = self._qkv(self._norm(x, norm_1), layer, plan, rope)  # [B, H, T, D], [B, Hkv, T, D] x2
+            self.k_cache[layer][slot0 : slot0 + B, :, :T] = k
+            self.v_cache[layer][slot0 : slot0 + B, :, :T] = v
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               enable_gqa=self.shape.group > 1)  # [B, H, T, D]
+            y = y.transpose(1, 2).reshape(B, T, -1)  # [B, T, H*D]
+            x = x + self._linear(y, layer, ATTN_OUT, plan)  # [B, T, C]
+            x = x + self._mlp(self._norm(x, norm_2), layer, plan)  # [B, T, C]
+        last = x[torch.arange(B), lengths - 1]  # [B, C]: each row's last real position
+        return self._logits(last)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, aids: torch.Tensor) -> torch.Tensor:
+        """One token for each of the first B slots; returns next-token logits [B, V].
+
+        Args:
+            tokens: [B] the token each slot feeds in now.
+            positions: [B] its position (= tokens already in the slot's cache).
+            aids: [B] adapter slot per row.
+        """
+        B = tokens.shape[0]
+        plan = self.plan(aids)
+        L = int(positions.max()) + 1  # keys to look at: up to the furthest row
+        Hkv, G, D = self.shape.n_kv_head, self.shape.group, self.shape.head_dim
+        # Where each row's new K/V go in a layer's cache seen as [slot * kv head * position, head_dim]: one
+        # index_copy_ (advanced-index assignment on the 4-d cache took several times longer).
+        dst = ((torch.arange(B)[:, None] * Hkv + torch.arange(Hkv)[None, :]) * self.shape.context
+               + positions[:, None]).view(-1)
+        visible = (torch.arange(L)[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        bias = torch.zeros(B, 1, 1, L).masked_fill_(~visible, float("-inf"))
+        scale = D ** -0.5
+        x = self._embed(tokens[:, None], positions[:, None])  # [B, 1, C]
+        rope = self._rope_at(positions[:, None])  # cos, sin [B, 1, 1, D]
+        for layer, (norm_1, norm_2) in enumerate(self.norms):
+            q, k, v = self._qkv(self._norm(x, norm_1), layer, plan, rope)  # [B, H, 1, D], [B, Hkv, 1, D] x2
+            kc, vc = self.k_cache[layer], self.v_cache[layer]
+            kc.view(-1, D).index_copy_(0, dst, k.reshape(B * Hkv, D))
+            vc.view(-1, D).index_copy_(0, dst, v.reshape(B * Hkv, D))
+            # One query per row: two batched matmuls and a softmax beat PyTorch's CPU flash-attention kernel
+            # here (about 3x per call at 64 rows), whose blocking is made for long queries. The G query heads
+            # of a KV head are G rows of one matmul against its keys: K/V are read once, never repeated.
+            q = q.reshape(B, Hkv, G, D)  # query head h = kv head h // G
+            scores = torch.matmul(q, kc[:B, :, :L].transpose(-1, -2)).mul_(scale).add_(bias)  # [B, Hkv, G, L]
+            y = torch.matmul(torch.softmax(scores, dim=-1), vc[:B, :, :L])  # [B, Hkv, G, D]
+            x = x + self._linear(y.reshape(B, 1, -1), layer, ATTN_OUT, plan)  # [B, 1, C]
+            x = x + self._mlp(self._norm(x, norm_2), layer, plan)  # [B, 1, C]
+        return self._logits(x[:, 0])
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy a slot's cache (its first ``length`` positions) to another slot (compaction)."""
+        for kc, vc in zip(self.k_cache, self.v_cache):
+            kc[dst, :, :length] = kc[src, :, :length]
+            vc[dst, :, :length] = vc[src, :, :length]
+
+    # ------------------------------------------------------------------ pieces
+    def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[B, T] tokens at ``positions`` (broadcast against them) -> [B, T, C]."""
+        x = self.embedding[tokens]
+        return x if self.position_table is None else x + self.position_table[positions]
+
+    def _rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos and sin at ``positions`` ([T] or [B, 1]), shaped to broadcast over [B, T, heads, D]."""
+        if self.rope is None:
+            return None
+        cos, sin = self.rope
+        return cos[positions].unsqueeze(-2), sin[positions].unsqueeze(-2)
+
+    def _norm(self, x: torch.Tensor, norm: Norm) -> torch.Tensor:
+        C = (self.shape.n_embd,)
+        if self.shape.norm == "rms":
+            return F.rms_norm(x, C, norm.weight, eps=self.shape.eps)
+        return F.layer_norm(x, C, norm.weight, norm.bias, eps=self.shape.eps)
+
+    def _qkv(self, h: torch.Tensor, layer: int, plan: LoraPlan | None, rope) -> tuple[torch.Tensor, ...]:
+        """Queries [B, H, T, D], keys and values [B, Hkv, T, D] of the normed input h [B, T, C]."""
+        B, T, _ = h.shape
+        H, Hkv, D = self.shape.n_head, self.shape.n_kv_head, self.shape.head_dim
+        qkv = self._linear(h, layer, QKV, plan)  # [B, T, (H + 2*Hkv) * D]
+        q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=2)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        if rope is not None:
+            cos, sin = rope
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _mlp(self, h: torch.Tensor, layer: int, plan: LoraPlan | None) -> torch.Tensor:
+        """The MLP of the normed input h [B, T, C] -> [B, T, C]."""
+        h = self._linear(h, layer, MLP_UP, plan)  # [B, T, F], or [B, T, 2F] = [gate | up]
+        if self.shape.activation == "silu_glu":
+            gate, up = h.split(self.shape.n_inner, dim=-1)
+            h = F.silu(gate) * up  # [B, T, F]
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self._linear(h, layer, MLP_DOWN, plan)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self._norm(h, self.norm_f))  # [B, V]
+
+    def _linear(self, x: torch.Tensor, layer: int, name: str, plan: LoraPlan | None) -> torch.Tensor:
+        """``x @ W + b`` plus each row's LoRA delta. x: [B, T, in] -> [B, T, out]."""
+        B, T, d_in = x.shape
+        d_out = self.shape.linear_dims(name)[1]
+        full = self.linears[layer][name](x.reshape(-1, d_in))  # [B*T, out (+ the fused adapters' columns)]
+        y2 = full[:, :d_out]
+        y = y2.view(B, T, d_out)
+        if plan is None or (layer, name) not in self.bank.a:
+            return y
+        cols = self._fused.get(name, 0)
+        if cols and plan.uniform is None:
+            # A mixed batch over a small bank: the base GEMM also gave [x @ A_1 | ... | x @ A_S]; each row keeps its
+            # own adapter's columns (the others zeroed) and one GEMM against the stacked B's adds the deltas.
+            t = full[:, d_out:]
+            t.view(B, T, cols).mul_(plan.slotmask(cols, self.bank.rank[name])[:, None, :])
+            y2.addmm_(t, self.bank.b[(layer, name)][1:].reshape(cols, d_out))
+            return y
+        a, b = self.bank.a[(layer, name)], self.bank.b[(layer, name)]
+        if plan.uniform is not None:  # every row uses the same adapter: two plain matmuls
+            return y.add_((x @ a[plan.uniform]) @ b[plan.uniform])
+        if T > 1:
+            # Prefill: per-row gathered A and B (Punica's BGMV). The weight copies ([B, in, R]) are small next to
+            # the activations, which grouping would have to copy and scatter back.
+            return y.add_(torch.bmm(torch.bmm(x, a[plan.aids]), b[plan.aids]))
+        R = a.shape[2]
+        if plan.groups * R <= lora.CONCAT_COLUMNS:
+            # Decode, few adapters: the batch's adapters concatenated ([in, G*R], [G*R, out]) and two plain
+            # GEMMs over all rows, each row keeping only its own adapter's columns. No gather or scatter of
+            # rows; the extra multiply-adds (G*R columns for every row) are cheap next to the base GEMM.
+            ab = plan.weights.get((layer, name, "concat"))
+            if ab is None:
+                sel_a, sel_b = a[plan.slots], b[plan.slots]  # [G, in, R], [G, R, out]
+                ab = (sel_a.permute(1, 0, 2).reshape(d_in, -1).contiguous(), sel_b.reshape(-1, sel_b.shape[2]))
+                plan.weights[(layer, name, "concat")] = ab
+            t = (x.reshape(-1, d_in) @ ab[0]).mul_(plan.colmask(R))  # [B*T, G*R] (T = 1 in decode)
+            y2.addmm_(t, ab[1])
+            return y
+        # Decode, many adapters: Punica's SGMV, padded: rows grouped by adapter, one batched matmul pair over
+        # the groups.
+        ab = plan.weights.get((layer, name))
+        if ab is None:
+            ab = plan.weights[(layer, name)] = (a[plan.slots], b[plan.slots])  # [G, in, R], [G, R, out]
+        G, L = plan.groups, plan.width
+        xs = x.index_select(0, plan.idx).view(G, L * T, d_in)  # [G, L*T, in]
+        d = torch.bmm(torch.bmm(xs, ab[0]), ab[1]).view(G * L, T, -1)  # [G*L, T, out]
+        if plan.mask is not None:
+            d.mul_(plan.mask)  # padding rows repeat a real row; they must add nothing
+        return y.index_add_(0, plan.idx, d)
