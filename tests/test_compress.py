@@ -170,3 +170,24 @@ def test_footprints_are_measured_for_every_version(variants):
     int8 = stored(ws, ws.resolve_version(f"{SP}/int8").id)
     full = stored(ws, ws.resolve_version(SP).id)
     assert int8.disk_bytes * 3 < full.disk_bytes
+
+
+def test_llama_variants_build_load_and_show_in_the_tree(llama_variants):
+    """Every variant of a Llama-layout node loads, is evaluated and measured, and structured pruning really shrinks
+    the MLP and the KV groups."""
+    from stemma.lineage import tree_rows
+
+    ws = llama_variants["ws"]
+    rows = {r.path: r for r in tree_rows(ws)}
+    for name in ("int8", "int4", "lowrank", "sparse", "slim"):
+        node = f"en/software/python/{name}"
+        r = rows[node]
+        assert r.status == "ok" and r.ppl_parent_split is not None, node
+        assert ws.get_metric(r.version.id, "footprint.tokens_per_s", None, None), node
+        ws.load_model(r.version.id)
+    slim = ws.load_model(ws.resolve_version("en/software/python/slim").id)
+    parent = ws.load_model(ws.resolve_version("en/software/python").id)
+    assert slim.config.intermediate_size == parent.config.intermediate_size // 2
+    assert slim.config.num_key_value_heads == parent.config.num_key_value_heads // 2
+    assert slim.config.num_attention_heads == parent.config.num_attention_heads // 2
+    assert slim.config.head_dim == parent.config.head_dim

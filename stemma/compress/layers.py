@@ -347,6 +347,9 @@ def load_variant(files: dict[str, Path]):
         raise StemmaError(f"variant weights do not match variant.json: {str(e).splitlines()[0]}") from None
     if tied:
         model.tie_weights()
+    from ..models import families
+
+    families.of(model.config).restore_buffers(model)  # non-persistent buffers (RoPE) are not in the file
     leftovers = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if leftovers:
         raise StemmaError(f"variant weights are missing {', '.join(leftovers[:3])}")

@@ -68,45 +68,11 @@ def prune_unstructured(model: torch.nn.Module, sparsity: float) -> list[str]:
 
 
 def prune_structured(model: torch.nn.Module, neurons: float, heads: float) -> dict[str, list[torch.Tensor]]:
-    """Remove MLP neurons and zero attention heads of a GPT-2 model in place; returns the zeroed head masks."""
-    if getattr(model.config, "model_type", None) != "gpt2":
-        raise SpecError(f"structured pruning supports GPT-2 models, not {model.config.model_type}")
-    from transformers.pytorch_utils import Conv1D
+    """Remove MLP neurons and attention heads in the way the model's family allows; returns gradient masks for what
+    had to be zeroed rather than removed (see `stemma.models.families.Family.prune_structured`)."""
+    from ..models import families
 
-    cfg = model.config
-    inner = cfg.n_inner or 4 * cfg.n_embd
-    keep_n = max(1, inner - int(neurons * inner))
-    n_head, d_head = cfg.n_head, cfg.n_embd // cfg.n_head
-    drop_h = min(n_head - 1, int(heads * n_head))
-    masks: dict[str, list[torch.Tensor]] = {}
-    for i, block in enumerate(model.transformer.h):
-        fc, proj = block.mlp.c_fc, block.mlp.c_proj  # Conv1D: fc.weight [embd, inner], proj.weight [inner, embd]
-        if keep_n < inner:
-            score = fc.weight.norm(dim=0) * proj.weight.norm(dim=1)
-            keep = score.topk(keep_n).indices.sort().values
-            new_fc, new_proj = Conv1D(keep_n, cfg.n_embd), Conv1D(cfg.n_embd, keep_n)
-            new_fc.weight.data = fc.weight.data[:, keep].clone()
-            new_fc.bias.data = fc.bias.data[keep].clone()
-            new_proj.weight.data = proj.weight.data[keep].clone()
-            new_proj.bias.data = proj.bias.data.clone()
-            block.mlp.c_fc, block.mlp.c_proj = new_fc, new_proj
-        if drop_h:
-            attn = block.attn
-            score = attn.c_proj.weight.reshape(n_head, d_head, -1).norm(dim=(1, 2))
-            dropped = score.topk(drop_h, largest=False).indices
-            head_mask = torch.ones(n_head)
-            head_mask[dropped] = 0
-            col = head_mask.repeat_interleave(d_head)  # [embd]
-            qkv_mask = col.repeat(3)  # c_attn output is [q | k | v], each [embd]
-            attn.c_attn.weight.data.mul_(qkv_mask[None, :])
-            attn.c_attn.bias.data.mul_(qkv_mask)
-            attn.c_proj.weight.data.mul_(col[:, None])
-            masks[f"transformer.h.{i}.attn.c_attn.weight"] = [qkv_mask[None, :]]
-            masks[f"transformer.h.{i}.attn.c_attn.bias"] = [qkv_mask]
-            masks[f"transformer.h.{i}.attn.c_proj.weight"] = [col[:, None]]
-    if keep_n < inner:
-        cfg.n_inner = keep_n
-    return masks
+    return families.of(model.config).prune_structured(model, neurons, heads)
 
 
 @register
@@ -146,9 +112,13 @@ class Prune(BuildMethod):
         masks = prune_structured(model, cfg.neurons, cfg.heads)
         train = self._recover(ctx, cfg, model, masks) if cfg.recovery_steps else {}
         n = count_params(model)
+        from ..models import families
+
+        shape = families.of(model.config).describe(model.config)
         scheme = {"method": self.name, "mode": cfg.mode, "neurons": cfg.neurons, "heads": cfg.heads,
-                  "n_inner": model.config.n_inner, "recovery_steps": cfg.recovery_steps}
-        ctx.reporter.log(f"{ctx.node}: structured pruning, MLP width {model.config.n_inner}, {n:,} parameters")
+                  "n_inner": shape["n_inner"], "n_kv_head": shape["n_kv_head"], "recovery_steps": cfg.recovery_steps}
+        ctx.reporter.log(f"{ctx.node}: structured pruning, MLP width {shape['n_inner']}, {shape['n_kv_head']} KV "
+                         f"heads, {n:,} parameters")
         return BuildOutput(files=save_model_files(model), tokenizer=ctx.parent.row.tokenizer, params=n, own_params=n,
                            architecture={**arch, "variant": scheme}, train=train)
 

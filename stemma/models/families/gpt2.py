@@ -58,6 +58,48 @@ class GPT2(Family):
     def context(self, config) -> int:
         return int(config.n_positions)
 
+    # ------------------------------------------------------------------ compression
+    def prune_structured(self, model, neurons: float, heads: float) -> dict[str, list]:
+        """MLP neurons removed for real (a smaller ``n_inner``); heads zeroed, because GPT-2's attention needs a
+        uniform head count. Neurons are scored by the norm of their in- and out-going weights, heads by the norm
+        of their output projection (Michel et al., 2019)."""
+        from transformers.pytorch_utils import Conv1D
+
+        cfg = model.config
+        inner = cfg.n_inner or 4 * cfg.n_embd
+        keep_n = max(1, inner - int(neurons * inner))
+        n_head, d_head = cfg.n_head, cfg.n_embd // cfg.n_head
+        drop_h = min(n_head - 1, int(heads * n_head))
+        masks: dict[str, list[torch.Tensor]] = {}
+        for i, block in enumerate(model.transformer.h):
+            fc, proj = block.mlp.c_fc, block.mlp.c_proj  # Conv1D: fc.weight [embd, inner], proj.weight [inner, embd]
+            if keep_n < inner:
+                score = fc.weight.norm(dim=0) * proj.weight.norm(dim=1)
+                keep = score.topk(keep_n).indices.sort().values
+                new_fc, new_proj = Conv1D(keep_n, cfg.n_embd), Conv1D(cfg.n_embd, keep_n)
+                new_fc.weight.data = fc.weight.data[:, keep].clone()
+                new_fc.bias.data = fc.bias.data[keep].clone()
+                new_proj.weight.data = proj.weight.data[keep].clone()
+                new_proj.bias.data = proj.bias.data.clone()
+                block.mlp.c_fc, block.mlp.c_proj = new_fc, new_proj
+            if drop_h:
+                attn = block.attn
+                score = attn.c_proj.weight.reshape(n_head, d_head, -1).norm(dim=(1, 2))
+                dropped = score.topk(drop_h, largest=False).indices
+                head_mask = torch.ones(n_head)
+                head_mask[dropped] = 0
+                col = head_mask.repeat_interleave(d_head)  # [embd]
+                qkv_mask = col.repeat(3)  # c_attn output is [q | k | v], each [embd]
+                attn.c_attn.weight.data.mul_(qkv_mask[None, :])
+                attn.c_attn.bias.data.mul_(qkv_mask)
+                attn.c_proj.weight.data.mul_(col[:, None])
+                masks[f"transformer.h.{i}.attn.c_attn.weight"] = [qkv_mask[None, :]]
+                masks[f"transformer.h.{i}.attn.c_attn.bias"] = [qkv_mask]
+                masks[f"transformer.h.{i}.attn.c_proj.weight"] = [col[:, None]]
+        if keep_n < inner:
+            cfg.n_inner = keep_n
+        return masks
+
     # ------------------------------------------------------------------ distillation
     def student_config(self, teacher_config, n_layer, n_embd=None, n_head=None, n_kv_head=None, n_inner=None):
         c = copy.deepcopy(teacher_config)

@@ -102,6 +102,69 @@ class Llama(Family):
     def context(self, config) -> int:
         return int(config.max_position_embeddings)
 
+    def restore_buffers(self, model) -> None:
+        """RoPE's frequencies are non-persistent buffers: a skeleton built on ``meta`` gets them recomputed here."""
+        inner = model.model
+        rotary = inner.rotary_emb
+        if any(b.is_meta for b in rotary.buffers()):
+            with torch.device("cpu"):
+                inner.rotary_emb = type(rotary)(config=model.config)
+
+    # ------------------------------------------------------------------ compression
+    def prune_structured(self, model, neurons: float, heads: float) -> dict[str, list]:
+        """MLP neurons and whole KV groups removed for real, so the pruned model is a plain, smaller Llama.
+
+        A neuron is a row of gate and up and a column of down, scored by the product of their norms. A KV group is one
+        key/value head with the query heads that share it (rows of q, k, v; columns of o), scored by the norm of its
+        query heads' output projection (Michel et al., 2019). ``heads`` is the share of KV groups removed (at
+        least one stays); ``head_dim`` is written into the config, so the hidden size does not change.
+        """
+        from torch import nn
+
+        c = model.config
+        inner = c.intermediate_size
+        keep_n = max(1, inner - int(neurons * inner))
+        n_kv, hd = kv_heads(c), head_dim(c)
+        group = c.num_attention_heads // n_kv
+        drop_g = min(n_kv - 1, int(heads * n_kv))
+
+        def cut(lin: nn.Linear, idx: torch.Tensor, dim: int) -> nn.Linear:
+            w = lin.weight.data.index_select(dim, idx).clone()
+            new = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None)
+            new.weight.data = w
+            if lin.bias is not None:
+                new.bias.data = (lin.bias.data.index_select(0, idx) if dim == 0 else lin.bias.data).clone()
+            return new
+
+        for layer in model.model.layers:
+            mlp = layer.mlp
+            if keep_n < inner:
+                score = (mlp.gate_proj.weight.norm(dim=1) * mlp.up_proj.weight.norm(dim=1)
+                         * mlp.down_proj.weight.norm(dim=0))
+                keep = score.topk(keep_n).indices.sort().values
+                mlp.gate_proj, mlp.up_proj = cut(mlp.gate_proj, keep, 0), cut(mlp.up_proj, keep, 0)
+                mlp.down_proj = cut(mlp.down_proj, keep, 1)
+            if drop_g:
+                att = layer.self_attn
+                o = att.o_proj.weight.data.view(att.o_proj.weight.shape[0], n_kv, group * hd)  # [C, kv, group*D]
+                score = o.norm(dim=(0, 2))  # [n_kv]
+                kept = score.topk(n_kv - drop_g).indices.sort().values
+                q_idx = torch.cat([torch.arange(g * group * hd, (g + 1) * group * hd) for g in kept.tolist()])
+                kv_idx = torch.cat([torch.arange(g * hd, (g + 1) * hd) for g in kept.tolist()])
+                att.q_proj = cut(att.q_proj, q_idx, 0)
+                att.k_proj, att.v_proj = cut(att.k_proj, kv_idx, 0), cut(att.v_proj, kv_idx, 0)
+                att.o_proj = cut(att.o_proj, q_idx, 1)
+                att.num_key_value_groups = group
+        if keep_n < inner:
+            c.intermediate_size = keep_n
+            for layer in model.model.layers:
+                layer.mlp.intermediate_size = keep_n
+        if drop_g:
+            c.head_dim = hd
+            c.num_key_value_heads = n_kv - drop_g
+            c.num_attention_heads = (n_kv - drop_g) * group
+        return {}
+
     # ------------------------------------------------------------------ distillation
     def student_config(self, teacher_config, n_layer, n_embd=None, n_head=None, n_kv_head=None, n_inner=None):
         c = copy.deepcopy(teacher_config)
