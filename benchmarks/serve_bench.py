@@ -20,7 +20,16 @@ The workload: 64 requests, prompts of 16-64 tokens cut from the shipped corpus, 
 Rounds interleave peer, stemma mixed and stemma base, so load from other processes hits all alike; medians
 are reported. Peer and stemma each run at 1 thread and at torch's default, each reported at its better one.
 
-    python benchmarks/serve_bench.py [--quick] [--json out.json] [--base 2x256|4x512]
+`--family llama`: a Llama-layout base of SmolLM2-135M's shape (30 layers, 576 wide, 9 heads sharing 3 KV heads,
+SwiGLU MLP 1536, tied head; vocab 4096, context 128), pretrained 2 steps (the weights are near random: throughput
+does not depend on them), and 8 LoRA children of rank 16 on all seven projections. Besides PEFT, a second peer:
+
+- llama.cpp (llama-cpp-python) on the same model's GGUF, at f32 and at q8_0, set up as its users serve several
+  adapters: llama.cpp batches no rows of different adapters, so each child is merged into its own GGUF (`stemma
+  pull --format gguf`) and opened as its own `Llama` instance, all 8 resident; requests run one after another,
+  each on its adapter's instance, greedy, exactly 64 new tokens (a slice of the requests per round, like PEFT).
+
+    python benchmarks/serve_bench.py [--quick] [--json out.json] [--base 2x256|4x512] [--family gpt2|llama]
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CORPUS, ROOT, parser, print_table, write_json  # noqa: E402
 
 N_ADAPTERS, N_REQUESTS, NEW_TOKENS = 8, 64, 64
+GGUF_KINDS = ("f32", "q8_0")
 ADAPTERS = [f"a{i}" for i in range(N_ADAPTERS)]  # children of the master
 
 
@@ -50,8 +60,12 @@ SHAPES = {"2x256": dict(n_layer=2, n_embd=256, n_head=4, vocab_size=4096),
 """Bases: the demo's ``en`` student, and a wider, deeper one where the matrix multiplies, not per-step
 overhead, dominate both sides (as in any production-sized model)."""
 
+LLAMA_SHAPE = dict(arch="llama", n_layer=30, n_embd=576, n_head=9, n_kv_head=3, n_inner=1536, tie_embeddings=True,
+                   vocab_size=4096)
+"""SmolLM2-135M's shape with the bench tree's own (smaller) vocabulary."""
 
-def build_tree(home: Path, shape: str = "2x256"):
+
+def build_tree(home: Path, shape: str = "2x256", family: str = "gpt2"):
     """The bench tree under ``home`` (reused when already built)."""
     os.environ["STEMMA_HOME"] = str(home)
     from stemma.build import build
@@ -68,11 +82,16 @@ def build_tree(home: Path, shape: str = "2x256"):
             doc = json.loads(line)
             doc["text"] = doc["text"][:4000]
             out.write(json.dumps(doc) + "\n")
-    child = {"method": "lora", "dataset": "text", "config": {"steps": 4, "batch_size": 4, "warmup": 1, "r": 8}}
+    if family == "llama":
+        # A 135M-shaped model trains at seconds per step on 2 cores: a couple of steps build the versions (the
+        # weights do not change the throughput). The Llama family's LoRA targets are all seven projections.
+        master = {**LLAMA_SHAPE, "context": 128, "steps": 2, "batch_size": 2, "warmup": 1}
+        child = {"method": "lora", "dataset": "text", "config": {"steps": 1, "batch_size": 2, "warmup": 1, "r": 16}}
+    else:
+        master = {**SHAPES[shape], "context": 128, "steps": 30, "batch_size": 8, "warmup": 3}
+        child = {"method": "lora", "dataset": "text", "config": {"steps": 4, "batch_size": 4, "warmup": 1, "r": 8}}
     spec = {"name": "serve-bench", "datasets": {"text": {"paths": ["corpus.jsonl"], "language": "en"}},
-            "nodes": {"master": {"method": "pretrain", "dataset": "text",
-                                 "config": {**SHAPES[shape], "context": 128, "steps": 30, "batch_size": 8,
-                                            "warmup": 3}}}}
+            "nodes": {"master": {"method": "pretrain", "dataset": "text", "config": master}}}
     for i, name in enumerate(ADAPTERS):
         spec["nodes"][name] = {**child, "config": {**child["config"], "seed": i + 1}}
     (d / "stemma.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -150,6 +169,60 @@ def peer_run(model, prompts: list[list[int]], offset: int = 0) -> float:
     return tokens / (time.perf_counter() - t0)
 
 
+def build_ggufs(ws, home: Path) -> dict[str, dict[str, Path]]:
+    """Per adapter, its child merged into the base as GGUF at f32 and q8_0 (cached beside the tree, by version)."""
+    from stemma.pull import pull, quantize_gguf
+
+    out: dict[str, dict[str, Path]] = {}
+    for name in ADAPTERS:
+        v = ws.resolve_version(name)
+        d = home.parent / "gguf" / f"{name}-{v.id[:12]}"
+        if not (d / "model.gguf").exists():
+            pull(ws, v, d, "gguf", gguf_type="f32", force=True)
+        if not (d / "model-q8_0.gguf").exists():
+            quantize_gguf(d / "model.gguf", d / "model-q8_0.gguf", "q8_0")
+        out[name] = {"f32": d / "model.gguf", "q8_0": d / "model-q8_0.gguf"}
+    return out
+
+
+def open_llama(path: Path, kind: str, threads: int):
+    """A llama.cpp instance on ``path``. For q8_0 without the CPU backend's extra (repacked) weight buffers: on an
+    AMX CPU llama-cpp-python 0.3.36 repacks q8_0 matrices for AMX and segfaults at the first decode (llama.cpp
+    issue #20824)."""
+    import llama_cpp
+    from llama_cpp import llama as runtime
+
+    default = runtime.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = kind != "q8_0"
+        return p
+
+    runtime.llama_cpp.llama_model_default_params = params
+    try:
+        # n_ctx: the model's context, which holds the longest prompt (64) and the tokens evaluated after it (63).
+        return llama_cpp.Llama(str(path), n_ctx=128, n_threads=threads, n_threads_batch=threads, verbose=False,
+                               seed=0)
+    finally:
+        runtime.llama_cpp.llama_model_default_params = default
+
+
+def llamacpp_run(instances: dict, prompts: list[list[int]], offset: int = 0) -> float:
+    """Per request, on its adapter's instance: greedy, exactly NEW_TOKENS tokens (EOS not honoured, like
+    ``ignore_eos``), sequentially. Returns tokens/s."""
+    t0 = time.perf_counter()
+    tokens = 0
+    for i, p in enumerate(prompts):
+        llm = instances[ADAPTERS[(i + offset) % N_ADAPTERS]]
+        llm.reset()
+        for n, _ in enumerate(llm.generate(p, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0), 1):
+            if n == NEW_TOKENS:
+                break
+        tokens += n
+    return tokens / (time.perf_counter() - t0)
+
+
 async def _fire(session, prompts: list[list[int]], models: list[str]) -> tuple[int, float]:
     """Send every request at once; returns (completion tokens, seconds until the last response)."""
 
@@ -204,17 +277,22 @@ class ServerProcess:
         self.log.close()
 
 
-def measure(ws, home: Path, prompts, rounds: int, peer_per_round: int, threads: int) -> dict:
-    """Rounds of (peer, stemma mixed, stemma base), interleaved so drifts in machine load hit all three alike.
+def measure(ws, home: Path, prompts, rounds: int, peer_per_round: int, threads: int, ggufs=None) -> dict:
+    """Rounds of (peer, [llama.cpp f32, q8_0,] stemma mixed, stemma base), interleaved so drifts in machine load
+    hit all alike.
 
-    The peer runs in this process at ``threads``; stemma is a `stemma serve` process at the same count, and the
+    The peers run in this process at ``threads``; stemma is a `stemma serve` process at the same count, and the
     client that sends its requests runs here (its CPU time counts against stemma)."""
     torch.set_num_threads(threads)
     peer = load_peer(ws)
     peer_run(peer, prompts[:2])  # warm-up
+    cpp = {kind: {name: open_llama(files[kind], kind, threads) for name, files in ggufs.items()}
+           for kind in GGUF_KINDS} if ggufs else {}
+    for instances in cpp.values():
+        llamacpp_run(instances, prompts[:N_ADAPTERS])  # warm-up: the first decode of each instance
     mixed_models = [ADAPTERS[i % N_ADAPTERS] for i in range(len(prompts))]
     base_models = ["master"] * len(prompts)
-    res = {"peer": [], "mixed": [], "base": [], "mixed_seconds": []}
+    res = {"peer": [], "mixed": [], "base": [], "mixed_seconds": [], **{f"llama.cpp {k}": [] for k in cpp}}
 
     async def interleaved(url: str) -> None:
         import aiohttp
@@ -228,6 +306,9 @@ def measure(ws, home: Path, prompts, rounds: int, peer_per_round: int, threads: 
             for r in range(rounds):
                 start = (r * peer_per_round) % len(prompts)
                 res["peer"].append(peer_run(peer, prompts[start : start + peer_per_round], offset=start))
+                for kind, instances in cpp.items():
+                    res[f"llama.cpp {kind}"].append(
+                        llamacpp_run(instances, prompts[start : start + peer_per_round], offset=start))
                 for kind, models in (("mixed", mixed_models), ("base", base_models)):
                     n, secs = await _fire(session, prompts, models)
                     res[kind].append(n / secs)
@@ -236,6 +317,9 @@ def measure(ws, home: Path, prompts, rounds: int, peer_per_round: int, threads: 
 
     with ServerProcess(home, threads) as url:
         asyncio.run(interleaved(url))
+    for instances in cpp.values():
+        for llm in instances.values():
+            llm.close()
     return res
 
 
@@ -289,28 +373,45 @@ def probe(home: Path, kind: str) -> dict:
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--rss-probe", choices=["base", "mixed"], help=argparse_hidden())
-    p.add_argument("--base", choices=sorted(SHAPES), default="2x256", help="shape of the served base model")
+    p.add_argument("--base", choices=sorted(SHAPES), default="2x256", help="shape of the served GPT-2 base")
+    p.add_argument("--family", choices=["gpt2", "llama"], default="gpt2",
+                   help="gpt2: the --base shape; llama: SmolLM2-135M's shape, also against llama.cpp")
     args = p.parse_args()
     if args.rss_probe:
         rss_probe(args.rss_probe)
         return
-    home = ROOT / ".stemma" / ("serve-bench" if args.base == "2x256" else f"serve-bench-{args.base}") / "home"
+    llama = args.family == "llama"
+    if llama:
+        name = "serve-bench-llama"
+    else:
+        name = "serve-bench" if args.base == "2x256" else f"serve-bench-{args.base}"
+    home = ROOT / ".stemma" / name / "home"
     t0 = time.perf_counter()
-    ws = build_tree(home, args.base)
+    ws = build_tree(home, args.base, args.family)
+    ggufs = build_ggufs(ws, home) if llama else None
     print(f"bench tree ready in {time.perf_counter() - t0:.1f}s ({home})")
     prompts = make_requests(ws, N_REQUESTS)
-    rounds, peer_per_round = (2, 8) if args.quick else (4, 16)
+    if llama:
+        # The sequential peers decode a 135M model at tens of tokens/s: fewer of their requests per round.
+        rounds, peer_per_round = (2, 4) if args.quick else (3, 8)
+    else:
+        rounds, peer_per_round = (2, 8) if args.quick else (4, 16)
+    cpp_keys = [f"llama.cpp {k}" for k in GGUF_KINDS] if llama else []
     # Each side at its best thread count: on a shared 2-core machine two OpenMP threads can lose more to
     # waiting for each other than they gain (small sequential ops suffer most, i.e. the peer).
     by_threads = {}
     for nt in sorted({1, torch.get_num_threads()}):
-        runs = measure(ws, home, prompts, rounds, peer_per_round, nt)
-        by_threads[nt] = {"peak": gemm_peak(), "runs": {k: runs[k] for k in ("peer", "mixed", "base")},
+        runs = measure(ws, home, prompts, rounds, peer_per_round, nt, ggufs)
+        kinds = ("peer", "mixed", "base", *cpp_keys)
+        by_threads[nt] = {"peak": gemm_peak(), "runs": {k: runs[k] for k in kinds},
                           "mixed_seconds": statistics.median(runs["mixed_seconds"]),
-                          **{k: statistics.median(runs[k]) for k in ("peer", "mixed", "base")}}
-        print(f"threads {nt}: PEFT {by_threads[nt]['peer']:,.0f} tokens/s, stemma mixed "
-              f"{by_threads[nt]['mixed']:,.0f}, base {by_threads[nt]['base']:,.0f}")
+                          **{k: statistics.median(runs[k]) for k in kinds}}
+        print(f"threads {nt}: PEFT {by_threads[nt]['peer']:,.0f} tokens/s, "
+              + "".join(f"{k} {by_threads[nt][k]:,.0f}, " for k in cpp_keys)
+              + f"stemma mixed {by_threads[nt]['mixed']:,.0f}, base {by_threads[nt]['base']:,.0f}")
     peer_nt = max(by_threads, key=lambda k: by_threads[k]["peer"])
+    cpp = {k: max(by_threads[nt][k] for nt in by_threads) for k in cpp_keys}
+    cpp_nt = {k: max(by_threads, key=lambda nt, k=k: by_threads[nt][k]) for k in cpp_keys}
     nt = max(by_threads, key=lambda k: by_threads[k]["mixed"])
     best = by_threads[nt]
     peer, mixed, base = by_threads[peer_nt]["peer"], best["mixed"], best["base"]
@@ -328,17 +429,34 @@ def main() -> None:
         "rss_ratio": rss_mixed["rss"] / rss_base["rss"], "gemm_fraction": achieved / peak,
         "peer": "PEFT set_adapter + generate per request, sequential",
         "peer_tokens_per_s": peer, "mixed_tokens_per_s": mixed, "base_tokens_per_s": base,
-        "threads": {"peer": peer_nt, "stemma": nt}, "rss_base": rss_base, "rss_mixed": rss_mixed,
-        "by_threads": {k: {x: v[x] for x in ("peak", "peer", "mixed", "base", "runs")} for k, v in by_threads.items()},
+        "threads": {"peer": peer_nt, "stemma": nt, **cpp_nt}, "rss_base": rss_base, "rss_mixed": rss_mixed,
+        "by_threads": {k: {x: v[x] for x in ("peak", "peer", "mixed", "base", "runs", *cpp_keys)}
+                       for k, v in by_threads.items()},
         "gemm_peak_flops": peak, "achieved_flops": achieved, "requests": N_REQUESTS, "new_tokens": NEW_TOKENS,
-        "adapters": N_ADAPTERS, "base_shape": args.base, "peer_requests_per_round": peer_per_round, "rounds": rounds,
+        "adapters": N_ADAPTERS, "family": args.family, "base_shape": "smollm2-135m" if llama else args.base,
+        "peer_requests_per_round": peer_per_round, "rounds": rounds,
     }
+    if llama:
+        figures.update({
+            "speedup_vs_llamacpp": mixed / cpp["llama.cpp f32"],
+            "speedup_vs_llamacpp_q8_0": mixed / cpp["llama.cpp q8_0"],
+            "llamacpp_tokens_per_s": cpp["llama.cpp f32"], "llamacpp_q8_0_tokens_per_s": cpp["llama.cpp q8_0"],
+            "llamacpp": "llama.cpp, one merged GGUF and one Llama instance per adapter, requests sequential",
+            "lora": {"r": 16, "targets": "q,k,v,o,gate,up,down"},
+        })
+        title = (f"serving, Llama 30x576 (SmolLM2-135M shape) vocab {LLAMA_SHAPE['vocab_size']} + {N_ADAPTERS} "
+                 f"LoRA children r16")
+        cpp_rows = [(f"tokens/s: llama.cpp {k[10:]} per adapter vs stemma mixed", f"{cpp[k]:,.0f}", f"{mixed:,.0f}",
+                     f"{mixed / cpp[k]:.1f}x") for k in cpp_keys]
+    else:
+        title = f"serving, GPT-2 {args.base} vocab {SHAPES[args.base]['vocab_size']} + {N_ADAPTERS} LoRA children"
+        cpp_rows = []
     mb = 1 << 20
     print_table(
-        f"serving, GPT-2 {args.base} vocab {SHAPES[args.base]['vocab_size']} + {N_ADAPTERS} LoRA children, "
-        f"{N_REQUESTS} requests x {NEW_TOKENS} new "
-        f"tokens, greedy, {rounds} round(s); threads: PEFT {peer_nt}, stemma {nt}",
+        f"{title}, {N_REQUESTS} requests x {NEW_TOKENS} new tokens, greedy, {rounds} round(s); threads: PEFT "
+        f"{peer_nt}, " + "".join(f"{k} {cpp_nt[k]}, " for k in cpp_keys) + f"stemma {nt}",
         [("tokens/s: PEFT per request vs stemma mixed", f"{peer:,.0f}", f"{mixed:,.0f}", f"{mixed / peer:.1f}x"),
+         *cpp_rows,
          ("tokens/s: stemma base only vs mixed", f"{base:,.0f}", f"{mixed:,.0f}", f"{mixed / base:.2f}"),
          ("RSS: base only vs 8 adapters (MB)", f"{rss_base['rss'] / mb:.0f}", f"{rss_mixed['rss'] / mb:.0f}",
           f"{rss_mixed['rss'] / rss_base['rss']:.3f}"),
@@ -351,7 +469,9 @@ def main() -> None:
     )
     print(f"targets: speedup_vs_peft >= 10 ({figures['speedup_vs_peft']:.1f}), mixed_vs_base >= 0.8 "
           f"({figures['mixed_vs_base']:.2f}), rss_ratio <= 1.15 ({figures['rss_ratio']:.3f}); "
-          f"gemm_fraction {figures['gemm_fraction']:.3f}")
+          f"gemm_fraction {figures['gemm_fraction']:.3f}"
+          + "".join(f"; speedup_vs_llamacpp{s} {figures['speedup_vs_llamacpp' + s]:.1f}" for s in ("", "_q8_0")
+                    if llama))
     write_json(args.json, figures)
 
 
