@@ -56,7 +56,7 @@ def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def tied_lm_head(model: nn.Module) -> bool:
-    """True when the output projection shares its weight with the input embedding (GPT-2 does)."""
+    """True when the output projection shares its weight with the input embedding (``tie_word_embeddings``)."""
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     w = getattr(head, "weight", None) if head is not None else None
     return w is not None and isinstance(emb, nn.Embedding) and w is emb.weight
@@ -68,6 +68,7 @@ def base_architecture(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def output_name(model: nn.Module) -> str | None:
+    """The module name of the output head (``lm_head`` in both families), or None if the model has none."""
     head = model.get_output_embeddings()
     for n, m in model.named_modules():
         if m is head:
@@ -283,7 +284,9 @@ def save_variant(model: nn.Module, scheme: dict[str, Any], modules: dict[str, di
     """
     from safetensors.torch import save
 
-    model.config.n_ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "n_ctx", None)
+    positions = getattr(model.config, "n_positions", None)
+    if positions:  # GPT-2 configs: llama.cpp's converter reads n_ctx, which recent GPT2Config no longer writes
+        model.config.n_ctx = positions
     state: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     sparse_prefixes = tuple(f"{n}.weight" for n, d in modules.items() if d["kind"] == "sparse")
@@ -304,7 +307,11 @@ def save_variant(model: nn.Module, scheme: dict[str, Any], modules: dict[str, di
 
 
 def load_variant(files: dict[str, Path]):
-    """Build a model from its variant files: skeleton on ``meta``, compressed modules swapped in, tensors assigned."""
+    """Build a model from its variant files: skeleton on ``meta``, compressed modules swapped in, tensors assigned.
+
+    Non-persistent buffers (RoPE's frequencies) are not in the file; the model's family recomputes them
+    (`Family.restore_buffers`), and anything still on ``meta`` afterwards is refused.
+    """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 

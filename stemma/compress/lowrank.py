@@ -2,7 +2,8 @@
 
 By Eckart-Young the rank-r truncation is the best rank-r approximation in Frobenius norm; Denton et al.
 (2014, "Exploiting linear structure within convolutional networks") used it to compress trained layers.
-A layer is factorised only where the factors are smaller than the dense weight; the rest stays dense. The
+Every linear layer means GPT-2's ``Conv1D`` and ``nn.Linear`` alike; the output head only on request and only when
+untied. A layer is factorised only where the factors are smaller than the dense weight; the rest stays dense. The
 rank is given directly or chosen per layer to keep a share of the squared singular values ("energy").
 """
 
@@ -25,6 +26,7 @@ from .layers import (
     rank_for_energy,
     save_variant,
     set_module,
+    tied_lm_head,
 )
 
 
@@ -39,16 +41,18 @@ class LowRankConfig:
     dtype: Literal["float32", "float16"] = "float32"
     """Storage type of the factors (computation is in the activations' type)."""
     include_head: bool = False
-    """Factorise the output projection too (when it is not tied to the embedding)."""
+    """Factorise the output projection too (only when it is not tied to the embedding: a tied head stays the
+    embedding's table)."""
 
 
 def lowrank_model(model: torch.nn.Module, cfg: LowRankConfig) -> dict[str, dict]:
     """Swap linear layers for `LowRankLinear` where that saves space; returns their descriptions."""
     head = output_name(model)
+    keep_head = not cfg.include_head or tied_lm_head(model)  # factorising a tied head would store the table twice
     modules: dict[str, dict] = {}
     dtype = getattr(torch, cfg.dtype)
     for name, m in list(model.named_modules()):
-        if not is_linear(m) or (name == head and not cfg.include_head):
+        if not is_linear(m) or (name == head and keep_head):
             continue
         w = linear_weight(m).float()
         out_f, in_f = w.shape

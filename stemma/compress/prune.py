@@ -5,10 +5,12 @@ zero (Han et al., 2015, "Learning both weights and connections for efficient neu
 stored as a bit mask plus its remaining values and densified on load.
 ``structured``: whole MLP neurons (by the norm of their in- and out-going weights) and whole attention heads
 (by the norm of their output projection) are removed (Michel et al., 2019, "Are sixteen heads really better
-than one?"; Voita et al., 2019). Removed neurons shrink the MLP for real (a smaller ``n_inner``); removed heads
-are zeroed, since GPT-2's attention needs a uniform head count. An optional short recovery fine-tune on the
-parent's data, distilling from the parent, wins back part of the loss (Sanh et al., 2020, "Movement pruning"
-use the same teacher signal); zeroed heads stay zero through it.
+than one?"; Voita et al., 2019), as the model's family allows (`Family.prune_structured`). Removed neurons shrink
+the MLP for real in every family. GPT-2's heads are zeroed, since its attention needs a uniform head count; the
+Llama layout loses whole KV groups for real (a key/value head with the query heads sharing it), so the result
+is a plain, smaller model either way. An optional short recovery fine-tune on the parent's data, distilling from
+the parent, wins back part of the loss (Sanh et al., 2020, "Movement pruning" use the same teacher signal);
+zeroed heads stay zero through it.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class PruneConfig:
     neurons: float = 0.25
     """Structured: share of MLP neurons removed in every block."""
     heads: float = 0.0
-    """Structured: share of attention heads zeroed in every block (rounded down)."""
+    """Structured: share of attention heads removed in every block, rounded down (GPT-2: heads, zeroed; Llama
+    layout: whole KV groups); a share that rounds to no head is refused."""
     recovery_steps: int = 0
     """Structured: steps of recovery fine-tuning on the parent's data (0: none)."""
     batch_size: int = 8
@@ -114,13 +117,13 @@ class Prune(BuildMethod):
         n = count_params(model)
         from ..models import families
 
-        shape = families.of(model.config).describe(model.config)
+        shape = families.of(model.config).describe(model.config)  # the pruned shape, not the parent's
         scheme = {"method": self.name, "mode": cfg.mode, "neurons": cfg.neurons, "heads": cfg.heads,
                   "n_inner": shape["n_inner"], "n_kv_head": shape["n_kv_head"], "recovery_steps": cfg.recovery_steps}
         ctx.reporter.log(f"{ctx.node}: structured pruning, MLP width {shape['n_inner']}, {shape['n_kv_head']} KV "
                          f"heads, {n:,} parameters")
         return BuildOutput(files=save_model_files(model), tokenizer=ctx.parent.row.tokenizer, params=n, own_params=n,
-                           architecture={**arch, "variant": scheme}, train=train)
+                           architecture={**arch, **shape, "variant": scheme}, train=train)
 
     def _recover(self, ctx: BuildContext, cfg: PruneConfig, model, masks) -> dict:
         """A short fine-tune of the pruned model towards the parent's predictions on the parent's data."""

@@ -1,7 +1,8 @@
 """`quantized`: weight-only quantisation of the parent, int8 per output channel or int4 per group.
 
-Every linear layer, the token and position embeddings and (through the tie) the output head are stored
-quantised; layer norms and biases stay fp32 (a few thousand values that every token passes through).
+Every linear layer (GPT-2's ``Conv1D`` or ``nn.Linear``), the token (and GPT-2's position) embeddings and the
+output head are stored quantised: a tied head through the quantised embedding it shares, an untied one as a linear
+layer of its own. Norms and biases stay fp32 (a few thousand values that every token passes through).
 Activations stay fp32, weights are dequantised inside ``forward`` (`layers.QuantLinear`). No calibration
 data: per-channel int8 is near lossless on its own (Dettmers et al., 2022, "LLM.int8()"), and int4 keeps
 its error small with small groups and a clipping search per group (the group-wise format of Frantar et
@@ -26,6 +27,7 @@ from .layers import (
     output_name,
     save_variant,
     set_module,
+    tied_lm_head,
 )
 
 
@@ -46,10 +48,8 @@ class QuantizeConfig:
 def quantize_model(model: nn.Module, cfg: QuantizeConfig) -> dict[str, dict]:
     """Swap every linear layer (and the embeddings) for `QuantLinear`/`QuantEmbedding`; returns their descriptions."""
     kind = "int8" if cfg.bits == 8 else "int4"
-    emb = model.get_input_embeddings()
     head_name = output_name(model)
-    head = model.get_output_embeddings()
-    tied = head is not None and getattr(head, "weight", None) is getattr(emb, "weight", None)
+    tied = tied_lm_head(model)
     modules: dict[str, dict] = {}
     targets = [(n, m) for n, m in model.named_modules()
                if is_linear(m) or (cfg.embeddings and isinstance(m, nn.Embedding))]

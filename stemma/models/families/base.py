@@ -98,8 +98,9 @@ class Family:
     # ------------------------------------------------------------------ compression
     def prune_structured(self, model, neurons: float, heads: float) -> dict[str, list]:
         """Remove MLP neurons and attention heads (or whole KV groups) in place; returns gradient masks for what
-        had to be zeroed rather than removed (parameter name -> [mask])."""
-        raise NotImplementedError
+        had to be zeroed rather than removed (parameter name -> [mask]). A ``heads`` share that rounds to no head
+        is refused with one line, as is a family without structured pruning."""
+        raise UnsupportedArchitectureError(f"{self.name}: structured pruning is not implemented; use unstructured")
 
     def restore_buffers(self, model) -> None:
         """Recompute non-persistent buffers (e.g. RoPE frequencies) of a model built on the ``meta`` device."""

@@ -70,6 +70,9 @@ class GPT2(Family):
         keep_n = max(1, inner - int(neurons * inner))
         n_head, d_head = cfg.n_head, cfg.n_embd // cfg.n_head
         drop_h = min(n_head - 1, int(heads * n_head))
+        if heads and not drop_h:
+            raise UnsupportedArchitectureError(
+                f"gpt2: heads={heads} of {n_head} attention heads zeroes none (at least one head must stay)")
         masks: dict[str, list[torch.Tensor]] = {}
         for i, block in enumerate(model.transformer.h):
             fc, proj = block.mlp.c_fc, block.mlp.c_proj  # Conv1D: fc.weight [embd, inner], proj.weight [inner, embd]

@@ -127,6 +127,11 @@ class Llama(Family):
         n_kv, hd = kv_heads(c), head_dim(c)
         group = c.num_attention_heads // n_kv
         drop_g = min(n_kv - 1, int(heads * n_kv))
+        if heads and not drop_g:
+            # GQA's shapes only allow removing a key/value head together with all the query heads reading it.
+            raise UnsupportedArchitectureError(
+                f"{c.model_type}: heads={heads} of {n_kv} KV groups removes none (structured pruning removes whole "
+                "KV groups, and at least one must stay)")
 
         def cut(lin: nn.Linear, idx: torch.Tensor, dim: int) -> nn.Linear:
             w = lin.weight.data.index_select(dim, idx).clone()
