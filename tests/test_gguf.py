@@ -1,5 +1,5 @@
-"""GGUF for the Llama layout (llama.cpp's ``llama`` and ``qwen2`` architectures): llama.cpp's greedy tokens and
-logits equal stemma's, on the trained Llama session tree and on tiny checkpoints of each supported variant."""
+"""GGUF for every family (llama.cpp's ``gpt2``, ``llama`` and ``qwen2`` architectures): llama.cpp's greedy tokens
+and logits equal stemma's, on the trained session trees and on tiny checkpoints of each supported variant."""
 
 import json
 
@@ -9,9 +9,26 @@ import torch
 
 from stemma.errors import StemmaError
 from tests.conftest import save_hf_checkpoint
-from tests.test_select_pull import PROMPTS, _llama_greedy, _stemma_greedy
 
 SP = "en/software/python"
+PROMPTS = ["The grep command searches", "To install the package, run", "Copyright and licence",
+           "def main():", "The options are as follows"]
+
+
+def _llama_greedy(llm, ids: list[int], n: int) -> list[int]:
+    """llama.cpp's first ``n`` greedy tokens after ``ids``."""
+    llm.reset()
+    got = []
+    for t in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        got.append(t)
+        if len(got) == n:
+            break
+    return got
+
+
+def _stemma_greedy(model, ids: list[int], n: int) -> list[int]:
+    return model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          pad_token_id=0)[0, len(ids):].tolist()
 
 
 def open_q8_0(path, **kw):
@@ -44,22 +61,17 @@ def _rounded_like_f16(model):
     return model
 
 
-@pytest.mark.parametrize("gguf_type", ["f32", "f16"])
-@pytest.mark.parametrize("node", ["master", SP])
-def test_llama_cpp_greedy_output_equals_stemmas_on_the_llama_tree(llama_copy, tmp_path, node, gguf_type):
-    """The master (4 heads sharing 2 KV heads, tied head) and the adapter chain merged into it."""
+def check_greedy(ws, node: str, tmp_path, gguf_type: str, rounded) -> None:
+    """llama.cpp on ``node``'s GGUF tokenises each prompt as stemma does and its 16 greedy tokens equal stemma's
+    (``rounded(model)``: stemma's model with the weights as the file holds them)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from stemma.pull import pull
 
-    ws = llama_copy["ws"]
     v = ws.resolve_version(node)
     out = pull(ws, v, tmp_path / "g", "gguf", gguf_type=gguf_type)
     assert json.loads((out / "stemma.json").read_text())["gguf_type"] == gguf_type
     tok = ws.tokenizer(v.row.tokenizer)
-    ref = ws.load_model(v.id)
-    assert ref.config.model_type == "llama" and ref.config.num_key_value_heads == 2
-    if gguf_type == "f16":
-        ref = _rounded_like_f16(ref)
+    ref = rounded(ws.load_model(v.id)) if gguf_type == "f16" else ws.load_model(v.id)
     llm = llama_cpp.Llama(str(out / "model.gguf"), n_ctx=64, verbose=False, seed=0)
     for prompt in PROMPTS:
         ids = tok.encode(prompt).ids
@@ -67,16 +79,18 @@ def test_llama_cpp_greedy_output_equals_stemmas_on_the_llama_tree(llama_copy, tm
         assert _llama_greedy(llm, ids, 16) == _stemma_greedy(ref, ids, 16), prompt
 
 
-def test_llama_gguf_q8_0_loads_and_tracks_stemma(llama_copy, tmp_path):
+def check_q8_0(ws, node: str, tmp_path, min_ratio: float) -> None:
+    """llama.cpp's own quantizer makes one q8_0 file at least ``min_ratio`` times smaller than the f32 one, which
+    loads and whose greedy tokens match stemma's fp32 model on most prompts."""
     pytest.importorskip("llama_cpp")
     from stemma.pull import pull
 
-    ws = llama_copy["ws"]
-    v = ws.resolve_version(SP)
+    v = ws.resolve_version(node)
     f32 = pull(ws, v, tmp_path / "f32", "gguf", gguf_type="f32")
     q8 = pull(ws, v, tmp_path / "q8", "gguf", gguf_type="q8_0")
+    assert json.loads((q8 / "stemma.json").read_text())["gguf_type"] == "q8_0"
     assert sorted(p.name for p in q8.iterdir() if p.suffix == ".gguf") == ["model.gguf"]
-    assert (f32 / "model.gguf").stat().st_size / (q8 / "model.gguf").stat().st_size > 2.5
+    assert (f32 / "model.gguf").stat().st_size / (q8 / "model.gguf").stat().st_size > min_ratio
     tok = ws.tokenizer(v.row.tokenizer)
     ref = ws.load_model(v.id)
     llm = open_q8_0(q8 / "model.gguf")
@@ -85,6 +99,41 @@ def test_llama_gguf_q8_0_loads_and_tracks_stemma(llama_copy, tmp_path):
         ids = tok.encode(prompt).ids
         agree += _llama_greedy(llm, ids, 8) == _stemma_greedy(ref, ids, 8)
     assert agree >= 3, f"q8_0 greedy output matched stemma's fp32 on only {agree} of {len(PROMPTS)} prompts"
+
+
+@pytest.mark.parametrize("gguf_type", ["f32", "f16"])
+def test_llama_cpp_greedy_output_equals_stemmas_on_the_gpt2_tree(variants, tmp_path, gguf_type):
+    check_greedy(variants["ws"], "en/legal", tmp_path, gguf_type, lambda m: m.half().float())
+
+
+def test_gguf_q8_0_by_llama_cpps_quantizer_loads_and_tracks_stemma_on_the_gpt2_tree(variants, tmp_path):
+    check_q8_0(variants["ws"], "en/legal", tmp_path, 3.0)
+
+
+@pytest.mark.parametrize("gguf_type", ["f32", "f16"])
+@pytest.mark.parametrize("node", ["master", SP])
+def test_llama_cpp_greedy_output_equals_stemmas_on_the_llama_tree(llama_copy, tmp_path, node, gguf_type):
+    """The master (4 heads sharing 2 KV heads, tied head) and the adapter chain merged into it."""
+    ws = llama_copy["ws"]
+    ref = ws.load_model(ws.resolve_version(node).id)
+    assert ref.config.model_type == "llama" and ref.config.num_key_value_heads == 2
+    check_greedy(ws, node, tmp_path, gguf_type, _rounded_like_f16)
+
+
+def test_llama_gguf_q8_0_loads_and_tracks_stemma(llama_copy, tmp_path):
+    check_q8_0(llama_copy["ws"], SP, tmp_path, 2.5)
+
+
+def test_gguf_refuses_architectures_it_cannot_express(tmp_path):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from stemma.pull import write_gguf
+
+    m = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                                 num_attention_heads=2, word_embed_proj_dim=32))
+    with pytest.raises(StemmaError, match="no stemma model family"):
+        write_gguf(m, None, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,

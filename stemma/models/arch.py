@@ -16,10 +16,10 @@ def count_params(model) -> int:
 
 def model_context(model) -> int:
     """Longest sequence the model takes (its family's answer; a generic reading for other causal LMs)."""
-    from .families import _BY_MODEL_TYPE
+    from .families import find
 
     c = getattr(model, "config", model)
-    fam = _BY_MODEL_TYPE.get(getattr(c, "model_type", None))
+    fam = find(c)
     if fam is not None:
         return fam.context(c)
     for attr in ("n_positions", "max_position_embeddings", "n_ctx"):

@@ -3,6 +3,7 @@ data."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -18,27 +19,9 @@ from .registry import BuildContext, BuildMethod, BuildOutput, register
 
 
 @dataclass(frozen=True)
-class PretrainConfig(TrainConfig):
-    """A master trained from scratch."""
+class PretrainConfig(TrainConfig, ArchConfig):
+    """A master trained from scratch: the decoder's shape (`ArchConfig`), training, and the tokenizer."""
 
-    arch: str = "gpt2"
-    """Model family: ``gpt2`` (learned positions, LayerNorm, GELU) or ``llama`` (RoPE, RMSNorm, SwiGLU, GQA)."""
-    n_layer: int = 6
-    """Transformer blocks."""
-    n_embd: int = 256
-    """Hidden width."""
-    n_head: int = 4
-    """Attention heads."""
-    n_kv_head: int | None = None
-    """Key/value heads for grouped-query attention (llama; must divide ``n_head``); default: ``n_head``."""
-    n_inner: int | None = None
-    """MLP width; default: the family's (4 x ``n_embd`` for gpt2, about 8/3 x ``n_embd`` for llama)."""
-    rope_theta: float = 10000.0
-    """RoPE base (llama)."""
-    tie_embeddings: bool = True
-    """Share the output head with the token embedding."""
-    context: int = 128
-    """Sequence length for training and the model's maximum context."""
     vocab_size: int = 4096
     """Size of the byte-level BPE vocabulary trained on the master's data."""
     tokenizer_min_frequency: int = 2
@@ -46,9 +29,8 @@ class PretrainConfig(TrainConfig):
 
     @property
     def shape(self) -> ArchConfig:
-        return ArchConfig(arch=self.arch, n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head,
-                          n_kv_head=self.n_kv_head, n_inner=self.n_inner, context=self.context,
-                          rope_theta=self.rope_theta, tie_embeddings=self.tie_embeddings)
+        """The decoder's shape alone."""
+        return ArchConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ArchConfig)})
 
 
 def pretrain_model(model, stream: TokenStream, cfg: TrainConfig, work_dir=None, reporter=None, label="pretrain"):

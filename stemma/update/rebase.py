@@ -19,7 +19,7 @@ import torch
 from ..configs import RebaseConfig
 from ..errors import StemmaError
 from ..models.arch import model_context
-from ..models.io import materialise, save_model_files
+from ..models.io import save_model_files
 from ..train.base import Trainer, kl_to_teacher, lm_loss
 from ..train.forgetting import draw, split_batch
 from ..train.registry import BuildContext, BuildOutput
@@ -41,8 +41,8 @@ def run_rebase(ctx: BuildContext, cfg, rb: RebaseConfig, old) -> BuildOutput:
     base = ctx.load_parent()
     teacher = ctx.ws.load_model(old.id) if rb.alpha > 0 else None
     with tempfile.TemporaryDirectory(prefix="stemma-rebase-") as d:
-        files = {n: ctx.ws.store.verified_path(dg) for n, dg in old.manifest["files"].items()}
-        model = PeftModel.from_pretrained(base, str(materialise(files, Path(d))), is_trainable=True)
+        adapter = ctx.ws.materialise(ctx.ws.plan(old.id).version, Path(d))
+        model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
     steps = max(1, round(cfg.steps * rb.steps_fraction))
     tcfg = dataclasses.replace(cfg, steps=steps, lr=cfg.lr * rb.lr_scale, warmup=min(cfg.warmup, max(1, steps // 10)))
     context = model_context(base)

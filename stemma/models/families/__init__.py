@@ -37,12 +37,16 @@ def get(name: str) -> Family:
         raise StemmaError(f"unknown model family {name!r} (known: {', '.join(names())})") from None
 
 
+def find(config) -> Family | None:
+    """The family of a transformers config (or a model), or None when stemma has none for its model type."""
+    return _BY_MODEL_TYPE.get(getattr(getattr(config, "config", config), "model_type", None))
+
+
 def of(config) -> Family:
     """The family of a transformers config (or a model), refusing model types stemma has no family for."""
-    config = getattr(config, "config", config)
-    mt = getattr(config, "model_type", None)
-    fam = _BY_MODEL_TYPE.get(mt)
+    fam = find(config)
     if fam is None:
+        mt = getattr(getattr(config, "config", config), "model_type", None)
         known = ", ".join(sorted(_BY_MODEL_TYPE))
         raise UnsupportedArchitectureError(f"model_type {mt!r} has no stemma model family (supported: {known})")
     return fam
@@ -57,4 +61,4 @@ def checked(config) -> Family:
 
 from . import gpt2, llama  # noqa: E402,F401 - each module registers its family
 
-__all__ = ["ArchConfig", "Family", "UnsupportedArchitectureError", "checked", "get", "names", "of", "register"]
+__all__ = ["ArchConfig", "Family", "UnsupportedArchitectureError", "checked", "find", "get", "names", "of", "register"]

@@ -35,7 +35,7 @@ class ArchConfig:
     tie_embeddings: bool = True
     """Share the output head with the token embedding."""
     dropout: float = 0.0
-    """Dropout (gpt2 only); 0 keeps training deterministic."""
+    """Dropout (gpt2: residual, attention and embeddings; llama: attention); 0 keeps training deterministic."""
 
     def check(self) -> None:
         if self.n_embd % self.n_head:

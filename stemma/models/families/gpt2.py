@@ -167,16 +167,11 @@ class GPT2(Family):
             head=sv.fp32(model.lm_head.weight).t(), position_table=sv.fp32(tr.wpe.weight))
 
     def lora_site(self, module_path: str, config) -> sv.LoraSite | None:
-        parts = module_path.split(".")  # [..., "h", "<layer>", "attn", "c_attn"]
-        try:
-            i = parts.index("h")
-            layer = int(parts[i + 1])
-        except (ValueError, IndexError):
+        found = sv.block_module(module_path, "h", config.n_layer)  # [..., "h", "<layer>", "attn", "c_attn"]
+        name = self._SERVED.get(found[1]) if found else None
+        if name is None:
             return None
-        name = self._SERVED.get(".".join(parts[i + 2 :]))
-        if name is None or not 0 <= layer < config.n_layer:
-            return None
-        return sv.LoraSite(layer, name, 0, self.decoder_shape(config).linear_dims(name)[1])
+        return sv.LoraSite(found[0], name, 0, self.decoder_shape(config).linear_dims(name)[1])
 
     # ------------------------------------------------------------------ GGUF
     def write_gguf(self, model, writer, put) -> None:
@@ -193,18 +188,13 @@ class GPT2(Family):
         put("token_embd.weight", tr.wte.weight)
         put("position_embd.weight", tr.wpe.weight)
         for i, b in enumerate(tr.h):
-            put(f"blk.{i}.attn_norm.weight", b.ln_1.weight)
-            put(f"blk.{i}.attn_norm.bias", b.ln_1.bias)
-            put(f"blk.{i}.attn_qkv.weight", b.attn.c_attn.weight.t())
-            put(f"blk.{i}.attn_qkv.bias", b.attn.c_attn.bias)
-            put(f"blk.{i}.attn_output.weight", b.attn.c_proj.weight.t())
-            put(f"blk.{i}.attn_output.bias", b.attn.c_proj.bias)
-            put(f"blk.{i}.ffn_norm.weight", b.ln_2.weight)
-            put(f"blk.{i}.ffn_norm.bias", b.ln_2.bias)
-            put(f"blk.{i}.ffn_up.weight", b.mlp.c_fc.weight.t())
-            put(f"blk.{i}.ffn_up.bias", b.mlp.c_fc.bias)
-            put(f"blk.{i}.ffn_down.weight", b.mlp.c_proj.weight.t())
-            put(f"blk.{i}.ffn_down.bias", b.mlp.c_proj.bias)
+            for gguf_name, module in (("attn_norm", b.ln_1), ("ffn_norm", b.ln_2)):
+                put(f"blk.{i}.{gguf_name}.weight", module.weight)
+                put(f"blk.{i}.{gguf_name}.bias", module.bias)
+            for gguf_name, module in (("attn_qkv", b.attn.c_attn), ("attn_output", b.attn.c_proj),
+                                      ("ffn_up", b.mlp.c_fc), ("ffn_down", b.mlp.c_proj)):
+                put(f"blk.{i}.{gguf_name}.weight", module.weight.t())  # Conv1D [in, out] -> [out, in]
+                put(f"blk.{i}.{gguf_name}.bias", module.bias)
         put("output_norm.weight", tr.ln_f.weight)
         put("output_norm.bias", tr.ln_f.bias)
         put("output.weight", model.lm_head.weight)

@@ -29,6 +29,12 @@ def rope_parameters(config) -> dict[str, Any]:
     return out
 
 
+def default_inner(n_embd: int) -> int:
+    """SwiGLU's usual MLP width: 8/3 of the hidden width (keeping the parameters of a 4x GELU MLP), rounded up to
+    a multiple of 32."""
+    return 32 * -(-(8 * n_embd) // (3 * 32))
+
+
 def head_dim(config) -> int:
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
@@ -47,14 +53,14 @@ class Llama(Family):
     def hf_config(self, arch: ArchConfig, vocab_size: int, eos_token_id: int):
         from transformers import LlamaConfig
 
-        inner = arch.n_inner or 32 * -(-(8 * arch.n_embd) // (3 * 32))
+        inner = arch.n_inner or default_inner(arch.n_embd)
         return LlamaConfig(
             vocab_size=vocab_size, hidden_size=arch.n_embd, intermediate_size=inner,
             num_hidden_layers=arch.n_layer, num_attention_heads=arch.n_head,
             num_key_value_heads=arch.n_kv_head or arch.n_head, max_position_embeddings=arch.context,
             rms_norm_eps=1e-5, rope_theta=arch.rope_theta, tie_word_embeddings=arch.tie_embeddings,
             bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
-            attention_bias=False, mlp_bias=False, hidden_act="silu",
+            attention_bias=False, mlp_bias=False, hidden_act="silu", attention_dropout=arch.dropout,
         )
 
     def check(self, config) -> None:
@@ -178,7 +184,7 @@ class Llama(Family):
             c.hidden_size = n_embd
             c.head_dim = None
             if n_inner is None:
-                c.intermediate_size = 32 * -(-(8 * n_embd) // (3 * 32))
+                c.intermediate_size = default_inner(n_embd)
         if n_head is not None:
             c.num_attention_heads = n_head
             c.head_dim = None
@@ -253,21 +259,17 @@ class Llama(Family):
 
     def lora_site(self, module_path: str, config) -> sv.LoraSite | None:
         """q/k/v land in column slices of the fused ``attn.qkv``, gate/up in halves of ``mlp.up``."""
-        parts = module_path.split(".")  # [..., "layers", "<layer>", "self_attn", "k_proj"]
-        try:
-            i = parts.index("layers")
-            layer = int(parts[i + 1])
-        except (ValueError, IndexError):
-            return None
-        if not 0 <= layer < config.num_hidden_layers:
+        # [..., "layers", "<layer>", "self_attn", "k_proj"]
+        found = sv.block_module(module_path, "layers", config.num_hidden_layers)
+        if found is None:
             return None
         q, kv = config.num_attention_heads * head_dim(config), kv_heads(config) * head_dim(config)
         f, d = config.intermediate_size, config.hidden_size
         site = {"self_attn.q_proj": (sv.QKV, 0, q), "self_attn.k_proj": (sv.QKV, q, kv),
                 "self_attn.v_proj": (sv.QKV, q + kv, kv), "self_attn.o_proj": (sv.ATTN_OUT, 0, d),
                 "mlp.gate_proj": (sv.MLP_UP, 0, f), "mlp.up_proj": (sv.MLP_UP, f, f),
-                "mlp.down_proj": (sv.MLP_DOWN, 0, d)}.get(".".join(parts[i + 2 :]))
-        return None if site is None else sv.LoraSite(layer, *site)
+                "mlp.down_proj": (sv.MLP_DOWN, 0, d)}.get(found[1])
+        return None if site is None else sv.LoraSite(found[0], *site)
 
     # ------------------------------------------------------------------ GGUF
     def gguf_architecture(self, config) -> str:

@@ -164,6 +164,18 @@ class LoraSite(NamedTuple):
     """Output columns of the projection."""
 
 
+def block_module(module_path: str, container: str, n_layer: int) -> tuple[int, str] | None:
+    """(layer, path inside the block) of a module path like ``base_model.model.<container>.3.attn.c_attn``, or None
+    when it names no module of a block ``0 <= layer < n_layer``."""
+    parts = module_path.split(".")
+    try:
+        i = parts.index(container)
+        layer = int(parts[i + 1])
+    except (ValueError, IndexError):
+        return None
+    return (layer, ".".join(parts[i + 2:])) if 0 <= layer < n_layer else None
+
+
 def fp32(t: torch.Tensor) -> torch.Tensor:
     """A weight as the decoder keeps it: fp32, no autograd (no copy when it already is fp32)."""
     return t.detach().float()
