@@ -14,7 +14,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from .data.ingest import BuiltDataset, IngestOptions, build_dataset
+from .data.ingest import BuiltDataset, IngestOptions, built_from, curation_for
 from .errors import StemmaError
 from .evaluate.evaluator import Evaluator
 from .methods import get
@@ -45,23 +45,38 @@ def recipe_for(node: NodeSpec, parent: VersionInfo | None, datasets: dict[str, s
     }
 
 
-def prepare_spec_datasets(spec: TreeSpec) -> dict[str, BuiltDataset]:
-    """Read and split every dataset the spec declares, in memory (nothing is written yet)."""
-    built = {}
+def prepare_spec_datasets(spec: TreeSpec, work_dir, executor=None, reporter: Reporter | None = None
+                          ) -> dict[str, BuiltDataset]:
+    """Read, curate and split every dataset the spec declares into ``work_dir`` (nothing is registered yet).
+
+    Two phases: every dataset is read first, so that each one's curation can use the test documents of all of them
+    as evaluation data (a training document that near-duplicates any test document of the tree is leakage)."""
+    curations = {}
     for name, d in spec.datasets.items():
         opts = IngestOptions(name=name, license=d.license, language=d.language, domain=d.domain,
-                             description=d.description, test_fraction=d.test_fraction, max_doc_chars=d.max_doc_chars)
+                             description=d.description, test_fraction=d.test_fraction, max_doc_chars=d.max_doc_chars,
+                             steps=d.curate)
         try:
-            built[name] = build_dataset(list(d.paths), opts)
+            cur = curation_for(list(d.paths), opts, work_dir, executor=executor, reporter=reporter)
+            cur.read()
+        except StemmaError as e:
+            raise type(e)(f"dataset {name}: {e}") from None
+        curations[name] = (opts, cur)
+    references = tuple(sorted({c.read().test_path for _, c in curations.values()}))
+    built = {}
+    for name, (opts, cur) in curations.items():
+        try:
+            built[name] = built_from(opts, cur, references)
         except StemmaError as e:
             raise type(e)(f"dataset {name}: {e}") from None
     return built
 
 
 def build(ws: Workspace, spec: TreeSpec, reporter: Reporter | None = None, only: list[str] | None = None,
-          evaluate: bool = True, footprint: bool = False) -> list[BuildEvent]:
+          evaluate: bool = True, footprint: bool = False, executor=None) -> list[BuildEvent]:
     """Reconcile the registry to ``spec``; with ``footprint``, measure each version's footprint once (a child process
-    per version: disk, peak memory, tokens/s; see `stemma.footprint`)."""
+    per version: disk, peak memory, tokens/s; see `stemma.footprint`). ``executor`` runs the datasets' curation
+    (`stemma.data.curate.pipeline.make_executor`; one local process by default)."""
     reporter = reporter or NullReporter()
     events: list[BuildEvent] = []
     with ws.build_lock():
@@ -77,7 +92,8 @@ def build(ws: Workspace, spec: TreeSpec, reporter: Reporter | None = None, only:
                     targets.add(cur)
                     cur = spec.nodes[cur].parent
         # Pre-flight: everything that can fail on bad input fails here, before the first write.
-        prepared = prepare_spec_datasets(spec)
+        curate_dir = ws.settings.work_dir / "curate"
+        prepared = prepare_spec_datasets(spec, curate_dir, executor=executor, reporter=reporter)
         inputs: dict[str, dict] = {}
         for path in spec.order:
             if path not in targets:
@@ -92,6 +108,8 @@ def build(ws: Workspace, spec: TreeSpec, reporter: Reporter | None = None, only:
             if new:
                 reporter.log(f"dataset {name}: ingested {row.n_docs} documents as {row.id[:12]}")
             ds_ids[name] = row.id
+        for b in prepared.values():  # registered: the curation's work directories are no longer needed
+            shutil.rmtree(b.train_path.parent.parent, ignore_errors=True)
         built: dict[str, VersionInfo] = {}
         evaluator = Evaluator(ws, reporter)
         for path in spec.order:

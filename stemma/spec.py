@@ -39,6 +39,7 @@ class _DatasetYaml(BaseModel):
     description: str | None = None
     test_fraction: float = 0.05
     max_doc_chars: int = 16000
+    curate: list[Any] | None = None
 
 
 class _NodeYaml(BaseModel):
@@ -71,6 +72,8 @@ class DatasetSpec:
     description: str | None
     test_fraction: float
     max_doc_chars: int
+    curate: tuple = ()
+    """`stemma.data.curate.StepSpec`s in order (empty: exact deduplication only)."""
 
 
 @dataclass(frozen=True)
@@ -172,9 +175,12 @@ def parse_spec(data: Any, root_dir: Path, source: str = "stemma.yaml") -> TreeSp
                 raise SpecError(f"{source}: dataset {name}: {p}: no such file or directory")
         if not 0 < d.test_fraction < 0.5:
             raise SpecError(f"{source}: dataset {name}: test_fraction must be in (0, 0.5)")
+        from .data.curate import parse_steps
+
+        curate = parse_steps(d.curate, f"{source}: dataset {name}") if d.curate is not None else ()
         datasets[name] = DatasetSpec(name=name, paths=paths, license=d.license, language=d.language, domain=d.domain,
                                      description=d.description, test_fraction=d.test_fraction,
-                                     max_doc_chars=d.max_doc_chars)
+                                     max_doc_chars=d.max_doc_chars, curate=curate)
 
     nodes: dict[str, NodeSpec] = {}
     for path, n in tree.nodes.items():

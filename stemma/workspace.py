@@ -11,6 +11,7 @@ import fcntl
 import functools
 import os
 import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -83,14 +84,22 @@ class Workspace:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     # ------------------------------------------------------------------ datasets
-    def ingest(self, paths: list[Path], opts: IngestOptions) -> tuple[Dataset, bool]:
-        """Ingest a corpus; returns the dataset row and whether it is new (same content: same id, no-op)."""
-        built = build_dataset(paths, opts)
-        return self.register_dataset(built)
+    def ingest(self, paths: list[Path], opts: IngestOptions, executor=None, references: tuple[str, ...] = (),
+               reporter=None) -> tuple[Dataset, bool]:
+        """Ingest a corpus; returns the dataset row and whether it is new (same content: same id, no-op).
+
+        The run works in ``work/curate/`` and resumes there if it was killed; the directory goes once registered."""
+        work = self.settings.work_dir / "curate"
+        built = build_dataset(paths, opts, work_dir=work, executor=executor, references=references, reporter=reporter)
+        row, new = self.register_dataset(built)
+        shutil.rmtree(built.train_path.parent.parent, ignore_errors=True)
+        return row, new
 
     def register_dataset(self, built: BuiltDataset) -> tuple[Dataset, bool]:
-        self.store.put_bytes(built.train)
-        self.store.put_bytes(built.test)
+        if self.store.put_file(built.train_path) != built.manifest["train"]:
+            raise StemmaError(f"dataset {built.manifest['name']}: training split changed while it was stored")
+        if self.store.put_file(built.test_path) != built.manifest["test"]:
+            raise StemmaError(f"dataset {built.manifest['name']}: test split changed while it was stored")
         ds_id = self.store.put_json(built.manifest)
         with self.db.session() as s:
             row = s.get(Dataset, ds_id)
@@ -98,7 +107,7 @@ class Workspace:
                 return row, False
             seq = (s.scalar(select(Dataset.seq).where(Dataset.name == built.manifest["name"])
                             .order_by(Dataset.seq.desc()).limit(1)) or 0) + 1
-            sheet = built.datasheet
+            sheet = {**built.datasheet, "run": built.run}
             row = Dataset(
                 id=ds_id, name=built.manifest["name"], seq=seq, manifest=ds_id, language=sheet.get("language"),
                 license=(sheet.get("license") or "")[:400], n_docs=sheet["counts"]["documents"],

@@ -22,7 +22,7 @@ def test_text_dir_and_jsonl_with_dedup_and_datasheet(tmp_path):
     built = build_dataset([d, j], IngestOptions(name="t", license="CC0-1.0", language="en"))
     c = built.datasheet["counts"]
     assert c["documents_read"] == 43
-    assert c["exact_duplicates_removed"] == 1
+    assert built.datasheet["curation"][0]["kinds"] == {"exact_duplicate": 1}
     assert c["documents"] == 42 == c["train_documents"] + c["test_documents"]
     assert c["test_documents"] >= 1
     assert built.datasheet["licenses"] == {"CC0-1.0": 2, "MIT": 40}
@@ -60,15 +60,17 @@ def test_long_documents_are_chunked(tmp_path):
     [
         (lambda p: p / "missing.txt", "no such file"),
         (lambda p: (p / "empty.txt").write_text("   \n\n") and p / "empty.txt", "empty"),
-        (lambda p: (p / "bad.jsonl").write_text('{"text": "ok"}\n{not json\n') and p / "bad.jsonl", "bad.jsonl:2"),
+        (lambda p: (p / "bad.jsonl").write_text('{"text": "ok"}\n{not json\n') and p / "bad.jsonl",
+         "bad.jsonl: line 2: not valid JSON"),
         (lambda p: (p / "nt.jsonl").write_text('{"body": "x"}\n') and p / "nt.jsonl", "'text' field"),
-        (lambda p: (p / "bin.txt").write_bytes(b"\xff\xfe\x00bad") and p / "bin.txt", "not UTF-8"),
+        (lambda p: (p / "bin.txt").write_bytes(b"\xff\xfe\x00bad") and p / "bin.txt", "binary"),
+        (lambda p: (p / "l1.txt").write_bytes(b"caf\xe9\n") and p / "l1.txt", "not UTF-8"),
     ],
 )
-def test_bad_input_is_a_clear_error(tmp_path, setup, message):
+def test_bad_input_is_a_clear_error_when_strict(tmp_path, setup, message):
     path = setup(tmp_path)
     with pytest.raises(DataError, match=message):
-        build_dataset([path], IngestOptions(name="t"))
+        build_dataset([path], IngestOptions(name="t", strict=True))
 
 
 def test_dataset_name_must_be_safe(tmp_path):

@@ -27,6 +27,8 @@ def build(
     node: list[str] = typer.Option(None, "--node", help="Build only these nodes (and their ancestors)."),
     footprint: bool = typer.Option(True, "--footprint/--no-footprint",
                                    help="Measure each version's memory and speed once (a child process each)."),
+    executor: str = typer.Option("local", "--executor", help="Where dataset curation runs: local (processes) or ray."),
+    workers: int = typer.Option(None, "--workers", help="Curation worker processes (default: every core)."),
 ) -> None:
     """Reconcile the registry to stemma.yaml: build only what changed."""
     import time
@@ -36,10 +38,16 @@ def build(
     from ..spec import load_spec
     from ..workspace import Workspace
 
+    from ..data.curate.pipeline import make_executor
+
     tree = load_spec(spec)
     ws = Workspace.init()
     t0 = time.perf_counter()
-    events = run_build(ws, tree, reporter=RichReporter(err), only=node or None, footprint=footprint)
+    ex = make_executor(executor, workers)
+    try:
+        events = run_build(ws, tree, reporter=RichReporter(err), only=node or None, footprint=footprint, executor=ex)
+    finally:
+        ex.close()
     built = sum(e.action in ("built", "rebased") for e in events)
     for e in events:
         out.print(f"  {e.action:7} {e.node:28} {e.version[:12]}  {e.seconds:7.1f}s")

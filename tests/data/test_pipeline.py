@@ -1,0 +1,200 @@
+"""The curation pipeline: steps as identity, shards, bad input per file, executors, resume after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from stemma.data.curate import parse_steps
+from stemma.data.curate.pipeline import Curation, LocalExecutor, plan_passes
+from stemma.data.ingest import IngestOptions, build_dataset, read_docs
+from stemma.errors import DataError, SpecError
+
+from ..conftest import CORPUS, write_subset
+
+
+def _jsonl(path: Path, docs) -> Path:
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return path
+
+
+def _corpus(tmp_path: Path, n: int = 60) -> Path:
+    return write_subset(CORPUS / "en-manpages.jsonl", tmp_path / "c" / "en.jsonl", n, max_chars=2000)
+
+
+def test_default_is_exact_dedup_and_copies_keep_one(tmp_path):
+    docs = [{"text": f"document {i} " * 30} for i in range(30)] + [{"text": "document 3 " * 30}]
+    built = build_dataset([_jsonl(tmp_path / "x.jsonl", docs)], IngestOptions(name="t"))
+    (step,) = built.datasheet["curation"]
+    assert step["step"] == "exact_dedup" and step["docs_in"] == 31 and step["removed"] == 1 and step["kept"] == 30
+    assert step["kinds"] == {"exact_duplicate": 1}
+    assert step["examples"][0]["evidence"].startswith("copy of ")
+    texts = [d["text"] for d in read_docs(built.train) + read_docs(built.test)]
+    assert len(texts) == len(set(texts)) == 30
+    assert all(len(d["id"]) == 16 for d in read_docs(built.train))
+
+
+def test_steps_are_part_of_the_identity(tmp_path):
+    src = _corpus(tmp_path)
+    a = build_dataset([src], IngestOptions(name="t", steps=parse_steps(["exact_dedup"], "t")))
+    b = build_dataset([src], IngestOptions(name="t", steps=parse_steps(["exact_dedup"], "t")))
+    c = build_dataset([src], IngestOptions(name="t", steps=parse_steps(["exact_dedup", "exact_dedup"], "t")))
+    assert a.manifest == b.manifest
+    assert c.manifest["train"] == a.manifest["train"]  # same content ...
+    assert c.manifest != a.manifest  # ... but another curation: another dataset
+
+
+def test_unknown_step_and_bad_config_are_one_line_errors():
+    with pytest.raises(SpecError, match="unknown curation step 'nope'"):
+        parse_steps(["nope"], "x.yaml")
+    with pytest.raises(SpecError, match=r"curate\[0\]: expected a step name"):
+        parse_steps([{"a": 1, "b": 2}], "x.yaml")
+    with pytest.raises(SpecError, match="unknown config field"):
+        parse_steps([{"exact_dedup": {"threshold": 0.3}}], "x.yaml")
+
+
+def test_passes_group_document_steps_between_corpus_steps():
+    passes = plan_passes(parse_steps(["exact_dedup"], "t"))
+    assert [(p.apply, p.signature.name if p.signature else None) for p in passes][0] == (None, "exact_dedup")
+    assert passes[1].apply.name == "exact_dedup" and passes[1].signature is None
+
+
+def test_bad_input_is_reported_per_file_and_never_aborts(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    _jsonl(d / "good.jsonl", [{"text": f"good document number {i} " * 10} for i in range(20)])
+    (d / "empty.txt").write_text("")
+    (d / "binary.txt").write_bytes(b"\x7fELF\x00\x01\x02 binary")
+    (d / "latin1.txt").write_bytes("caf\xe9 au lait\n\nsecond paragraph".encode("latin-1"))
+    (d / "mixed.jsonl").write_bytes(b'{"text": "fine line one two three"}\n{not json\n{"body": 1}\n'
+                                    b'{"text": "bad \xff utf8"}\n{"text": "another fine line"}\n')
+    (d / "image.png").write_bytes(b"\x89PNG\r\n")
+    with open(d / "huge.jsonl", "wb") as f:  # a single 100 MB line, never held whole
+        f.write(b'{"text": "')
+        block = b"x" * (1 << 20)
+        for _ in range(100):
+            f.write(block)
+        f.write(b'"}\n{"text": "the line after the huge one survives"}\n')
+    built = build_dataset([d], IngestOptions(name="t"))
+    files = {f["file"]: f for f in built.datasheet["sources"]}
+    assert files["good.jsonl"]["status"] == "ok" and files["good.jsonl"]["documents"] == 20
+    assert files["empty.txt"] == {**files["empty.txt"], "status": "skipped", "reason": "empty file"}
+    assert files["binary.txt"]["status"] == "skipped" and "binary" in files["binary.txt"]["reason"]
+    assert files["latin1.txt"]["problems"] == {"not_utf8": 1}  # its one bad line; the rest is read
+    assert files["mixed.jsonl"]["status"] == "partial" and files["mixed.jsonl"]["documents"] == 2
+    assert files["mixed.jsonl"]["problems"] == {"bad_json": 1, "no_text": 1, "not_utf8": 1}
+    assert any("line 2: not valid JSON" in e for e in files["mixed.jsonl"]["problem_examples"])
+    assert files["image.png"]["status"] == "skipped" and "not a text or JSONL" in files["image.png"]["reason"]
+    assert files["huge.jsonl"]["problems"] == {"line_too_long": 1} and files["huge.jsonl"]["documents"] == 1
+    texts = {x["text"] for x in read_docs(built.train) + read_docs(built.test)}
+    assert "the line after the huge one survives" in texts and "another fine line" in texts
+    with pytest.raises(DataError, match=r"mixed.jsonl: line 2: not valid JSON"):
+        build_dataset([d / "mixed.jsonl"], IngestOptions(name="t", strict=True))
+
+
+def test_a_corpus_of_only_bad_input_is_an_error_naming_the_files(tmp_path):
+    (tmp_path / "e.txt").write_text("")
+    with pytest.raises(DataError, match=r"empty: no non-blank documents \(e.txt: empty file\)"):
+        build_dataset([tmp_path / "e.txt"], IngestOptions(name="t"))
+
+
+def test_shards_and_processes_give_the_same_dataset(tmp_path):
+    src = _corpus(tmp_path, 120)
+    one = build_dataset([src], IngestOptions(name="t"))
+    ex = LocalExecutor(2)
+    try:
+        cur = Curation([src], IngestOptions(name="t"), tmp_path / "w", executor=ex, shard_bytes=20_000)
+        many = cur.run()
+    finally:
+        ex.close()
+    assert len(cur.read().shards) > 5
+    assert (many.train_sha256, many.test_sha256) == (one.manifest["train"], one.manifest["test"])
+    assert many.steps == one.datasheet["curation"]
+
+
+SLOW_STEP = '''
+import time
+from dataclasses import dataclass
+from stemma.data.curate.base import DocumentStep, register
+
+@dataclass(frozen=True)
+class SlowConfig:
+    """Seconds to wait per document."""
+    wait: float = 0.02
+
+@register
+class Slow(DocumentStep):
+    name = "slow"
+    config_cls = SlowConfig
+    def apply(self, doc, stats):
+        time.sleep(self.config.wait)
+        doc.text = doc.text.upper()
+        return doc
+'''
+
+
+def test_killed_run_resumes_from_finished_shards_with_the_same_id(tmp_path):
+    (tmp_path / "slowstep.py").write_text(SLOW_STEP)
+    src = _corpus(tmp_path, 120)
+    work = tmp_path / "work"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import slowstep
+        from stemma.data.curate import parse_steps
+        from stemma.data.curate.pipeline import Curation
+        from stemma.data.ingest import IngestOptions
+        opts = IngestOptions(name="t", steps=parse_steps(["exact_dedup", "slow"], "t"))
+        Curation([{str(src)!r}], opts, {str(work)!r}, shard_bytes=20_000).run()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    deadline = time.time() + 120
+    done = []
+    while time.time() < deadline and proc.poll() is None:
+        done = list(work.glob("pass1-*/shard-*.done"))
+        if len(done) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p.name for p in work.glob("pass1-*/shard-*.done")}
+    total = len(list(work.glob("read/shard-*.jsonl")))
+    assert 2 <= len(finished) < total
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import slowstep  # noqa: F401 - registers the step in this process too
+
+        opts = IngestOptions(name="t", steps=parse_steps(["exact_dedup", "slow"], "t"))
+        mtimes = {p.name: p.stat().st_mtime_ns for p in work.glob("pass1-*/shard-*.done")}
+        resumed = Curation([src], opts, work, shard_bytes=20_000).run()
+        assert all(p.stat().st_mtime_ns == mtimes[p.name] for p in work.glob("pass1-*/shard-*.done")
+                   if p.name in mtimes), "finished shards were run again"
+        fresh = Curation([src], opts, tmp_path / "fresh", shard_bytes=20_000).run()
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert (resumed.train_sha256, resumed.test_sha256) == (fresh.train_sha256, fresh.test_sha256)
+    assert resumed.steps == fresh.steps
+
+
+def test_ray_executor_gives_the_local_dataset_id(tmp_path):
+    from stemma.data.curate.pipeline import RayExecutor
+
+    src = _corpus(tmp_path, 80)
+    local = Curation([src], IngestOptions(name="t"), tmp_path / "a", shard_bytes=20_000).run()
+    ex = RayExecutor(workers=2)
+    try:
+        remote = Curation([src], IngestOptions(name="t"), tmp_path / "b", executor=ex, shard_bytes=20_000).run()
+    finally:
+        ex.close()
+    assert (remote.train_sha256, remote.test_sha256) == (local.train_sha256, local.test_sha256)
+    assert remote.steps == local.steps and remote.run["executor"] == "ray"
