@@ -198,3 +198,37 @@ def test_ray_executor_gives_the_local_dataset_id(tmp_path):
         ex.close()
     assert (remote.train_sha256, remote.test_sha256) == (local.train_sha256, local.test_sha256)
     assert remote.steps == local.steps and remote.run["executor"] == "ray"
+
+
+def _edit(text: str, every: int = 25) -> str:
+    words = text.split()
+    return " ".join(w.upper() if i % every == 0 else w for i, w in enumerate(words))
+
+
+def test_tree_build_removes_training_documents_that_leak_another_datasets_test_split(tmp_path):
+    """A test document of dataset B near-duplicated in dataset A's training split is leakage: removed from A."""
+    from stemma.build import prepare_spec_datasets
+    from stemma.data.read import doc_id, is_test
+    from stemma.spec import parse_spec
+
+    src = [json.loads(line)["text"][:3000] for line in open(CORPUS / "en-python.jsonl")][:80]
+    fraction = 0.2
+    b_test = next(t for t in src if is_test(doc_id(t)[1], fraction))  # lands in B's test split
+    leak = _edit(b_test)
+    assert not is_test(doc_id(leak)[1], 0.05), "pick another edit: the copy must land in A's training split"
+    others = [t for t in src if t != b_test]
+    _jsonl(tmp_path / "a.jsonl", [{"text": t} for t in others[:40]] + [{"text": leak}])
+    _jsonl(tmp_path / "b.jsonl", [{"text": t} for t in others[40:]] + [{"text": b_test}])
+    spec = parse_spec({"datasets": {"a": {"paths": ["a.jsonl"], "curate": ["exact_dedup", "near_dedup"]},
+                                    "b": {"paths": ["b.jsonl"], "test_fraction": fraction}},
+                       "nodes": {"master": {"method": "pretrain", "dataset": "a"}}}, tmp_path)
+    built = prepare_spec_datasets(spec, tmp_path / "work")
+    a_train = {d["text"] for d in read_docs(built["a"].train)}
+    assert leak not in a_train
+    assert built["a"].datasheet["counts"]["documents"] == 40  # only the leak went
+    near = next(s for s in built["a"].datasheet["curation"] if s["step"] == "near_dedup")
+    assert near["kinds"] == {"leakage": 1} and near["removed"] == 1
+    assert near["examples"][0]["id"] == doc_id(leak)[0]
+    # B has no leakage step: its documents are all there.
+    b = built["b"].datasheet["counts"]
+    assert b["documents"] == b["documents_read"] == len(others[40:]) + 1
