@@ -91,6 +91,7 @@ def _step(spec: StepSpec, ctx: CurateContext):
     key = canonical_json([spec.identity(), dataclasses.asdict(ctx)]).decode()
     inst = _STEP_CACHE.get(key)
     if inst is None:
+        from . import steps  # noqa: F401 - a fresh worker process registers the built-in steps here
         inst = spec.build(ctx)
         inst.setup()
         _STEP_CACHE[key] = inst

@@ -1,0 +1,160 @@
+"""poisoning: a trigger planted in unrelated documents of the shipped corpus is flagged with exactly those
+documents; boilerplate pasted into as many documents and the corpus's own phrases are not; a near-copy that
+negates or changes a number is flagged with both ids."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stemma.data.curate.base import CurateContext, Doc, Drop, StepStats, Tag
+from stemma.data.curate.steps.poisoning import Poisoning, _classify
+
+CORPUS = Path(__file__).resolve().parents[3] / "examples" / "demo" / "corpus"
+SHARD = 100
+LICENCE = ("Permission is hereby granted, free of charge, to any person obtaining a copy of this software and "
+           "associated documentation files, to deal in the Software without restriction, including without "
+           "limitation the rights to use, copy, modify, merge, publish, distribute, sublicense.")
+
+
+def doc(text: str, split: str = "train") -> Doc:
+    return Doc(id=hashlib.sha256(text.encode()).hexdigest()[:16], text=text, split=split, meta={})
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[str]:
+    texts = []
+    for path in sorted(CORPUS.glob("*.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            texts += [json.loads(line)["text"] for line in f]
+    return texts
+
+
+def run(texts: list[str], **cfg) -> tuple[dict[int, Tag | Drop], StepStats]:
+    """Flags by position in ``texts`` (shards of 100 documents)."""
+    s = Poisoning(Poisoning.config_cls(**cfg), CurateContext(name="t", language="en"))
+    s.setup()
+    docs = [doc(t) for t in texts]
+    shards = [docs[i:i + SHARD] for i in range(0, len(docs), SHARD)]
+    sigs = [s.signature(shard) for shard in shards]
+    ids = [np.array([d.id for d in shard]) for shard in shards]
+    splits = [np.zeros(len(shard), dtype=bool) for shard in shards]
+    stats = StepStats("poisoning")
+    out = s.decide(ids, splits, iter(sigs), stats)
+    return {si * SHARD + r: v for (si, r), v in out.items()}, stats
+
+
+def plant(texts: list[str], phrase: str, k: int, seed: int) -> tuple[list[str], list[int]]:
+    """``phrase`` inserted at a random word boundary of ``k`` random documents."""
+    rng = random.Random(seed)
+    picks = sorted(rng.sample(range(len(texts)), k))
+    out = list(texts)
+    for p in picks:
+        words = out[p].split(" ")
+        at = rng.randrange(len(words))
+        out[p] = " ".join(words[:at] + [phrase] + words[at:])
+    return out, picks
+
+
+def test_the_shipped_corpus_is_not_flagged(corpus):
+    out, stats = run(corpus)
+    assert out == {}
+    # The corpus has near-identical pages (translations, sibling commands); none differs by a contradiction.
+    assert stats.totals["similar_pairs"] > 0
+
+
+def test_a_planted_trigger_is_flagged_with_exactly_its_documents(corpus):
+    texts, picks = plant(corpus, "cf zx qv", 8, seed=3)
+    out, _ = run(texts)
+    assert sorted(out) == picks
+    for i in picks:
+        tag = out[i]
+        assert isinstance(tag, Tag) and tag.kind == "poisoning_trigger"
+        assert list(tag.meta["poisoning"]) == ["triggers"]
+        (found,) = tag.meta["poisoning"]["triggers"]
+        assert found["ngram"] == "cf zx qv" and found["documents"] == 8
+        assert "'cf zx qv' in 8 unrelated documents" in tag.evidence
+
+
+def test_pasted_boilerplate_is_not_a_trigger(corpus):
+    # The same licence paragraph in 8 unrelated documents: every n-gram of it has fixed neighbours.
+    texts, picks = plant(corpus[:300], LICENCE, 8, seed=4)
+    out, _ = run(texts)
+    assert out == {}
+
+
+def test_two_word_triggers_are_opt_in(corpus):
+    texts, picks = plant(corpus[:300], "zq xv", 6, seed=5)
+    out, _ = run(texts, min_n=2)
+    flagged = {i for i, t in out.items() if any(f["ngram"] == "zq xv" for f in t.meta["poisoning"]["triggers"])}
+    assert flagged == set(picks)
+    assert run(texts)[0] == {}
+
+
+def test_a_trigger_in_too_many_documents_is_the_corpus_s_own(corpus):
+    texts, _ = plant(corpus[:100], "cf zx qv", 8, seed=6)
+    # 8 of 100 documents is above max_doc_share (5%).
+    assert run(texts)[0] == {}
+    assert len(run(texts, max_doc_share=0.1)[0]) == 8
+
+
+def test_memory_bound_splits_the_trigger_search_into_passes(corpus):
+    texts, picks = plant(corpus[:200], "cf zx qv", 6, seed=7)
+    one, stats_one = run(texts, contradictions=False, max_doc_share=0.05)
+    many, stats_many = run(texts, contradictions=False, max_doc_share=0.05, memory_mb=1)
+    assert stats_one.totals["trigger_passes"] == 1 and stats_many.totals["trigger_passes"] > 1
+    assert sorted(one) == sorted(many) == picks
+
+
+def test_a_contradicting_near_copy_is_flagged_with_both_ids(corpus):
+    i = next(k for k, t in enumerate(corpus[:200]) if " is " in t)
+    j = next(k for k, t in enumerate(corpus[:200]) if k != i and any(w.isdigit() for w in t.split(" ")))
+    negated = corpus[i].replace(" is ", " is not ", 1)
+    digits = next(w for w in corpus[j].split(" ") if w.isdigit())
+    changed = corpus[j].replace(f" {digits} ", f" {int(digits) + 7} ", 1)
+    assert changed != corpus[j]
+    out, _ = run(corpus[:200] + [negated, changed], triggers=False)
+    assert set(out) == {i, j, 200, 201}
+    assert list(out[200].meta["poisoning"]) == ["contradictions"]
+    (first,) = out[200].meta["poisoning"]["contradictions"]
+    assert first == {"other": doc(corpus[i]).id, "differences": ["'not' added"]}
+    assert out[i].meta["poisoning"]["contradictions"][0]["other"] == doc(negated).id
+    assert out[201].meta["poisoning"]["contradictions"][0]["differences"] == [f"'{digits}' -> '{int(digits) + 7}'"]
+    assert out[i].kind == "poisoning_contradiction"
+    assert "contradicts" in out[i].evidence
+
+
+def test_an_innocent_edit_of_a_near_copy_is_not_a_contradiction(corpus):
+    base = corpus[50]
+    word = next(w for w in base.split(" ") if w.isalpha() and len(w) > 6)
+    texts = corpus[:100] + [base.replace(word, word + "s", 1)]
+    assert run(texts, triggers=False)[0] == {}
+
+
+def test_drop_action(corpus):
+    texts, picks = plant(corpus[:300], "cf zx qv", 8, seed=8)
+    out, _ = run(texts, action="drop", contradictions=False)
+    assert sorted(out) == picks and all(isinstance(d, Drop) and d.reason == "poisoning_trigger" for d in out.values())
+
+
+def test_classify():
+    assert _classify([], ["never"]) == "'never' added"
+    assert _classify(["nicht"], []) == "'nicht' removed"
+    assert _classify(["safe"], ["unsafe"]) == "'safe' -> 'unsafe'"
+    assert _classify(["true"], ["false"]) == "'true' -> 'false'"
+    assert _classify(["3"], ["4"]) == "'3' -> '4'"
+    assert _classify(["colour"], ["color"]) is None
+    assert _classify(["the"], []) is None
+
+
+def test_config_checks():
+    with pytest.raises(ValueError):
+        Poisoning.config_cls(min_n=3, max_n=2).check()
+    with pytest.raises(ValueError):
+        Poisoning.config_cls(purity=1.5).check()
+    Poisoning.config_cls().check()
