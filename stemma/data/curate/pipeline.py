@@ -522,8 +522,9 @@ class Curation:
         counts["documents_read"] = rr.docs
         if counts["train_documents"] == 0 or counts["test_documents"] == 0:
             empty = "training" if counts["train_documents"] == 0 else "test"
+            removed = ", ".join(f"{st.step} removed {st.removed}" for st in stats if st.removed) or "nothing removed"
             raise DataError(f"dataset {self.opts.name}: curation left the {empty} split empty "
-                            f"({rr.docs} documents read; see the steps' counts)")
+                            f"({rr.docs} documents read; {removed})")
         by_name = {s.name: s for s in self.steps}
         step_rows, run_rows = [], []
         for st in stats:
