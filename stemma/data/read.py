@@ -153,6 +153,11 @@ def _jsonl_docs(f, rep: FileReport, opts: ReadOptions) -> Iterator[tuple[str, di
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             _fail(rep, opts, "no_text", f"line {lineno}: not an object with a string 'text' field, skipped")
             continue
+        try:
+            obj["text"].encode("utf-8")
+        except UnicodeEncodeError:  # an escaped lone surrogate ("\udcff") is valid JSON but no text
+            _fail(rep, opts, "not_unicode", f"line {lineno}: 'text' holds a lone surrogate escape, skipped")
+            continue
         meta = {k: v for k, v in obj.items() if k not in ("text", "id", "split")}
         yield obj["text"], meta
 
@@ -221,14 +226,16 @@ def read_documents(paths: list[Path], opts: ReadOptions, reports: list[FileRepor
                 for text, meta in gen:
                     meta.setdefault("source", label)
                     for piece in chunk(normalise(text), opts.max_doc_chars):
+                        if not piece:
+                            continue
                         rep.documents += 1
                         yield piece, meta
             rep.sha256 = h.hexdigest()
             if rep.documents == 0:
                 rep.status = "skipped"
-                rep.reason = rep.reason or ("; ".join(rep.examples[:1]) if rep.problems else "no text in it")
+                rep.reason = rep.reason or ("; ".join(rep.examples[:1]) if rep.problems else "empty (no text in it)")
                 if not rep.problems:
-                    _fail(rep, opts, "empty", "no text in it")
+                    _fail(rep, opts, "empty", "empty (no text in it)")
             elif rep.problems:
                 rep.status = "partial"
                 n = sum(rep.problems.values())

@@ -75,7 +75,8 @@ def test_bad_input_is_reported_per_file_and_never_aborts(tmp_path):
     (d / "binary.txt").write_bytes(b"\x7fELF\x00\x01\x02 binary")
     (d / "latin1.txt").write_bytes("caf\xe9 au lait\n\nsecond paragraph".encode("latin-1"))
     (d / "mixed.jsonl").write_bytes(b'{"text": "fine line one two three"}\n{not json\n{"body": 1}\n'
-                                    b'{"text": "bad \xff utf8"}\n{"text": "another fine line"}\n')
+                                    b'{"text": "bad \xff utf8"}\n{"text": "lone \\udcff surrogate"}\n'
+                                    b'{"text": "another fine line"}\n')
     (d / "image.png").write_bytes(b"\x89PNG\r\n")
     with open(d / "huge.jsonl", "wb") as f:  # a single 100 MB line, never held whole
         f.write(b'{"text": "')
@@ -90,7 +91,7 @@ def test_bad_input_is_reported_per_file_and_never_aborts(tmp_path):
     assert files["binary.txt"]["status"] == "skipped" and "binary" in files["binary.txt"]["reason"]
     assert files["latin1.txt"]["problems"] == {"not_utf8": 1}  # its one bad line; the rest is read
     assert files["mixed.jsonl"]["status"] == "partial" and files["mixed.jsonl"]["documents"] == 2
-    assert files["mixed.jsonl"]["problems"] == {"bad_json": 1, "no_text": 1, "not_utf8": 1}
+    assert files["mixed.jsonl"]["problems"] == {"bad_json": 1, "no_text": 1, "not_utf8": 1, "not_unicode": 1}
     assert any("line 2: not valid JSON" in e for e in files["mixed.jsonl"]["problem_examples"])
     assert files["image.png"]["status"] == "skipped" and "not a text or JSONL" in files["image.png"]["reason"]
     assert files["huge.jsonl"]["problems"] == {"line_too_long": 1} and files["huge.jsonl"]["documents"] == 1

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from ...errors import DataError
 from ...store import atomic_write_bytes, canonical_json
@@ -38,6 +39,25 @@ from .base import CorpusStep, CurateContext, Doc, Drop, StepSpec, StepStats, Tag
 
 DEFAULT_SHARD_BYTES = 8 << 20
 """Text per shard: small enough that a worker holds one comfortably, large enough to amortise a task."""
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    """One document as a canonical JSONL line (sorted keys, compact, UTF-8). orjson does this about ten times faster
+    than the json module, which matters when every pass writes every document; it refuses integers past 64 bits,
+    which the json module then writes."""
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE)
+    except TypeError:
+        return canonical_json(obj) + b"\n"
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write a work file atomically (rename), without fsync: work files must survive a killed process, which a rename
+    guarantees; after a machine crash, delete ``work/curate`` and run again."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -88,7 +108,7 @@ _STEP_CACHE: dict[str, Any] = {}
 
 def _step(spec: StepSpec, ctx: CurateContext):
     """One instance per step, config and dataset in each worker process, set up once (models load once)."""
-    key = canonical_json([spec.identity(), dataclasses.asdict(ctx)]).decode()
+    key = _step_key(spec, ctx)
     inst = _STEP_CACHE.get(key)
     if inst is None:
         from . import steps  # noqa: F401 - a fresh worker process registers the built-in steps here
@@ -98,10 +118,21 @@ def _step(spec: StepSpec, ctx: CurateContext):
     return inst
 
 
+def _step_key(spec: StepSpec, ctx: CurateContext) -> str:
+    return canonical_json([spec.identity(), dataclasses.asdict(ctx)]).decode()
+
+
+def _evict_except(keep: list[StepSpec], ctx: CurateContext) -> None:
+    """A worker keeps only the current pass's steps: a language model loaded in pass 0 is not held through pass 4."""
+    wanted = {_step_key(spec, ctx) for spec in keep}
+    for key in [k for k in _STEP_CACHE if k not in wanted]:
+        del _STEP_CACHE[key]
+
+
 def _read_shard(path: str) -> Iterator[Doc]:
     with open(path, encoding="utf-8") as f:
         for line in f:
-            yield Doc.from_json(json.loads(line))
+            yield Doc.from_json(orjson.loads(line))
 
 
 def run_shard(task: ShardTask) -> str:
@@ -114,6 +145,7 @@ def run_shard(task: ShardTask) -> str:
     if task.decisions and Path(task.decisions).exists():
         decisions = {int(k): v for k, v in json.loads(Path(task.decisions).read_text()).items()}
     applied = StepStats(step=p.apply.name) if p.apply else None
+    _evict_except([*p.steps, *([p.signature] if p.signature else [])], task.ctx)
     steps = [(s.name, _step(s, task.ctx)) for s in p.steps]
     stats = [StepStats(step=name) for name, _ in steps]
     kept: list[Doc] = []
@@ -155,7 +187,7 @@ def run_shard(task: ShardTask) -> str:
         if isinstance(result, Drop):
             continue
         kept.append(doc)
-        out_lines.append(canonical_json(doc.to_json()) + b"\n")
+        out_lines.append(_line(doc.to_json()))
     if applied is not None:
         stats.insert(0, applied)
     if p.signature is not None:
@@ -170,9 +202,9 @@ def run_shard(task: ShardTask) -> str:
         np.savez(tmp, **arrays)
         os.replace(tmp, task.dst + ".sig.npz")
         stats.append(sig_stats)
-    atomic_write_bytes(Path(task.dst + ".jsonl"), b"".join(out_lines))
-    atomic_write_bytes(Path(task.dst + ".stats.json"), canonical_json([s.to_json() for s in stats]))
-    atomic_write_bytes(done, b"")
+    _write(Path(task.dst + ".jsonl"), b"".join(out_lines))
+    _write(Path(task.dst + ".stats.json"), canonical_json([s.to_json() for s in stats]))
+    _write(done, b"")
     return task.dst
 
 
@@ -362,13 +394,13 @@ class Curation:
                     meta = {**meta, "license": self.opts.license}
                 ident, full = doc_id(text)
                 split = "test" if is_test(full, self.opts.test_fraction) else "train"
-                line = canonical_json(Doc(ident, text, split, meta).to_json()) + b"\n"
+                line = _line(Doc(ident, text, split, meta).to_json())
                 cur.write(line)
                 cur_bytes += len(line)
                 total += len(text.encode())
                 if split == "test":
                     n_test += 1
-                    test_f.write(canonical_json({"id": ident, "text": text}) + b"\n")
+                    test_f.write(_line({"id": ident, "text": text}))
                     if last_test is None or ident > last_test[0]:
                         last_test = (ident, len(shards) - 1, row)
                 elif first_train is None or ident < first_train[0]:
@@ -399,12 +431,12 @@ class Curation:
         lines = Path(shard).read_bytes().splitlines(keepends=True)
         obj = json.loads(lines[row])
         obj["split"] = split
-        lines[row] = canonical_json(obj) + b"\n"
+        lines[row] = _line(obj)
         atomic_write_bytes(Path(shard), b"".join(lines))
         tests = []
         for d in map(json.loads, Path(shard).read_text().splitlines()):
             if d["split"] == "test":
-                tests.append(canonical_json({"id": d["id"], "text": d["text"]}) + b"\n")
+                tests.append(_line({"id": d["id"], "text": d["text"]}))
         if split == "test":
             atomic_write_bytes(test_path, b"".join(tests))
         else:
@@ -502,7 +534,7 @@ class Curation:
         with open(str(train_p) + ".tmp", "wb") as tf, open(str(test_p) + ".tmp", "wb") as ef:
             for shard in shards:
                 for doc in _read_shard(shard):
-                    line = canonical_json({"id": doc.id, "text": doc.text, **doc.meta}) + b"\n"
+                    line = _line({"id": doc.id, "text": doc.text, **doc.meta})
                     if doc.split == "test":
                         ef.write(line)
                         eh.update(line)
