@@ -58,8 +58,8 @@ def test_ingest_from_the_command_line(home, capsys, monkeypatch, tmp_path):
         (tmp_path / "d" / f"{i}.txt").write_text(f"document {i}\n\nsecond paragraph {i}")
     code, out, _ = run(capsys, monkeypatch, "data", "ingest", tmp_path / "d", "--name", "en-software",
                        "--license", "MIT", "--language", "en")
-    assert code == 0 and "5 documents" in out and "ingested" in out
-    code, out, _ = run(capsys, monkeypatch, "data", "show", "en-software")
+    assert code == 0 and "5 of 5 documents" in out and "ingested" in out
+    code, out, _ = run(capsys, monkeypatch, "data", "show", "en-software", "--json")
     sheet = json.loads(out)["datasheet"]
     assert sheet["license"] == "MIT" and sheet["language"] == "en" and sheet["counts"]["documents"] == 5
 
