@@ -92,14 +92,17 @@ def build(ws: Workspace, spec: TreeSpec, reporter: Reporter | None = None, only:
                     targets.add(cur)
                     cur = spec.nodes[cur].parent
         # Pre-flight: everything that can fail on bad input fails here, before the first write.
+        inputs: dict[str, dict] = {}  # cheap checks (checkpoints' formats and hashes) before any curation
+        for path in spec.order:
+            if path in targets:
+                node = spec.nodes[path]
+                inputs[path] = get(node.method).recipe_inputs(node.config, spec.root_dir)
         curate_dir = ws.settings.work_dir / "curate"
         prepared = prepare_spec_datasets(spec, curate_dir, executor=executor, reporter=reporter)
-        inputs: dict[str, dict] = {}
         for path in spec.order:
             if path not in targets:
                 continue
             node = spec.nodes[path]
-            inputs[path] = get(node.method).recipe_inputs(node.config, spec.root_dir)
             if node.dataset and node.dataset not in prepared:
                 ws.resolve_dataset(node.dataset)
         ds_ids = {}
