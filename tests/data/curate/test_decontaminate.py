@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from stemma.data.curate.base import CurateContext, Doc, Drop, StepStats, Tag
+from stemma.data.curate.steps import _shingles, decontaminate
 from stemma.data.curate.steps.decontaminate import Decontaminate
 
+CORPUS = Path(__file__).resolve().parents[3] / "examples" / "demo" / "corpus"
 PASSAGE = ("The quick brown fox jumps over the lazy dog while the farmer sleeps under an old oak tree near the "
            "river bank")
 FILLER = [
@@ -129,6 +132,26 @@ def test_common_shared_ngrams_are_boilerplate_not_leaks():
     assert set(out) == {(1, k) for k in range(12)}
 
 
+def test_a_tiny_memory_budget_gives_the_same_result_in_more_passes(tmp_path):
+    # Man pages: every fourth a test document, a few training documents quoting 20 words of one or of a reference.
+    with open(CORPUS / "en-manpages.jsonl", encoding="utf-8") as f:
+        pages = [json.loads(line)["text"] for line in f][:160]
+    ref = write_refs(tmp_path / "eval.jsonl", pages[150:155])
+    docs = [doc(t, "test" if k % 4 == 0 else "train") for k, t in enumerate(pages[:150])]
+    for k, src in enumerate((pages[8], pages[40], pages[151], pages[153])):
+        quote = " ".join(src.split()[100:120])
+        docs[4 * k + 1] = doc(FILLER[k] + " " + quote + " " + FILLER[(k + 1) % 4])
+    shards = [docs[i:i + 50] for i in range(0, len(docs), 50)]
+    one, stats_one = run(shards, (ref,))
+    many, stats_many = run(shards, (ref,), memory_mb=1)
+    assert stats_one.totals["passes"] == 1 and stats_many.totals["passes"] > 1
+    assert stats_many.totals["evaluation_ngrams"] == stats_one.totals["evaluation_ngrams"] > 20_000
+    # Man pages share sections too (in at most 10 training documents): more are contaminated than the planted.
+    assert {(0, 1), (0, 5), (0, 9), (0, 13)} <= set(one)
+    assert {k: v.evidence for k, v in many.items()} == {k: v.evidence for k, v in one.items()}
+    assert "(eval.jsonl:2)" in one[(0, 9)].evidence and "(test document " in one[(0, 1)].evidence
+
+
 def test_signature_has_no_object_arrays(tmp_path):
     s = Decontaminate(Decontaminate.config_cls(), CurateContext(name="t"))
     sig = s.signature([doc(PASSAGE), doc(FILLER[0], "test")])
@@ -144,3 +167,13 @@ def test_config_checks():
         Decontaminate.config_cls(n=0).check()
     with pytest.raises(ValueError):
         Decontaminate.config_cls(min_overlap=0).check()
+
+
+def test_a_shard_signed_in_small_chunks_has_the_same_signature(monkeypatch):
+    s = Decontaminate(Decontaminate.config_cls(), CurateContext(name="t"))
+    docs = [doc(f"{FILLER[k % 4]} {PASSAGE} {k}", "test" if k % 3 == 0 else "train") for k in range(30)]
+    whole = s.signature(docs)
+    monkeypatch.setattr(decontaminate, "doc_chunks", lambda texts: _shingles.doc_chunks(texts, 500))
+    parts = s.signature(docs)
+    for k in whole:
+        assert parts[k].dtype == whole[k].dtype and np.array_equal(parts[k], whole[k]), k

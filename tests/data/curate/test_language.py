@@ -102,8 +102,32 @@ def test_expected_overrides_the_declared_language_and_joins_the_candidates():
     assert step.expected == {"de", "ga"}
 
 
+def test_short_latin_or_cyrillic_text_is_unknown_in_the_low_accuracy_mode(en_step):
+    # A clear French sentence of 43 characters: trigrams alone mislabel such short texts, so the default (low-accuracy)
+    # mode keeps it as unknown; the high-accuracy models identify it. Scripts that decide the language alone are
+    # identified in either mode, however short.
+    french = "Bonjour tout le monde, comment allez-vous ?"
+    russian = "Привет, как дела? Это короткий текст."
+    korean = "자연어 처리는 컴퓨터 과학과 인공지능의 한 분야이다."
+    greek = "Γεια σου κόσμε, αυτό είναι ένα κείμενο."
+    assert en_step.config.low_accuracy and en_step.config.short_chars == 120
+    stats = StepStats(step="language")
+    got = [en_step.apply(_doc(t, i), stats) for i, t in enumerate([french, russian, korean, greek])]
+    assert [d.meta["language"] for d in got[:2]] == ["unknown", "unknown"]
+    assert all(isinstance(d, Doc) for d in got[:2])
+    assert isinstance(got[2], Drop) and got[2].evidence.startswith("ko (")
+    assert isinstance(got[3], Drop) and got[3].evidence.startswith("el (")
+    # From 120 characters on, the low-accuracy mode identifies Latin-script text as well.
+    long_french = _paragraph("fr-manpages.jsonl", 1)[:130]
+    assert en_step.apply(_doc(long_french), stats).evidence.startswith("fr (")
+    high = _step("en", low_accuracy=False, languages=("en", "de", "fr", "es"))
+    out = high.apply(_doc(french), StepStats(step="language"))
+    assert isinstance(out, Drop) and out.evidence.startswith("fr (")
+
+
 @pytest.mark.parametrize("cfg", [{"languages": ("english",)}, {"languages": ()}, {"expected": "en,xyz"},
-                                 {"action": "delete"}, {"min_confidence": 1.5}, {"sample_chars": -1}])
+                                 {"action": "delete"}, {"min_confidence": 1.5}, {"sample_chars": -1},
+                                 {"short_chars": -1}, {"sample_chars": 100}])
 def test_bad_config_is_refused(cfg):
     with pytest.raises(ValueError):
         LanguageConfig(**cfg).check()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from stemma.data.curate.base import CurateContext, Doc, Drop, StepStats
-from stemma.data.curate.steps import _shingles
+from stemma.data.curate.steps import _shingles, near_dedup
 from stemma.data.curate.steps.near_dedup import NearDedup
 
 CORPUS = Path(__file__).resolve().parents[3] / "examples" / "demo" / "corpus"
@@ -178,6 +178,8 @@ def test_config_checks():
         cfg(threshold=0.3).check()  # 14 x 8 selects around 0.72
     with pytest.raises(ValueError, match="both"):
         cfg(bands=None).check()
+    with pytest.raises(ValueError, match="verify_margin"):
+        cfg(verify_margin=-1).check()
     cfg(bands=None, rows=None, threshold=0.5).check()
     assert cfg(bands=None, rows=None, threshold=0.7, num_perm=112).banding() == _shingles.optimal_bands(0.7, 112)
 
@@ -193,3 +195,46 @@ def test_optimal_bands_follow_the_threshold():
 def test_components_join_chains():
     labels = _shingles.components(6, np.array([0, 4, 2]), np.array([4, 5, 3]))
     assert labels.tolist() == [0, 1, 2, 2, 0, 0]
+
+
+def synthetic(agree: list[int], num_perm: int = 112) -> dict[str, np.ndarray]:
+    """Signatures of a first document and one more per entry of ``agree``, every one sharing the first's buckets
+    (so all are candidates of it) and agreeing with it on exactly that many of the ``num_perm`` values."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 1 << 16, num_perm, dtype=np.uint16)
+    rows = [base]
+    for k in agree:
+        other = base.copy()
+        other[k:] ^= np.uint16(1)  # differs in every value from k on
+        rows.append(other)
+    n = len(rows)
+    return {"bands": np.tile(np.arange(14, dtype=np.uint64), (n, 1)), "valid": np.ones(n, dtype=bool),
+            "sig": np.stack(rows)}
+
+
+def test_verification_rejects_only_pairs_clearly_below_the_threshold():
+    s = step()
+    cut = s.config.reject_below()
+    assert cut == pytest.approx(0.7 - 3 * (0.7 * 0.3 / 112) ** 0.5) and 0.57 < cut < 0.571
+    # 70/112 = 0.625: below the threshold but within the estimate's noise of it, so joined; 63/112 = 0.5625 and
+    # 30/112 are clearly below it (a bucket shared by chance), so rejected.
+    sig = synthetic([70, 63, 30])
+    ids = [np.array(["a", "b", "c", "d"])]
+    splits = [np.zeros(4, dtype=bool)]
+    stats = StepStats("near_dedup")
+    out = s.decide(ids, splits, iter([sig]), stats)
+    assert set(out) == {(0, 1)} and out[(0, 1)].evidence == "a (Jaccard ~ 0.62)"
+    assert stats.totals["candidate_pairs"] == 3 and stats.totals["similar_pairs"] == 1
+    # A margin of 0 rejects every estimate below the threshold; one of 5 (0.483) joins 0.5625 too, not 30/112.
+    assert step(verify_margin=0).decide(ids, splits, iter([sig]), StepStats("near_dedup")) == {}
+    assert set(step(verify_margin=5).decide(ids, splits, iter([sig]), StepStats("near_dedup"))) == {(0, 1), (0, 2)}
+
+
+def test_a_shard_signed_in_small_chunks_has_the_same_signature(texts, monkeypatch):
+    s = step()
+    docs = [doc(t) for t in texts[:30]] + [doc("")]
+    whole = s.signature(docs)
+    monkeypatch.setattr(near_dedup, "doc_chunks", lambda t: _shingles.doc_chunks(t, 5000))
+    parts = s.signature(docs)
+    for k in whole:
+        assert parts[k].dtype == whole[k].dtype and np.array_equal(parts[k], whole[k]), k

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from stemma.data.curate.base import CurateContext, Doc, Drop, StepStats, Tag
-from stemma.data.curate.steps.poisoning import Poisoning, _classify
+from stemma.data.curate.steps import _shingles, poisoning
+from stemma.data.curate.steps.poisoning import Poisoning, _classify, _Vocab
 
 CORPUS = Path(__file__).resolve().parents[3] / "examples" / "demo" / "corpus"
 SHARD = 100
@@ -103,12 +104,36 @@ def test_a_trigger_in_too_many_documents_is_the_corpus_s_own(corpus):
     assert len(run(texts, max_doc_share=0.1)[0]) == 8
 
 
-def test_memory_bound_splits_the_trigger_search_into_passes(corpus):
+def test_a_tiny_memory_budget_gives_the_same_result_in_more_passes(corpus):
     texts, picks = plant(corpus[:200], "cf zx qv", 6, seed=7)
-    one, stats_one = run(texts, contradictions=False, max_doc_share=0.05)
-    many, stats_many = run(texts, contradictions=False, max_doc_share=0.05, memory_mb=1)
+    i = next(k for k, t in enumerate(texts) if " is " in t and k not in picks)
+    texts.append(texts[i].replace(" is ", " is not ", 1))
+    one, stats_one = run(texts)
+    # 1 MB: scans of 4096 words, the fingerprints split in passes, the context checked a hundred occurrences at a time.
+    many, stats_many = run(texts, memory_mb=1)
     assert stats_one.totals["trigger_passes"] == 1 and stats_many.totals["trigger_passes"] > 1
-    assert sorted(one) == sorted(many) == picks
+    assert set(one) == set(picks) | {i, 200}
+    assert {k: (v.kind, v.meta, v.evidence) for k, v in many.items()} == {
+        k: (v.kind, v.meta, v.evidence) for k, v in one.items()}
+    assert stats_many.totals["trigger_candidates"] == stats_one.totals["trigger_candidates"]
+
+
+def test_word_frequencies_merge_exactly():
+    rng = np.random.default_rng(0)
+    vocab, truth_df, truth_tf = _Vocab(), {}, {}
+    for _ in range(12):
+        codes = np.unique(rng.integers(1, 5000, 800, dtype=np.uint32))
+        df = rng.integers(1, 9, len(codes), dtype=np.uint32)
+        tf = df + rng.integers(0, 9, len(codes), dtype=np.uint32)
+        for c, d, t in zip(codes.tolist(), df.tolist(), tf.tolist()):
+            truth_df[c] = truth_df.get(c, 0) + d
+            truth_tf[c] = truth_tf.get(c, 0) + t
+        vocab.add(codes, df, tf)
+        vocab.merge()  # every shard merged on its own: known words added to, new ones inserted
+    assert vocab.codes.tolist() == sorted(truth_df)
+    assert vocab.df.tolist() == [truth_df[c] for c in sorted(truth_df)]
+    assert vocab.tf.tolist() == [truth_tf[c] for c in sorted(truth_tf)]
+    assert vocab.nbytes == 12 * len(truth_df)
 
 
 def test_a_contradicting_near_copy_is_flagged_with_both_ids(corpus):
@@ -158,3 +183,16 @@ def test_config_checks():
     with pytest.raises(ValueError):
         Poisoning.config_cls(purity=1.5).check()
     Poisoning.config_cls().check()
+
+
+def test_a_shard_signed_in_small_chunks_has_the_same_signature(corpus, monkeypatch):
+    s = Poisoning(Poisoning.config_cls(), CurateContext(name="t", language="en"))
+    s.setup()
+    docs = [doc(t) for t in corpus[:40]] + [doc(""), doc("Once.")]
+    whole = s.signature(docs)
+    monkeypatch.setattr(poisoning, "doc_chunks", lambda texts: _shingles.doc_chunks(texts, 3000))
+    assert len(list(poisoning.doc_chunks([d.text for d in docs]))) > 10
+    parts = s.signature(docs)
+    assert set(parts) == set(whole)
+    for k in whole:
+        assert parts[k].dtype == whole[k].dtype and np.array_equal(parts[k], whole[k]), k

@@ -24,12 +24,12 @@ from ....errors import DataError
 U64 = np.uint64
 MAX32 = np.uint64(0xFFFFFFFF)
 _P = 0x5851F42D4C957F2D
-"""Multiplier of the polynomial string hash (PCG's LCG multiplier): odd, so invertible modulo 2**64."""
-_P_INV = pow(_P, -1, 1 << 64)
+"""Multiplier of the polynomial string hash (PCG's LCG multiplier)."""
 _NGRAM_MUL = np.uint64(0x9E3779B97F4A7C15)
 """Multiplier chaining word hashes into n-gram hashes (the 64-bit golden ratio, as in splitmix64)."""
-_CHUNK_CHARS = 1 << 23
-"""Code points tokenised at once: bounds the temporary arrays (about 8 bytes x 6 per code point)."""
+_CHUNK_CHARS = 1 << 20
+"""Code points tokenised at once (whole documents, so a longer document makes a longer chunk): bounds the
+temporary arrays, about 45 bytes per code point (45 MB), whatever the shard's size."""
 
 
 # ------------------------------------------------------------------------------------------------ hashing
@@ -44,17 +44,21 @@ def mix64(z: np.ndarray) -> np.ndarray:
     return z
 
 
+_POW_CACHED = 1 << 12
 _POW: np.ndarray = np.ones(1, dtype=U64)
-_POW_INV: np.ndarray = np.ones(1, dtype=U64)
 
 
-def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``P**i`` and ``P**-i`` modulo 2**64 for i < n, cached and grown by doubling."""
-    global _POW, _POW_INV
-    if len(_POW) < n:
-        size = max(n, 2 * len(_POW))
-        _POW, _POW_INV = _power_table(_P, size), _power_table(_P_INV, size)
-    return _POW, _POW_INV
+def _powers(n: int) -> np.ndarray:
+    """``P**i`` modulo 2**64 for i < n (at least): a word's i-th code point is weighted by ``P**i``. Words are short,
+    so a table of 4096 is kept; a longer run of letters (text without spaces, a long token) gets a table of its own
+    that is not kept, so one odd document does not pin a large array for the life of the worker."""
+    global _POW
+    if n <= len(_POW):
+        return _POW
+    table = _power_table(_P, max(n, min(2 * len(_POW), _POW_CACHED)))
+    if len(table) <= _POW_CACHED:
+        _POW = table
+    return table
 
 
 def _power_table(base: int, size: int) -> np.ndarray:
@@ -82,8 +86,11 @@ def word_chars() -> np.ndarray:
     if _WORD_CHAR is None:
         import regex
 
+        # Every code point as one string, decoded from an array: joining 1.1 million one-character strings would
+        # pass 100 MB through the heap of every worker.
+        every = np.arange(0x110000, dtype=np.uint32).tobytes().decode("utf-32-le", "surrogatepass")
         table = np.zeros(0x110000, dtype=bool)
-        for m in regex.finditer(r"[\p{L}\p{N}\p{M}]+", "".join(map(chr, range(0x110000)))):
+        for m in regex.finditer(r"[\p{L}\p{N}\p{M}]+", every):
             table[m.start():m.end()] = True
         _WORD_CHAR = table
     return _WORD_CHAR
@@ -91,6 +98,19 @@ def word_chars() -> np.ndarray:
 
 def codepoints(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+def doc_chunks(texts: Sequence[str], chars: int = _CHUNK_CHARS) -> Iterator[tuple[int, int]]:
+    """Ranges ``[lo, hi)`` of consecutive texts of about ``chars`` characters together (at least one text each): a
+    shard's signature made chunk by chunk holds the temporaries of one chunk, not of the shard."""
+    lo = 0
+    while lo < len(texts):
+        hi, size = lo, 0
+        while hi < len(texts) and (hi == lo or size + len(texts[hi]) < chars):
+            size += len(texts[hi]) + 1
+            hi += 1
+        yield lo, hi
+        lo = hi
 
 
 # ------------------------------------------------------------------------------------------------ words
@@ -117,20 +137,16 @@ class Words:
 
 
 def words(texts: Sequence[str], numeric: bool = False) -> Words:
-    """Tokenise and hash the words of ``texts`` (lowercased), a few million code points at a time.
+    """Tokenise and hash the words of ``texts`` (lowercased), about a million code points at a time.
 
-    Each word's hash is ``sum(c_j * P**j)`` over its code points, read off prefix sums of the whole text (a
-    Rabin-Karp style rolling hash, modulo 2**64) so that no Python code runs per word or per character."""
+    Each word's hash is ``sum(c_j * P**j)`` over its code points ``c_j`` (j counted from the word's start), read off
+    prefix sums over the word characters, so that no Python code runs per word or per character; the powers needed go
+    up to the longest word only (where powers up to the chunk's length would take 8 bytes per code point)."""
     table = word_chars()
     lowered = [t.lower() for t in texts]
     parts: list[tuple[np.ndarray, ...]] = []
     counts = np.zeros(len(lowered), dtype=np.int64)
-    i = 0
-    while i < len(lowered):
-        j, size = i, 0
-        while j < len(lowered) and (j == i or size + len(lowered[j]) < _CHUNK_CHARS):
-            size += len(lowered[j]) + 1
-            j += 1
+    for i, j in doc_chunks(lowered):
         chunk = lowered[i:j]
         # A space between documents, so no word runs from one into the next.
         cp = codepoints(" ".join(chunk))
@@ -138,11 +154,28 @@ def words(texts: Sequence[str], numeric: bool = False) -> Words:
         # Word boundaries alternate: start, end, start, end...
         edges = np.flatnonzero(np.diff(is_word.view(np.int8), prepend=np.int8(0), append=np.int8(0)))
         starts, ends = edges[0::2], edges[1::2]
-        pw, pw_inv = _powers(len(cp))
-        prefix = np.multiply(cp, pw[:len(cp)], dtype=U64)
-        np.cumsum(prefix, out=prefix)
-        low = np.where(starts > 0, prefix[np.maximum(starts - 1, 0)], U64(0))
-        h = mix64((prefix[ends - 1] - low) * pw_inv[starts] + (ends - starts).astype(U64))
+        del edges
+        lengths = ends - starts
+        h = np.zeros(len(starts), dtype=U64)
+        if len(starts):
+            letters = cp[is_word]
+            # Where each word begins among the word characters, and each character's place within its word: a
+            # running count of ones that drops back to 0 at each word's first character.
+            first = np.cumsum(lengths) - lengths
+            place = np.ones(len(letters), dtype=np.int64)
+            place[first[1:]] = 1 - lengths[:-1]
+            place[0] = 0
+            np.cumsum(place, out=place)
+            term = _powers(int(lengths.max()))[place]
+            del place
+            term *= letters
+            del letters
+            # Per word, the difference of prefix sums at its two ends (wrapping modulo 2**64 like the terms).
+            np.cumsum(term, out=term)
+            h = term[first + lengths - 1]
+            h[1:] -= term[first[1:] - 1]
+            del term, first
+        h = mix64(h + lengths.astype(U64))
         doc_start = np.zeros(len(chunk), dtype=np.int64)
         np.cumsum([len(t) + 1 for t in chunk[:-1]], out=doc_start[1:])
         doc = np.searchsorted(doc_start, starts, side="right") - 1
@@ -153,7 +186,6 @@ def words(texts: Sequence[str], numeric: bool = False) -> Words:
             non_digit = np.concatenate([[0], np.cumsum((cp < 48) | (cp > 57))])
             num = (non_digit[ends] - non_digit[starts]) == 0
         parts.append((h, starts - doc_start[doc], ends - doc_start[doc], num))
-        i = j
     offsets = np.zeros(len(lowered) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
 
@@ -172,15 +204,15 @@ def ngrams(h: np.ndarray, offsets: np.ndarray, n: int, short: bool = True) -> tu
     document of fewer than ``n`` (but at least one) items gives one shingle made of all its items, as it would
     otherwise have none and could never match anything."""
     total = len(h)
-    docs = len(offsets) - 1
     counts = np.diff(offsets)
     if total == 0:
         return np.zeros(0, dtype=U64), np.zeros(0, dtype=np.int64)
-    doc_of = np.repeat(np.arange(docs, dtype=np.int64), counts)
-    # A window starting at item i is whole when item i + n - 1 exists in the same document.
-    last = np.arange(total, dtype=np.int64) + (n - 1)
-    whole = last < offsets[doc_of + 1]
-    padded = np.concatenate([h, np.zeros(n - 1, dtype=U64)])
+    # A window starting at item i is whole when item i + n - 1 exists in the same document: all but the last n - 1
+    # items of each document (a bool per item, where a document number per item would take eight bytes).
+    whole = np.ones(total, dtype=bool)
+    for k in range(1, n):
+        tail = offsets[1:] - k
+        whole[tail[tail >= offsets[:-1]]] = False
     g = h.copy()
     short_docs = np.flatnonzero((counts > 0) & (counts < n)) if short else np.zeros(0, dtype=np.int64)
     short_hash = np.zeros(len(short_docs), dtype=U64)
@@ -188,14 +220,20 @@ def ngrams(h: np.ndarray, offsets: np.ndarray, n: int, short: bool = True) -> tu
         at = counts[short_docs] == 1
         short_hash[at] = g[offsets[short_docs[at]]]
     for k in range(1, n):
+        # In place: g[i] becomes the hash of items i .. i + k (past the last item, as if followed by zeros).
         g *= _NGRAM_MUL
-        g += padded[k:k + total]
+        if k < total:
+            g[:total - k] += h[k:]
         if len(short_docs):
             at = counts[short_docs] == k + 1
             short_hash[at] = g[offsets[short_docs[at]]]
     # The length goes in so that shingles of different lengths never share a hash.
     first = np.flatnonzero(whole)
-    out = mix64(g[first] ^ U64(n))
+    del whole
+    out = g[first]
+    del g
+    out ^= U64(n)
+    out = mix64(out)
     if len(short_docs):
         sh = mix64(short_hash ^ counts[short_docs].astype(U64))
         first = np.concatenate([first, offsets[short_docs]])
@@ -369,6 +407,19 @@ def agreement(sig: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return out
 
 
+def group_ranges(counts: np.ndarray, per_pass: int) -> list[tuple[int, int]]:
+    """Consecutive ranges ``[lo, hi)`` of ``counts`` adding up to at most ``per_pass`` each (one entry larger than
+    that alone), as few as that allows: the passes of a partitioned hash join."""
+    ranges, lo, acc = [], 0, 0
+    for u, c in enumerate(counts.tolist()):
+        if acc and acc + c > per_pass:
+            ranges.append((lo, u))
+            lo, acc = u, 0
+        acc += c
+    ranges.append((lo, len(counts)))
+    return ranges
+
+
 # ------------------------------------------------------------------------------------------------ references
 def read_references(paths: Sequence[str], batch: int = 2048) -> Iterator[tuple[list[str], list[str]]]:
     """The ``text`` of every line of the canonical JSONL reference files, ``batch`` at a time, with a short source
@@ -400,26 +451,44 @@ def read_references(paths: Sequence[str], batch: int = 2048) -> Iterator[tuple[l
 # ------------------------------------------------------------------------------------------------ spilling
 class Spill:
     """Shard arrays written to a temporary folder while ``decide`` reads its one pass of signatures, to be read
-    again (memory-mapped) by later passes: memory stays bounded by one shard, not by the corpus."""
+    again by later passes: memory stays bounded by what is read at a time, not by the corpus.
+
+    `read` loads a whole array (for a scan, freed with it), `part` a contiguous range, `get` memory-maps it for
+    scattered reads. The pages of a mapped file that were read count in the process's resident memory until the map
+    is closed, so no map is kept: each lives as long as its caller holds it."""
 
     def __init__(self) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="stemma-curate-")
-        self._open: dict[tuple[int, str], np.ndarray] = {}
+        self._layout: dict[tuple[int, str], tuple[int, np.dtype, tuple[int, ...]]] = {}
+
+    def _path(self, shard: int, name: str) -> str:
+        return os.path.join(self._dir.name, f"{shard}.{name}.npy")
 
     def put(self, shard: int, **arrays: np.ndarray) -> None:
         for name, arr in arrays.items():
-            np.save(os.path.join(self._dir.name, f"{shard}.{name}.npy"), np.asarray(arr), allow_pickle=False)
+            with open(self._path(shard, name), "wb") as f:
+                np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+                arr = np.asarray(arr)
+                # Where the data starts, to read a range of it without mapping the file.
+                self._layout[(shard, name)] = (f.tell() - arr.nbytes, arr.dtype, arr.shape)
+
+    def read(self, shard: int, name: str) -> np.ndarray:
+        """The whole array, read into memory."""
+        return np.load(self._path(shard, name), allow_pickle=False)
+
+    def part(self, shard: int, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start .. stop - 1`` of the array, read into memory."""
+        at, dtype, shape = self._layout[(shard, name)]
+        row = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        with open(self._path(shard, name), "rb") as f:
+            f.seek(at + start * row)
+            return np.fromfile(f, dtype=dtype, count=(stop - start) * row // dtype.itemsize).reshape(-1, *shape[1:])
 
     def get(self, shard: int, name: str) -> np.ndarray:
-        """The array, memory-mapped (the operating system pages it in and out: nothing stays in the heap)."""
-        key = (shard, name)
-        if key not in self._open:
-            path = os.path.join(self._dir.name, f"{shard}.{name}.npy")
-            self._open[key] = np.load(path, mmap_mode="r", allow_pickle=False)
-        return self._open[key]
+        """The array, memory-mapped (the operating system pages in what is read)."""
+        return np.load(self._path(shard, name), mmap_mode="r", allow_pickle=False)
 
     def close(self) -> None:
-        self._open.clear()
         self._dir.cleanup()
 
     def __enter__(self) -> Spill:

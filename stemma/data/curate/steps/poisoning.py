@@ -21,13 +21,23 @@ all of these hold:
   ``max_similarity``, so copies and versions of one text are not mistaken for a planted pattern.
 
 Memory: counting every n-gram of a corpus needs memory in proportion to the corpus, and a single pass cannot
-know which words are rare before it has seen them all. So ``decide`` makes two passes: the first merges the
-shards' word document frequencies (the vocabulary, which grows far slower than the corpus, Heaps' law) and
-spills the shards' word sequences (4 bytes a word) to a temporary folder; the second builds only the n-grams
-made of words in at least ``min_docs`` documents around an *anchor* word (in at most ``max_doc_share / purity``
-of the documents: a trigger must own one), partitioned by the anchor's hash into as many passes as
-``memory_mb`` requires (a partitioned hash join). This is exact, where sampling n-gram hashes or a count-min
-sketch would miss or merge the rare n-grams that are sought.
+know which words are rare before it has seen them all. So ``decide`` spills the shards' word sequences (4 bytes a
+word) to a temporary folder as the signatures stream by, keeping only the merged word frequencies (12 bytes a
+distinct word; the vocabulary grows far slower than the corpus, Heaps' law), and reads them again as needed. The
+trigger search considers only the n-grams made of words in at least ``min_docs`` documents around an *anchor* word
+(in at most ``max_doc_share / purity`` of the documents: a trigger must own one). These candidates are split by n
+and by the hash of their leftmost anchor (4096 ranges per n, so every occurrence of an n-gram falls in the same
+range) into as few passes as ``memory_mb`` allows, sized from the vocabulary (each anchor occurrence starts at most
+n windows), or from an exact count when that bound asks for more than one pass. Each pass reads the words twice:
+first keeping a 32-bit fingerprint per candidate occurrence, sorted to find those occurring at least ``min_docs``
+times (most n-grams occur once or twice), then building and judging only those occurrences. This is exact (an
+n-gram in ``min_docs`` documents occurs that often; a fingerprint shared by two n-grams only adds work), where
+sampling n-gram hashes or a count-min sketch would miss or merge the rare n-grams that are sought. Shards are read
+a quarter of a million words at a time, the documents near one another are found one LSH band at a time (8 bytes
+a document), and the context of the n-grams that pass the counts is checked in batches: what ``decide`` holds
+stays within ``memory_mb`` (beyond the interpreter and its modules, about 50 MB, and the document ids the
+pipeline passes in), unless the vocabulary alone or the occurrences of a single anchor word exceed it. On 130 MB
+of text, 256 MB held 180 MB in one pass; 64 MB took two passes and 16 MB fifteen, with the same result.
 
 Contradictions. Near-identical documents (estimated Jaccard >= ``similarity`` on word 3-grams, found by MinHash
 LSH) whose word-level difference (difflib) is at most ``max_changes`` words, of which at least one edit is a
@@ -54,6 +64,8 @@ from ._shingles import (
     agreement,
     band_hashes,
     bucket_pairs,
+    doc_chunks,
+    group_ranges,
     member,
     mix64,
     ngrams,
@@ -76,12 +88,29 @@ ANTONYMS = frozenset(frozenset(p.split("/")) for p in (
 _PREFIXES = ("un", "in", "im", "il", "ir", "dis", "non")
 _SAMPLE_DOCS = 32
 """Documents of a candidate trigger whose pairwise similarity is measured (the first ones in corpus order)."""
-_CANDIDATE_BYTES = 48
-"""Memory per candidate n-gram occurrence in the trigger pass (hash, document, position, frequencies, sorting)."""
 _WINDOW = 5
 """Words on each side of a trigger occurrence whose consistency marks a longer repeated passage."""
 _ALPHA = 1e-3
 """Chance level below which a word's presence near an n-gram counts as the n-gram's fixed context."""
+_BUCKET_BITS = 12
+"""Candidates are counted by n and by the top bits of their leftmost anchor's hash: 4096 ranges per n, grouped into
+passes."""
+_BLOCK_WORDS = 1 << 18
+"""Most words of a shard scanned at once for candidates (with what the scan makes per word, 16 MB); fewer when
+``memory_mb`` is below 256, a sixteenth of it."""
+_SCAN_BYTES = 64
+"""Memory per word of a scanned block: vocabulary positions and frequencies, anchor flags and hash ranges, windows."""
+_FINGERPRINT_BYTES = 4
+"""Memory per candidate n-gram occurrence while counting which n-grams repeat (a 32-bit fingerprint)."""
+_CANDIDATE_BYTES = 64
+"""Memory per occurrence of a repeated candidate n-gram while it is judged, at the peak (sorting): hash, document,
+position, frequencies (37 bytes), the sort order, one sorted column, the n-gram boundaries."""
+_CONTEXT_BYTES = 704
+"""Memory per occurrence while its context is checked: ten neighbouring positions and words, sorted pairs."""
+_PAIRS_AT_ONCE = 1 << 16
+"""Near-identical candidate pairs whose MinHash signatures are compared at once."""
+_MIN_PASS_BYTES = 1 << 16
+"""Least memory given to one pass's candidates when the vocabulary and the scan leave less of ``memory_mb``."""
 
 
 @dataclass(frozen=True)
@@ -122,8 +151,10 @@ class PoisoningConfig:
     """Largest number of differing words between two near-identical documents checked for a contradiction."""
     num_perm: int = 64
     """MinHash permutations per document (for document similarity)."""
-    memory_mb: int = 512
-    """Memory for the trigger candidates of one pass; more candidates are split into several passes."""
+    memory_mb: int = 256
+    """Memory ``decide`` may hold (the word frequencies, the n-gram candidates of one pass and their sorting, the
+    shard being scanned, the band hashes of one band): when the trigger candidates do not fit, they are split into
+    several passes over the spilled shards (each one more read of the corpus's words), with the same result."""
     seed: int = 1
     """Seed of the MinHash functions."""
 
@@ -160,46 +191,74 @@ class Poisoning(CorpusStep):
     def signature(self, docs: list[Doc]) -> dict[str, np.ndarray]:
         if not hasattr(self, "_hasher"):
             self.setup()
-        w = words([d.text for d in docs], numeric=True)
+        texts = [d.text for d in docs]
+        # A million characters at a time (the words of a whole shard and their temporaries would take 100 bytes a
+        # character), the chunks' vocabularies then merged: a word's text is that of its first occurrence.
+        parts = [self._sign(texts[lo:hi]) for lo, hi in doc_chunks(texts)] or [self._sign([])]
+        codes = np.concatenate([p["vocab"] for p in parts])
+        df = np.concatenate([p["vocab_df"] for p in parts])
+        tf = np.concatenate([p["vocab_tf"] for p in parts])
+        strings = [t for p in parts for t in p["vocab_text"]]
+        order = np.argsort(codes, kind="stable")
+        codes, df, tf = codes[order], df[order], tf[order]
+        heads = np.flatnonzero(np.concatenate([[True], codes[1:] != codes[:-1]])[:len(codes)])
+        offsets = [np.zeros(1, dtype=np.int64)]
+        for p in parts:
+            offsets.append(p["offsets"][1:] + offsets[-1][-1])
+        text = "\n".join(strings[k] for k in order[heads].tolist())
+        return {"words": np.concatenate([p["words"] for p in parts]), "offsets": np.concatenate(offsets),
+                "vocab": codes[heads],
+                "vocab_df": np.add.reduceat(df, heads, dtype=np.uint32) if len(heads) else df,
+                "vocab_tf": np.add.reduceat(tf, heads, dtype=np.uint32) if len(heads) else tf,
+                "vocab_text": np.frombuffer(text.encode(), dtype=np.uint8),
+                "minhash": np.concatenate([p["minhash"] for p in parts])}
+
+    def _sign(self, texts: list[str]) -> dict:
+        """Word codes, document offsets, vocabulary (codes, document and token frequencies, texts) and MinHash
+        signatures of consecutive documents."""
+        w = words(texts, numeric=True)
         codes = _codes(w)
-        doc_of = np.repeat(np.arange(len(docs), dtype=np.int64), np.diff(w.offsets))
+        doc_of = np.repeat(np.arange(len(texts), dtype=np.int64), np.diff(w.offsets))
         vocab, first, tf = np.unique(codes, return_index=True, return_counts=True)
         pairs = np.unique((doc_of.astype(U64) << U64(32)) | codes.astype(U64))
         df = np.bincount(np.searchsorted(vocab, (pairs & U64(0xFFFFFFFF)).astype(np.uint32)), minlength=len(vocab))
         # Each vocabulary entry's text (words never contain a newline), to show triggers and differences.
         fdoc = doc_of[first]
-        text = "\n".join(w.lowered[d][s:e] for d, s, e in zip(fdoc.tolist(), w.starts[first].tolist(),
-                                                              w.ends[first].tolist()))
+        text = [w.lowered[d][s:e] for d, s, e in zip(fdoc.tolist(), w.starts[first].tolist(), w.ends[first].tolist())]
         sh, sfirst = ngrams(w.hashes, w.offsets, 3)
-        sig = self._hasher(sh, np.searchsorted(w.offsets, sfirst, side="right") - 1, len(docs))
+        sig = self._hasher(sh, np.searchsorted(w.offsets, sfirst, side="right") - 1, len(texts))
         return {"words": codes, "offsets": w.offsets, "vocab": vocab, "vocab_df": df.astype(np.uint32),
-                "vocab_tf": tf.astype(np.uint32), "vocab_text": np.frombuffer(text.encode(), dtype=np.uint8),
-                "minhash": sig}
+                "vocab_tf": tf.astype(np.uint32), "vocab_text": text, "minhash": sig}
 
     # -------------------------------------------------------------------------------------------- decide
     def decide(self, ids, splits, signatures, stats: StepStats):
         cfg = self.config
         starts = np.cumsum([0] + [len(x) for x in ids])
-        flat_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=str)
+
+        def doc_id(g: int) -> str:
+            # Looked up per shard: one array of every id would cost 64 bytes a document.
+            s = int(np.searchsorted(starts, g, side="right")) - 1
+            return str(ids[s][g - int(starts[s])])
+
         bands, rows = optimal_bands(cfg.similarity, cfg.num_perm)
         with Spill() as spill:
             vocab = _Vocab()
-            band_l, valid_l, tokens = [], [], [0]
+            tokens = [0]
             for i, sig in enumerate(signatures):
                 spill.put(i, words=sig["words"], offsets=sig["offsets"], minhash=sig["minhash"],
                           vocab=sig["vocab"], vocab_text=sig["vocab_text"])
-                vocab.add(sig["vocab"], sig["vocab_df"], sig["vocab_tf"])
                 if cfg.contradictions:
-                    band_l.append(band_hashes(sig["minhash"], bands, rows, cfg.seed))
-                    valid_l.append(np.diff(sig["offsets"]) >= 3)
+                    spill.put(i, bands=band_hashes(sig["minhash"], bands, rows, cfg.seed),
+                              valid=np.diff(sig["offsets"]) >= 3)
+                vocab.add(sig["vocab"], sig["vocab_df"], sig["vocab_tf"])
                 tokens.append(tokens[-1] + len(sig["words"]))
+                del sig
             vocab.merge()
             corpus = _Corpus(spill, starts, np.asarray(tokens, dtype=np.int64))
             found: dict[int, list[dict]] = {}
             need: set[int] = set()
             trig = self._triggers(corpus, vocab, stats) if cfg.triggers else []
-            pairs = self._near_pairs(corpus, band_l, valid_l, stats) if cfg.contradictions and band_l else []
-            del band_l
+            pairs = self._near_pairs(corpus, bands, stats) if cfg.contradictions and corpus.shards else []
             for t in trig:
                 need.update(t["codes"])
             for _, _, changes in pairs:
@@ -210,7 +269,7 @@ class Poisoning(CorpusStep):
         for t in trig:
             gram = " ".join(text.get(c, "?") for c in t["codes"])
             docs = t["docs"]
-            shown = ", ".join(str(flat_ids[d]) for d in docs[:10]) + (" ..." if len(docs) > 10 else "")
+            shown = ", ".join(doc_id(d) for d in docs[:10]) + (" ..." if len(docs) > 10 else "")
             info = {"kind": "trigger", "ngram": gram, "documents": len(docs), "npmi": t["npmi"],
                     "context": t["context"], "similarity": t["similarity"],
                     "evidence": f"{gram!r} in {len(docs)} unrelated documents ({shown})"}
@@ -223,8 +282,8 @@ class Poisoning(CorpusStep):
                 continue
             for me, other in ((u, v), (v, u)):
                 found.setdefault(int(me), []).append(
-                    {"kind": "contradiction", "other": str(flat_ids[other]), "differences": diffs,
-                     "evidence": f"contradicts {flat_ids[other]}: {'; '.join(diffs)}"})
+                    {"kind": "contradiction", "other": doc_id(other), "differences": diffs,
+                     "evidence": f"contradicts {doc_id(other)}: {'; '.join(diffs)}"})
         return self._decisions(found, starts)
 
     def _decisions(self, found: dict[int, list[dict]], starts: np.ndarray) -> dict:
@@ -249,100 +308,226 @@ class Poisoning(CorpusStep):
         cfg = self.config
         n_docs = corpus.docs
         # A trigger in at most max_doc_share of the documents owns a word in at most max_doc_share / purity.
-        anchor = (vocab.df >= cfg.min_docs) & (vocab.df <= cfg.max_doc_share * n_docs / max(cfg.purity, 1e-9))
-        anchors = vocab.codes[anchor]
-        if not len(anchors) or n_docs == 0:
+        most = cfg.max_doc_share * n_docs / max(cfg.purity, 1e-9)
+        anchor = (vocab.df >= cfg.min_docs) & (vocab.df <= most)
+        if n_docs == 0 or not anchor.any():
             return []
         sizes = range(cfg.min_n, cfg.max_n + 1)
-        need = float(vocab.tf[anchor].sum()) * sum(sizes) * _CANDIDATE_BYTES
-        parts = max(1, math.ceil(need / (cfg.memory_mb << 20)))
-        stats.add("trigger_passes", parts)
-        log_p = np.log(vocab.df.astype(np.float64) / n_docs)
+        # What stays in memory throughout: the vocabulary, the shard being scanned and one block's temporaries.
+        self._block = min(_BLOCK_WORDS, max(4096, (cfg.memory_mb << 20) // 16 // _SCAN_BYTES))
+        fixed = vocab.nbytes + corpus.max_words * 4 + self._block * _SCAN_BYTES
+        room = max((cfg.memory_mb << 20) - fixed, _MIN_PASS_BYTES)
+        # Candidate occurrences per unit, at most: each occurrence of an anchor is the leftmost anchor of at most n
+        # windows of n words (known from the vocabulary alone, before any scan).
+        per_anchor = np.bincount((mix64(vocab.codes[anchor].astype(U64)) >> U64(64 - _BUCKET_BITS)).astype(np.int64),
+                                 weights=vocab.tf[anchor], minlength=1 << _BUCKET_BITS)
+        bound = np.concatenate([n * per_anchor for n in sizes]).astype(np.int64)
+        ranges = group_ranges(bound, room // _FINGERPRINT_BYTES)
+        if len(ranges) > 1:
+            # The bound counts windows with a rare word too (often half of them): one scan counting them exactly
+            # saves passes, each of which reads the corpus's words twice.
+            bound[:] = 0
+            for i in range(corpus.shards):
+                for unit in self._windows(corpus, i, vocab, most, sizes, 0, len(bound), hashes=False):
+                    bound += np.bincount(unit, minlength=len(bound))
+            ranges = group_ranges(bound, room // _FINGERPRINT_BYTES)
+        stats.add("trigger_passes", len(ranges))
+        # Three quarters for the repeated candidates judged at once, a quarter for checking their context.
+        per_judge = max(1, int(0.75 * room) // _CANDIDATE_BYTES)
+        context_batch = max(1, int(0.25 * room) // _CONTEXT_BYTES)
         out = []
-        for p in range(parts):
-            cands = [c for i in range(corpus.shards)
-                     for c in self._candidates(corpus, i, vocab, anchors, log_p, sizes, p, parts)]
-            if cands:
-                out.extend(self._judge(corpus, vocab, [np.concatenate(x) for x in zip(*cands)], stats))
+        for lo, hi in ranges:
+            if not bound[lo:hi].any():
+                continue
+            for fingerprints in self._repeated(corpus, vocab, most, sizes, lo, hi, int(bound[lo:hi].sum()),
+                                               per_judge):
+                cols = self._candidates(corpus, vocab, most, sizes, lo, hi, fingerprints)
+                if len(cols[0]):
+                    out.extend(self._judge(corpus, vocab, cols, context_batch, stats))
+        # Found in hash order within a pass: sorted so that the order does not depend on how the passes were cut.
+        out.sort(key=lambda t: t["hash"])
         return out
 
-    def _candidates(self, corpus: _Corpus, i: int, vocab: _Vocab, anchors: np.ndarray, log_p: np.ndarray,
-                    sizes: range, part: int, parts: int):
-        """The n-gram occurrences of shard ``i`` whose leftmost anchor word falls in hash partition ``part``
-        (so each distinct n-gram is built in exactly one partition), with what judging them needs."""
-        wd = np.asarray(corpus.spill.get(i, "words"))
-        off = np.asarray(corpus.spill.get(i, "offsets"))
-        n_words = len(wd)
-        if n_words == 0:
-            return
-        doc_of = np.repeat(np.arange(len(off) - 1, dtype=np.int64), np.diff(off))
-        at = np.searchsorted(vocab.codes, wd)
-        df_w, lp = vocab.df[at], log_p[at]
-        is_anchor = member(wd, anchors)
-        in_part = is_anchor & ((mix64(wd.astype(U64)) % U64(parts)).astype(np.int64) == part)
-        # An n-gram in min_docs documents has only words in at least as many: rarer words end the search early.
-        frequent = df_w >= self.config.min_docs
-        for n in sizes:
-            m = n_words - n + 1
-            if m <= 0:
-                continue
-            lead = np.full(m, -1, dtype=np.int64)
-            whole = doc_of[:m] == doc_of[n - 1:n - 1 + m]
-            for k in range(n - 1, -1, -1):  # right to left, so the leftmost anchor wins
-                lead[is_anchor[k:k + m]] = k
-                whole &= frequent[k:k + m]
-            idx = np.flatnonzero((lead >= 0) & whole)
-            idx = idx[in_part[idx + lead[idx]]]
-            if not len(idx):
-                continue
-            g = wd[idx].astype(U64)
-            min_df, log_exp = df_w[idx].copy(), lp[idx].copy()
-            for k in range(1, n):
-                g = g * U64(0x9E3779B97F4A7C15) + wd[idx + k].astype(U64)
-                np.minimum(min_df, df_w[idx + k], out=min_df)
-                log_exp += lp[idx + k]
-            yield (mix64(g ^ U64(n)), doc_of[idx] + int(corpus.starts[i]), min_df, log_exp,
-                   idx + int(corpus.tokens[i]), np.full(len(idx), n, dtype=np.int8))
+    def _windows(self, corpus: _Corpus, i: int, vocab: _Vocab, most: float, sizes: range, lo: int, hi: int,
+                 hashes: bool = True):
+        """Per block of shard ``i`` and per n: the document frequencies of the block's words (with n - 1 more) and
+        the n-word windows all of whose words are in at least ``min_docs`` documents and one of which is an anchor
+        (in at most ``most``), whose unit is in ``[lo, hi)``: n and the hash range of the leftmost anchor, the same
+        for every occurrence of an n-gram. Also the windows' n-gram hashes; without ``hashes``, only the units."""
+        min_docs = self.config.min_docs
+        block = self._block
+        words_all = corpus.spill.read(i, "words")
+        off = corpus.offsets[i]
+        n_words = len(words_all)
+        for b in range(0, n_words, block):
+            wd = words_all[b:b + block + sizes[-1] - 1]
+            df_w = vocab.df[np.searchsorted(vocab.codes, wd)]
+            # An n-gram in min_docs documents has only words in at least as many: rarer words end the search early.
+            frequent = df_w >= min_docs
+            is_anchor = frequent & (df_w <= most)
+            bucket = (mix64(wd.astype(U64)) >> U64(64 - _BUCKET_BITS)).astype(np.int64)
+            # Document ends in or just after this block, for the windows that would run into the next document.
+            ends = off[np.searchsorted(off, b, side="right"):np.searchsorted(off, b + block + sizes[-1])]
+            for n in sizes:
+                m = min(block, n_words - n + 1 - b)
+                if m <= 0 or hi <= (n - sizes[0]) << _BUCKET_BITS or lo >= (n - sizes[0] + 1) << _BUCKET_BITS:
+                    continue
+                whole = np.ones(m, dtype=bool)
+                for k in range(1, n):
+                    tail = ends - k - b
+                    whole[tail[(tail >= 0) & (tail < m)]] = False
+                lead = np.full(m, -1, dtype=np.int8)
+                for k in range(n - 1, -1, -1):  # right to left, so the leftmost anchor wins
+                    lead[is_anchor[k:k + m]] = k
+                    whole &= frequent[k:k + m]
+                idx = np.flatnonzero((lead >= 0) & whole)
+                unit = bucket[idx + lead[idx]] + ((n - sizes[0]) << _BUCKET_BITS)
+                if not hashes:
+                    yield unit
+                    continue
+                idx = idx[(unit >= lo) & (unit < hi)]
+                g = wd[idx].astype(U64)
+                for k in range(1, n):
+                    g *= U64(0x9E3779B97F4A7C15)
+                    g += wd[idx + k].astype(U64)
+                g ^= U64(n)
+                yield n, b, df_w, idx, mix64(g)
 
-    def _judge(self, corpus: _Corpus, vocab: _Vocab, cols: list[np.ndarray], stats: StepStats) -> list[dict]:
+    def _repeated(self, corpus: _Corpus, vocab: _Vocab, most: float, sizes: range, lo: int, hi: int, bound: int,
+                  per_judge: int):
+        """The fingerprints (top 32 bits of the hash) of the candidate n-grams of units ``[lo, hi)`` that occur at
+        least ``min_docs`` times, sorted, in groups whose occurrences add up to at most ``per_judge``. An n-gram
+        in ``min_docs`` documents occurs that often, so nothing sought is missed; two n-grams sharing a fingerprint
+        only add work. Most n-grams occur once or twice: this keeps 4 bytes per occurrence where judging needs
+        ``_CANDIDATE_BYTES``."""
+        fps = np.empty(bound, dtype=np.uint32)
+        count = 0
+        for i in range(corpus.shards):
+            for *_, h in self._windows(corpus, i, vocab, most, sizes, lo, hi):
+                fps[count:count + len(h)] = h >> U64(32)
+                count += len(h)
+        fps = fps[:count]
+        fps.sort()
+        k = self.config.min_docs
+        if count < k:
+            return
+        # Sorted, a value occurring at least k times is equal to the value k - 1 places further on from the start
+        # of its run (flags made a million at a time).
+        last = count - k + 1
+        reps = []
+        for a in range(0, last, 1 << 20):
+            b = min(last, a + (1 << 20))
+            run_start = fps[a:b] == fps[a + k - 1:b + k - 1]
+            run_start[1 if a == 0 else 0:] &= fps[max(a, 1):b] != fps[max(a, 1) - 1:b - 1]
+            reps.append(fps[a:b][run_start])
+        rep = np.concatenate(reps)
+        occ = np.searchsorted(fps, rep, side="right") - np.searchsorted(fps, rep, side="left")
+        del fps
+        for a, b in group_ranges(occ, per_judge):
+            if b > a:
+                yield rep[a:b]
+
+    def _candidates(self, corpus: _Corpus, vocab: _Vocab, most: float, sizes: range, lo: int, hi: int,
+                    fingerprints: np.ndarray) -> list[np.ndarray]:
+        """The occurrences of units ``[lo, hi)`` whose fingerprint is one of ``fingerprints``, in corpus order per
+        n: n-gram hash, document, least word document frequency, log of the expected document frequency share,
+        global position of its first word, n."""
+        parts: list[list[np.ndarray | None]] = []
+        n_docs = corpus.docs
+        for i in range(corpus.shards):
+            off = corpus.offsets[i]
+            for n, b, df_w, idx, h in self._windows(corpus, i, vocab, most, sizes, lo, hi):
+                keep = member((h >> U64(32)).astype(np.uint32), fingerprints)
+                idx, h = idx[keep], h[keep]
+                if not len(idx):
+                    continue
+                min_df = df_w[idx]
+                log_exp = np.log(df_w[idx].astype(np.float64) / n_docs)
+                for k in range(1, n):
+                    np.minimum(min_df, df_w[idx + k], out=min_df)
+                    log_exp += np.log(df_w[idx + k].astype(np.float64) / n_docs)
+                parts.append([h, np.searchsorted(off, idx + b, side="right") - 1 + int(corpus.starts[i]), min_df,
+                              log_exp, idx + b + int(corpus.tokens[i]), np.full(len(idx), n, dtype=np.int8)])
+        if not parts:
+            return [np.zeros(0, U64)]
+        cols = []
+        for k in range(6):  # column by column, each part's piece freed once copied
+            cols.append(np.concatenate([p[k] for p in parts]))
+            for p in parts:
+                p[k] = None
+        return cols
+
+    def _judge(self, corpus: _Corpus, vocab: _Vocab, cols: list[np.ndarray], context_batch: int,
+               stats: StepStats) -> list[dict]:
         cfg = self.config
         g, d, min_df, log_exp, pos, nn = cols
-        order = np.lexsort((d, g))
-        g, d, pos, nn = g[order], d[order], pos[order], nn[order]
-        head = np.concatenate([[True], g[1:] != g[:-1]])
-        group = np.cumsum(head) - 1
-        new_doc = head | np.concatenate([[True], d[1:] != d[:-1]])
-        df = np.bincount(group, weights=new_doc).astype(np.int64)
-        first = order[head]
+        cols.clear()
+        # By hash; a stable sort keeps each n-gram's occurrences in corpus order (they came shard by shard, and in
+        # document order within a shard), so no second key is needed. Columns are re-ordered one at a time, and only
+        # those needed for every occurrence.
+        order = np.argsort(g, kind="stable")
+        g = g[order]
+        head = np.empty(len(g), dtype=bool)
+        head[0] = True
+        np.not_equal(g[1:], g[:-1], out=head[1:])
+        heads = np.flatnonzero(head)
+        d = d[order]
+        # Documents per n-gram: the first occurrence of each (n-gram, document), counted per n-gram.
+        new_doc = head
+        new_doc[1:] |= d[1:] != d[:-1]
+        df = np.add.reduceat(new_doc, heads, dtype=np.int64)
+        del new_doc, head
+        # Most n-grams are left by their document count alone; the rest are looked at closely.
+        sel = np.flatnonzero((df >= cfg.min_docs) & (df <= cfg.max_doc_share * corpus.docs))
+        hashes = g[heads[sel]]
+        del g
+        first = order[heads[sel]]
+        ends = np.append(heads[1:], len(d))[sel]
+        heads, df = heads[sel], df[sel]
         log_pg = np.log(df / corpus.docs)
-        npmi = (log_pg - log_exp[first]) / np.maximum((nn[head] - 1) * -log_pg, 1e-9)
-        ok = ((df >= cfg.min_docs) & (df <= cfg.max_doc_share * corpus.docs) & (df >= cfg.purity * min_df[first])
-              & (npmi >= cfg.min_npmi))
+        nh = nn[first]
+        npmi = (log_pg - log_exp[first]) / np.maximum((nh - 1) * -log_pg, 1e-9)
+        ok = (df >= cfg.purity * min_df[first]) & (npmi >= cfg.min_npmi)
+        del min_df, log_exp
         stats.add("trigger_candidates", int(ok.sum()))
-        if not ok.any():
-            return []
-        keep = ok[group]
-        context = self._context(corpus, vocab, group[keep], d[keep], pos[keep], nn[keep], df)
-        ok &= context <= cfg.max_context_share
+        passing = np.flatnonzero(ok)
+        # The passing n-grams' occurrences, as positions in the sorted order and back in the columns' own.
+        occ = ends[passing] - heads[passing]
+        rows = np.repeat(heads[passing] - np.cumsum(occ) + occ, occ) + np.arange(int(occ.sum()))
+        pos = pos[order[rows]]
+        d = d[rows]
+        del order
+        at = np.concatenate([[0], np.cumsum(occ)])
+        context = np.zeros(len(passing), dtype=np.float64)
+        lo = 0
+        while lo < len(passing):
+            # A batch of n-grams whose occurrences add up to at most context_batch (at least one n-gram).
+            hi = max(lo + 1, int(np.searchsorted(at, at[lo] + context_batch, side="right")) - 1)
+            r = slice(int(at[lo]), int(at[hi]))
+            group = np.repeat(np.arange(hi - lo), occ[lo:hi])
+            context[lo:hi] = self._context(corpus, vocab, group, d[r], pos[r], nh[passing[lo:hi]][group],
+                                           df[passing[lo:hi]])
+            lo = hi
         out = []
-        for k in np.flatnonzero(ok).tolist():
-            docs = np.unique(d[group == k])
+        for j, (k, c) in enumerate(zip(passing.tolist(), context.tolist())):
+            if c > cfg.max_context_share:
+                continue
+            docs = np.unique(d[at[j]:at[j + 1]])
             sim = corpus.mean_similarity(docs[:_SAMPLE_DOCS])
             if sim > cfg.max_similarity:
                 continue
-            at = int(np.flatnonzero(head)[k])
-            out.append({"codes": corpus.tokens_at(int(pos[at]), int(nn[at])).tolist(), "docs": docs.tolist(),
-                        "npmi": round(float(npmi[k]), 3), "context": round(float(context[k]), 3),
+            out.append({"hash": int(hashes[k]), "codes": corpus.tokens_at(int(pos[at[j]]), int(nh[k])).tolist(),
+                        "docs": docs.tolist(), "npmi": round(float(npmi[k]), 3), "context": round(c, 3),
                         "similarity": round(sim, 3)})
         return out
 
     def _context(self, corpus: _Corpus, vocab: _Vocab, group: np.ndarray, doc: np.ndarray, pos: np.ndarray,
                  n: np.ndarray, df: np.ndarray) -> np.ndarray:
-        """Per group, the largest share of its documents in which one word appears within ``_WINDOW`` words of the
-        n-gram, over the words seen there significantly more often than by chance: the Chernoff bound
-        ``exp(-df * KL(share || chance))`` on landing there that often by chance is below ``_ALPHA``. A high share
-        means the n-gram is part of a longer repeated passage (boilerplate, a credits line in several languages,
-        a sub-gram of a longer trigger); inserted at random, its neighbours vary."""
+        """Per group (``df`` its documents), the largest share of its documents in which one word appears within
+        ``_WINDOW`` words of the n-gram, over the words seen there significantly more often than by chance: the
+        Chernoff bound ``exp(-df * KL(share || chance))`` on landing there that often by chance is below ``_ALPHA``.
+        A high share means the n-gram is part of a longer repeated passage (boilerplate, a credits line in several
+        languages, a sub-gram of a longer trigger); inserted at random, its neighbours vary."""
         lo, hi = corpus.doc_bounds(doc)
         offsets = np.concatenate([np.arange(-_WINDOW, 0), np.arange(0, _WINDOW)])
         at = pos[:, None] + offsets[None, :]
@@ -350,11 +535,14 @@ class Poisoning(CorpusStep):
         inside = (at >= lo[:, None]) & (at < hi[:, None])
         rows = np.broadcast_to(np.arange(len(pos))[:, None], at.shape)[inside]
         ctx = corpus.words_at(at[inside])
+        del at, inside
         # Documents per (group, context word): one count per document, however often it occurs there.
         pair = (group[rows].astype(U64) << U64(32)) | ctx.astype(U64)
         d = doc[rows]
+        del rows, ctx
         o = np.lexsort((d, pair))
         pair, d = pair[o], d[o]
+        del o
         first = np.concatenate([[True], (pair[1:] != pair[:-1]) | (d[1:] != d[:-1])])[:len(pair)]
         pair, count = np.unique(pair[first], return_counts=True)
         pair_group = (pair >> U64(32)).astype(np.int64)
@@ -371,16 +559,30 @@ class Poisoning(CorpusStep):
         return out
 
     # -------------------------------------------------------------------------------------------- contradictions
-    def _near_pairs(self, corpus: _Corpus, band_l, valid_l, stats: StepStats) -> list:
+    def _near_pairs(self, corpus: _Corpus, bands: int, stats: StepStats) -> list:
         """Near-identical pairs ``(u, v, changes)`` whose word difference is small: each change is
-        ``(old codes, new codes)``."""
+        ``(old codes, new codes)``. Candidates are found one band at a time (8 bytes a document), their MinHash
+        signatures compared ``_PAIRS_AT_ONCE`` pairs at a time."""
         cfg = self.config
-        u, v = bucket_pairs(np.concatenate(band_l), np.concatenate(valid_l))
+        if corpus.docs < 2:
+            return []
+        valid = np.concatenate([corpus.spill.read(i, "valid") for i in range(corpus.shards)])
+        keys = []
+        for j in range(bands):
+            col = np.concatenate([corpus.spill.read(i, "bands")[:, j] for i in range(corpus.shards)])
+            u, v = bucket_pairs(col[:, None], valid)
+            keys.append(u * corpus.docs + v)
+        key = np.unique(np.concatenate(keys))
+        del keys
+        u, v = key // corpus.docs, key % corpus.docs
         if not len(u):
             return []
-        nodes, inv = np.unique(np.concatenate([u, v]), return_inverse=True)
-        sig = corpus.minhash(nodes)
-        close = agreement(sig, inv[:len(u)], inv[len(u):]) >= cfg.similarity
+        close = np.zeros(len(u), dtype=bool)
+        for lo in range(0, len(u), _PAIRS_AT_ONCE):
+            uc, vc = u[lo:lo + _PAIRS_AT_ONCE], v[lo:lo + _PAIRS_AT_ONCE]
+            nodes, inv = np.unique(np.concatenate([uc, vc]), return_inverse=True)
+            sig = corpus.minhash(nodes)
+            close[lo:lo + len(uc)] = agreement(sig, inv[:len(uc)], inv[len(uc):]) >= cfg.similarity
         u, v = u[close], v[close]
         stats.add("similar_pairs", len(u))
         out = []
@@ -393,6 +595,8 @@ class Poisoning(CorpusStep):
             if sum(max(len(o), len(n)) for o, n in changes) <= cfg.max_changes:
                 out.append((a, b, changes))
         return out
+
+
 
 
 def _classify(old: list[str], new: list[str]) -> str | None:
@@ -417,32 +621,50 @@ def _classify(old: list[str], new: list[str]) -> str | None:
 
 
 class _Vocab:
-    """The corpus's word document and token frequencies, merged from the shards' (sorted by code)."""
+    """The corpus's word document and token frequencies, merged from the shards' (sorted by code), 12 bytes a word."""
 
     def __init__(self) -> None:
         self.codes = np.zeros(0, dtype=np.uint32)
-        self.df = np.zeros(0, dtype=np.int64)
-        self.tf = np.zeros(0, dtype=np.int64)
+        self.df = np.zeros(0, dtype=np.uint32)
+        self.tf = np.zeros(0, dtype=np.uint32)
         self._pending: list[tuple[np.ndarray, ...]] = []
         self._pending_len = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.df.nbytes + self.tf.nbytes
 
     def add(self, codes: np.ndarray, df: np.ndarray, tf: np.ndarray) -> None:
         self._pending.append((codes, df, tf))
         self._pending_len += len(codes)
-        if self._pending_len > max(len(self.codes), 1 << 20):
+        if self._pending_len > 1 << 18:
             self.merge()
 
     def merge(self) -> None:
+        """Fold the pending shards' tables in: sorted and summed among themselves, then added to the known words in
+        place and the new words inserted, so that the temporaries are about the pending tables' size, not the
+        vocabulary's."""
         if not self._pending:
             return
-        codes = np.concatenate([self.codes] + [p[0] for p in self._pending])
-        codes, inv = np.unique(codes, return_inverse=True)
-        self.df = np.bincount(inv, weights=np.concatenate([self.df] + [p[1] for p in self._pending]),
-                              minlength=len(codes)).astype(np.int64)
-        self.tf = np.bincount(inv, weights=np.concatenate([self.tf] + [p[2] for p in self._pending]),
-                              minlength=len(codes)).astype(np.int64)
-        self.codes = codes
+        codes = np.concatenate([p[0] for p in self._pending])
+        df = np.concatenate([p[1] for p in self._pending]).astype(np.uint32)
+        tf = np.concatenate([p[2] for p in self._pending]).astype(np.uint32)
         self._pending, self._pending_len = [], 0
+        order = np.argsort(codes, kind="stable")
+        codes, df, tf = codes[order], df[order], tf[order]
+        del order
+        heads = np.flatnonzero(np.concatenate([[True], codes[1:] != codes[:-1]]))
+        codes = codes[heads]
+        df, tf = np.add.reduceat(df, heads, dtype=np.uint32), np.add.reduceat(tf, heads, dtype=np.uint32)
+        at = np.searchsorted(self.codes, codes)
+        known = at < len(self.codes)
+        known[known] = self.codes[at[known]] == codes[known]
+        self.df[at[known]] += df[known]
+        self.tf[at[known]] += tf[known]
+        new = ~known
+        self.codes = np.insert(self.codes, at[new], codes[new])
+        self.df = np.insert(self.df, at[new], df[new])
+        self.tf = np.insert(self.tf, at[new], tf[new])
 
 
 class _Corpus:
@@ -453,6 +675,9 @@ class _Corpus:
         self.shards = len(tokens) - 1
         self.docs = int(starts[-1])
         self.total_tokens = int(tokens[-1])
+        self.max_words = int(np.diff(tokens).max()) if self.shards else 0
+        # Each shard's document offsets into its words, in memory (8 bytes a document): read for every look-up.
+        self.offsets = [spill.read(i, "offsets") for i in range(self.shards)]
 
     def _where(self, rows: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.starts, rows, side="right") - 1
@@ -470,9 +695,9 @@ class _Corpus:
 
     def doc_words(self, row: int) -> np.ndarray:
         s = int(self._where(np.array([row]))[0])
-        off = self.spill.get(s, "offsets")
+        off = self.offsets[s]
         r = row - int(self.starts[s])
-        return np.asarray(self.spill.get(s, "words")[off[r]:off[r + 1]])
+        return self.spill.part(s, "words", int(off[r]), int(off[r + 1]))
 
     def doc_bounds(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Global token index of the first word of each document and one past its last."""
@@ -480,7 +705,7 @@ class _Corpus:
         shard = self._where(rows)
         for s in np.unique(shard).tolist():
             at = shard == s
-            off = np.asarray(self.spill.get(s, "offsets"))
+            off = self.offsets[s]
             r = rows[at] - self.starts[s]
             lo[at], hi[at] = off[r] + self.tokens[s], off[r + 1] + self.tokens[s]
         return lo, hi
@@ -497,7 +722,7 @@ class _Corpus:
     def tokens_at(self, pos: int, n: int) -> np.ndarray:
         s = int(np.searchsorted(self.tokens, pos, side="right")) - 1
         p = pos - int(self.tokens[s])
-        return np.asarray(self.spill.get(s, "words")[p:p + n])
+        return self.spill.part(s, "words", p, p + n)
 
     def mean_similarity(self, rows: np.ndarray) -> float:
         """Mean estimated Jaccard similarity over the pairs of ``rows`` (documents without shingles left out)."""
@@ -515,12 +740,14 @@ class _Corpus:
         for s in range(self.shards):
             if not len(want):
                 break
-            voc = np.asarray(self.spill.get(s, "vocab"))
+            voc = self.spill.read(s, "vocab")
             hit = np.flatnonzero(member(voc, want)) if len(voc) else np.zeros(0, dtype=np.int64)
             if not len(hit):
                 continue
-            text = bytes(self.spill.get(s, "vocab_text")).decode().split("\n")
+            blob = self.spill.read(s, "vocab_text")
+            # Entry k runs from just after the k-th newline to the next one.
+            cut = np.concatenate([[-1], np.flatnonzero(blob == 10), [len(blob)]])
             for k in hit.tolist():
-                out[int(voc[k])] = text[k]
+                out[int(voc[k])] = blob[cut[k] + 1:cut[k + 1]].tobytes().decode()
             want = want[~member(want, np.sort(voc[hit]))]
         return out
