@@ -31,6 +31,25 @@ def _stemma_greedy(model, ids: list[int], n: int) -> list[int]:
                           pad_token_id=0)[0, len(ids):].tolist()
 
 
+NEAR_TIE = 1e-2
+"""Logit gap below which two fp32 implementations may rank the top two tokens differently (f16 weights, other
+summation orders): a greedy run may part there, and only there."""
+
+
+def assert_greedy_equal(llm, ref, ids: list[int], n: int, label: str) -> None:
+    """llama.cpp's ``n`` greedy tokens equal stemma's, up to a near tie: where they first differ, llama.cpp must have
+    taken stemma's runner-up with a gap under `NEAR_TIE`, and the comparison ends (the texts go separate ways)."""
+    got, want = _llama_greedy(llm, ids, n), _stemma_greedy(ref, ids, n)
+    if got == want:
+        return
+    i = next(k for k in range(n) if got[k] != want[k])
+    with torch.no_grad():
+        top = torch.topk(ref(torch.tensor([ids + want[:i]])).logits[0, -1].float(), 2)
+    gap = float(top.values[0] - top.values[1])
+    assert got[i] == int(top.indices[1]) and gap < NEAR_TIE, (
+        f"{label}: token {i}: llama.cpp {got[i]}, stemma {want[i]} (top two {top.indices.tolist()}, gap {gap:.2e})")
+
+
 def open_q8_0(path, **kw):
     """llama.cpp on a q8_0 ``path`` without the CPU backend's extra (repacked) weight buffers: on this machine's
     AMX CPU, llama-cpp-python 0.3.36 repacks q8_0 matrices for AMX and then segfaults at the first decode
@@ -76,7 +95,7 @@ def check_greedy(ws, node: str, tmp_path, gguf_type: str, rounded) -> None:
     for prompt in PROMPTS:
         ids = tok.encode(prompt).ids
         assert llm.tokenize(prompt.encode(), add_bos=False, special=False) == ids
-        assert _llama_greedy(llm, ids, 16) == _stemma_greedy(ref, ids, 16), prompt
+        assert_greedy_equal(llm, ref, ids, 16, prompt)
 
 
 def check_q8_0(ws, node: str, tmp_path, min_ratio: float) -> None:
@@ -219,8 +238,7 @@ def test_llama_cpp_greedy_output_equals_stemmas_on_a_trained_qwen2(tmp_path):
     llm = llama_cpp.Llama(str(tmp_path / "q.gguf"), n_ctx=64, verbose=False, seed=0,
                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     for prompt in PROMPTS:
-        ids = tok.encode(prompt).ids
-        assert _llama_greedy(llm, ids, 16) == _stemma_greedy(ref, ids, 16), prompt
+        assert_greedy_equal(llm, ref, tok.encode(prompt).ids, 16, prompt)
 
 
 def test_gguf_refusals_are_one_line_and_leave_no_file(tmp_path):
