@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from .data.ingest import BuiltDataset, IngestOptions, built_from, curation_for
 from .errors import StemmaError
 from .evaluate.evaluator import Evaluator
+from .evaluate.runner import evaluate_version as evaluate_tasks
+from .evaluate.suites import record as record_tasks
 from .methods import get
 from .progress import NullReporter, Reporter
 from .spec import NodeSpec, TreeSpec
@@ -92,6 +94,10 @@ def build(ws: Workspace, spec: TreeSpec, reporter: Reporter | None = None, only:
                     targets.add(cur)
                     cur = spec.nodes[cur].parent
         # Pre-flight: everything that can fail on bad input fails here, before the first write.
+        if evaluate:
+            from .evaluate.runner import preflight
+
+            preflight(ws, spec, targets)  # tasks the tree's tokenizer cannot run
         inputs: dict[str, dict] = {}  # cheap checks (checkpoints' formats and hashes) before any curation
         for path in spec.order:
             if path in targets:
@@ -144,9 +150,11 @@ def build(ws: Workspace, spec: TreeSpec, reporter: Reporter | None = None, only:
                 v = _run(ws, spec, node, method, parent, datasets, recipe, key, reporter, rebase_from=old)
                 action = "rebased" if old is not None else "built"
             ws.set_gate(path, dataclasses.asdict(node.gate) if node.gate is not None else None)
+            record_tasks(ws, path, spec.suites, node.eval, node.release_gate)
             built[path] = v
             if evaluate:
                 evaluator.evaluate_version(v)
+                evaluate_tasks(ws, v, reporter)  # the node's tasks, its parent on them, it on the parent's
             if footprint:
                 from .footprint import ensure
 
@@ -189,11 +197,12 @@ def _run(ws: Workspace, spec: TreeSpec, node: NodeSpec, method, parent: VersionI
         out = run_rebase(ctx, node.config, node.rebase, rebase_from)
     else:
         out = method.run(ctx, node.config)
-    needs_same_tokenizer = method.relation in ("adapter", "merge", "update")
+    relation = method.relation_for(node.config)
+    needs_same_tokenizer = relation in ("adapter", "merge", "update")
     if parent is not None and needs_same_tokenizer and out.tokenizer != parent.row.tokenizer:
         from .errors import TokenizerMismatchError
 
-        raise TokenizerMismatchError(f"node {node.path}: {method.relation} needs the parent's tokenizer "
+        raise TokenizerMismatchError(f"node {node.path}: {relation} needs the parent's tokenizer "
                                      f"({parent.row.tokenizer[:12]}), got {out.tokenizer[:12]}")
     files = {name: ws.store.put_bytes(data) for name, data in sorted(out.files.items())}
     manifest = {
@@ -201,10 +210,10 @@ def _run(ws: Workspace, spec: TreeSpec, node: NodeSpec, method, parent: VersionI
         "schema": 1,
         "node": node.path,
         "layer": node.layer,
-        "relation": method.relation,
+        "relation": relation,
         "method": node.method,
         "parent": parent.id if parent else None,
-        "base": parent.id if (parent is not None and method.relation == "adapter") else None,
+        "base": parent.id if (parent is not None and relation == "adapter") else None,
         "recipe": recipe,
         "recipe_key": key,
         "tokenizer": out.tokenizer,
@@ -216,6 +225,8 @@ def _run(ws: Workspace, spec: TreeSpec, node: NodeSpec, method, parent: VersionI
     }
     v = ws.register_version(manifest, layer=node.layer, parent_path=node.parent, datasets=datasets,
                             params=out.params, own_params=out.own_params)
+    for name, (value, details) in out.metrics.items():  # measured during training on the method's held-out inputs
+        ws.put_metric(v.id, name, None, "heldout", value, details)
     shutil.rmtree(work, ignore_errors=True)
     reporter.log(f"[green]built[/green] {node.path} -> {v.short} ({out.own_params:,} own parameters)")
     return v

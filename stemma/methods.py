@@ -4,7 +4,7 @@ The registry itself imports no method, so a method module can import the registr
 """
 
 from .compress import lowrank, prune, quantize  # noqa: F401 - each module registers its method
-from .train import distill, finetune, importer, lora, pretrain  # noqa: F401
+from .train import distill, dpo, finetune, importer, lora, pretrain, sft  # noqa: F401
 from .train.registry import get, names
 
 __all__ = ["get", "names"]

@@ -53,6 +53,8 @@ class _NodeYaml(BaseModel):
     gate: dict[str, Any] | None = None
     on_parent_update: str = "retrain"
     rebase: dict[str, Any] = Field(default_factory=dict)
+    eval: list[str] | None = None
+    release_gate: dict[str, Any] | None = None
 
 
 class _TreeYaml(BaseModel):
@@ -60,6 +62,8 @@ class _TreeYaml(BaseModel):
     name: str | None = None
     datasets: dict[str, _DatasetYaml] = Field(default_factory=dict)
     nodes: dict[str, _NodeYaml]
+    suites: dict[str, Any] = Field(default_factory=dict)
+    eval: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,10 @@ class NodeSpec:
     distilling from its previous version)."""
     rebase: Any = None
     """`stemma.configs.RebaseConfig` when ``on_parent_update`` is ``rebase``."""
+    eval: tuple[str, ...] = ()
+    """Suites the node is evaluated on (its own ``eval``, else the tree's default; `stemma.evaluate.suites`)."""
+    release_gate: Any = None
+    """`stemma.evaluate.gate.ReleaseGate`: what its version must meet to be released (`stemma check`)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,8 @@ class TreeSpec:
     nodes: dict[str, NodeSpec]
     order: tuple[str, ...]
     """Parents before children (a topological order)."""
+    suites: dict[str, tuple] = field(default_factory=dict)
+    """Suite name -> its `stemma.evaluate.tasks.TaskSpec`s, task files read and checked."""
 
     def descendants(self, path: str) -> list[str]:
         out, frontier = [], [path]
@@ -206,7 +216,7 @@ def parse_spec(data: Any, root_dir: Path, source: str = "stemma.yaml") -> TreeSp
         gate = make_gate(n.gate, f"{source}: node {path}")
         if n.on_parent_update not in ("retrain", "rebase"):
             raise SpecError(f"{source}: node {path}: on_parent_update must be retrain or rebase")
-        if n.on_parent_update == "rebase" and method.relation != "adapter":
+        if n.on_parent_update == "rebase" and not method.can_rebase(cfg):
             raise SpecError(f"{source}: node {path}: only adapter children can rebase (method {n.method} retrains)")
         if n.rebase and n.on_parent_update != "rebase":
             raise SpecError(f"{source}: node {path}: rebase settings given but on_parent_update is not rebase")
@@ -215,7 +225,11 @@ def parse_spec(data: Any, root_dir: Path, source: str = "stemma.yaml") -> TreeSp
                                config=cfg, raw_config=dict(n.config), gate=gate,
                                on_parent_update=n.on_parent_update, rebase=rebase)
     order = _toposort(nodes)
-    return TreeSpec(name=tree.name or root_dir.name, root_dir=root_dir, datasets=datasets, nodes=nodes, order=order)
+    from .evaluate.suites import attach
+
+    suites, nodes = attach(tree, nodes, root_dir, source)
+    return TreeSpec(name=tree.name or root_dir.name, root_dir=root_dir, datasets=datasets, nodes=nodes, order=order,
+                    suites=suites)
 
 
 def load_spec(path: str | Path) -> TreeSpec:

@@ -383,6 +383,9 @@ class Workspace:
                 refs.update(v.files.values())
             for u in s.scalars(select(Update)):
                 refs.add(u.id)
+            for n in s.scalars(select(Node)):  # task definitions, with the tasks a robustness task perturbs
+                for t in n.tasks or []:
+                    refs.update(t["blobs"])
             for r in s.scalars(select(Round)):
                 refs.add(r.delta)
                 if (r.config or {}).get("heldout"):

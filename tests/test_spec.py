@@ -91,5 +91,5 @@ def test_every_method_config_field_is_documented(name):
     assert fields <= documented, f"undocumented fields in {name}: {sorted(fields - documented)}"
     assert method.relation and method.name == name
     # Every field has a default or is required by design, and a minimal config round-trips through YAML.
-    required = {"import": {"path": "x"}, "lowrank": {"rank": 8}}
+    required = {"import": {"path": "x"}, "lowrank": {"rank": 8}, "sft": {"pairs": "x"}, "dpo": {"pairs": "x"}}
     yaml.safe_dump(dataclasses.asdict(method.make_config(required.get(name, {}), "t")))

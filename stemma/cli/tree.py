@@ -34,11 +34,10 @@ def build(
     import time
 
     from ..build import build as run_build
+    from ..data.curate.pipeline import make_executor
     from ..progress import RichReporter
     from ..spec import load_spec
     from ..workspace import Workspace
-
-    from ..data.curate.pipeline import make_executor
 
     tree = load_spec(spec)
     ws = Workspace.init()
@@ -55,10 +54,14 @@ def build(
 
 
 @app.command()
-def tree() -> None:
+def tree(metric: str = typer.Option(None, "--metric", help="A task metric (chrf, accuracy, ...): each node's "
+                                    "score on its own tasks against its parent, and on its parent's tasks.")) -> None:
     """The tree: node, layer, relation, size, perplexity on its own and its parent's split, status."""
     from ..lineage import tree_rows
 
+    if metric is not None:
+        _task_tree(metric)
+        return
     rows = tree_rows(open_ws())
     if not rows:
         out.print("the registry is empty; run `stemma build`")
@@ -79,6 +82,42 @@ def tree() -> None:
     out.print(t)
 
 
+def _task_tree(metric: str) -> None:
+    """`stemma tree --metric M`: the task scores of M, like the perplexity columns (gain and forgetting)."""
+    from ..errors import StemmaError
+    from ..evaluate.suites import known_metric, task_rows
+    from ..evaluate.tasks import all_metrics
+
+    if not known_metric(metric):
+        raise StemmaError(f"unknown metric {metric!r} (task metrics: {', '.join(sorted(all_metrics()))})")
+    rows = task_rows(open_ws(), metric)
+    if not rows:
+        out.print("the registry is empty; run `stemma build`")
+        return
+    fmt = lambda x: "-" if x is None else f"{x:.4g}"  # noqa: E731
+
+    def cells(cs) -> tuple[str, str]:
+        if not cs:
+            return "-", "-"
+        mine, theirs = [], []
+        for c in cs:
+            change = "" if c.change is None else f" ({c.change:+.3g})"
+            colour = {True: "green", False: "red"}.get(c.better)
+            mine.append(f"{c.task} {fmt(c.value)}" + (f"[{colour}]{change}[/{colour}]" if colour else change))
+            theirs.append(f"{c.task} {fmt(c.parent_value)}")
+        return "\n".join(mine), "\n".join(theirs)
+
+    higher = all_metrics()[metric]
+    t = Table("node", "version", f"{metric} on own tasks (vs parent)", "parent on own tasks",
+              f"{metric} on parent's tasks (vs parent)", "parent on its tasks", title=f"stemma tree: {metric}",
+              caption=f"{'higher' if higher else 'lower'} is better; green: better than the parent, red: worse")
+    for r in rows:
+        own, pown = cells(r.own)
+        par, ppar = cells(r.parents)
+        t.add_row("  " * r.depth + r.path, r.version or "-", own, pown, par, ppar)
+    out.print(t)
+
+
 @app.command()
 def show(ref: str = typer.Argument(..., help="node, node@version-prefix, or version id prefix")) -> None:
     """One version: manifest, parent, recipe, datasets, metrics."""
@@ -87,9 +126,11 @@ def show(ref: str = typer.Argument(..., help="node, node@version-prefix, or vers
     ds = ws.version_datasets(v.id)
     metrics = [{"name": m.name, "dataset": m.dataset_id[:12] if m.dataset_id else None, "split": m.split,
                 "value": round(m.value, 4)} for m in ws.metrics_of(v.id)]
+    from ..evaluate.suites import task_summary
+
     doc = {"id": v.id, "node": v.row.node_path, "created_at": v.row.created_at.isoformat(), "bytes": v.row.bytes,
            "datasets": {role: {"id": d, "name": ws.resolve_dataset(d).name} for role, d in ds.items()},
-           "metrics": metrics, "manifest": v.manifest}
+           "metrics": metrics, "tasks": task_summary(ws, v.id), "manifest": v.manifest}
     out.print_json(json.dumps(doc, default=str))
 
 

@@ -56,6 +56,10 @@ class Node(Base):
     """The alias: which version of this node is current."""
     gate: Mapped[dict | None] = mapped_column(JSON)
     """The node's update gate as declared in stemma.yaml (recorded by `stemma build`)."""
+    tasks: Mapped[list | None] = mapped_column(JSON)
+    """The node's evaluation tasks: ``[{id, kind, suites, definition}]``, each definition a blob (`stemma build`)."""
+    release_gate: Mapped[dict | None] = mapped_column(JSON)
+    """The node's release gate as declared in stemma.yaml (recorded by `stemma build`; `stemma check` reads it)."""
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 

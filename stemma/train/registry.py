@@ -82,6 +82,9 @@ class BuildOutput:
     architecture: dict[str, Any]
     train: dict[str, Any] = field(default_factory=dict)
     """Training statistics (steps, tokens, seconds, final loss) for the manifest."""
+    metrics: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)
+    """Scores the method measured on a held-out share of its own inputs (e.g. ``pref/accuracy``): name ->
+    (value, details), stored as metrics of the new version with split ``heldout`` and no dataset."""
 
 
 class BuildMethod:
@@ -102,6 +105,15 @@ class BuildMethod:
     def recipe_config(self, cfg: Any) -> dict[str, Any]:
         """The config as it enters the recipe key (everything, unless a field only locates an input)."""
         return dataclasses.asdict(cfg)
+
+    def relation_for(self, cfg: Any) -> str:
+        """The relation of the versions this config builds (methods that train an adapter or all weights by config
+        say which)."""
+        return self.relation
+
+    def can_rebase(self, cfg: Any) -> bool:
+        """Whether a version can follow a parent update by `stemma.update.rebase` (re-fitting on the node's text)."""
+        return self.relation_for(cfg) == "adapter"
 
     def recipe_inputs(self, cfg: Any, spec_dir: Path) -> dict[str, Any]:
         """Extra content that identifies the build beyond config, parent and data (e.g. checkpoint hashes)."""

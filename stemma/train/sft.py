@@ -1,0 +1,93 @@
+"""`sft`: supervised fine-tuning on instruction/response pairs, the loss on response tokens only.
+
+The parent learns to answer the prompts of a pairs file (`stemma.train.align`: ``{"prompt", "response"}`` or chat
+``messages``) as a LoRA adapter (default) or with all weights, by cross-entropy on the response tokens alone: the
+prompt is context, not a target (Ouyang et al., 2022; Wei et al., 2022). A share of every batch replays the
+parent's text with KL to the parent, and L2-SP is available, as for the other derived methods. The held-out share
+of the pairs measures the result: the mean response loss of the child and of the parent on the same pairs, in the
+manifest's train statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..models.arch import model_context
+from ..models.tokenizer import eos_id
+from .align import IGNORE, AlignConfig, AlignMethod, Policy, collate, encode, pick, render_sft, token_logps
+from .base import Trainer
+from .forgetting import split_batch
+from .registry import BuildContext, BuildOutput, register
+
+
+@dataclass(frozen=True)
+class SftConfig(AlignConfig):
+    """Instruction tuning of the parent on a pairs file (fields shared with `dpo` in `AlignConfig`)."""
+
+    steps: int = 100
+    """Optimiser steps."""
+
+
+def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(mean cross-entropy over the labelled next tokens, how many there were)."""
+    targets = labels[:, 1:]
+    n = int((targets != IGNORE).sum())
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                             ignore_index=IGNORE, reduction="sum")
+    return loss / max(n, 1), n
+
+
+def mean_response_loss(model, rows: list[tuple[list[int], list[int]]], pad: int, batch: int = 16) -> float:
+    """Mean per-token response loss of ``model`` over encoded examples (no gradient; the caller sets eval mode)."""
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch):
+        ids, labels = collate(rows[i : i + batch], pad)
+        logp = token_logps(model(input_ids=ids[:, :-1]).logits, labels)
+        total -= float(logp.sum())
+        count += int((labels[:, 1:] != IGNORE).sum())
+    return total / max(count, 1)
+
+
+@register
+class Sft(AlignMethod):
+    name = "sft"
+    kind = "sft"
+    config_cls = SftConfig
+
+    def run(self, ctx: BuildContext, cfg: SftConfig) -> BuildOutput:
+        train, held, digest = self.load_pairs(ctx, cfg)
+        tok = ctx.parent_tokenizer()
+        eos = eos_id(tok)
+        policy = Policy(ctx, cfg, need_reference=cfg.replay_kl > 0 and cfg.replay_fraction > 0)
+        model = policy.model
+        context = model_context(model)
+        encoded = [encode(tok, render_sft(r, cfg.template), eos, context + 1) for r in train]
+        rows = [(ids, labels) for ids, labels, _ in encoded]
+        held_rows = [(ids, labels) for ids, labels, _ in
+                     (encode(tok, render_sft(r, cfg.template), eos, context + 1) for r in held)]
+        replay = policy.replay_stream(tok, context)
+        split = split_batch(cfg.batch_size, cfg.replay_fraction, replay is not None)
+        with policy.no_grad_eval():
+            parent_held = mean_response_loss(model, held_rows, eos) if held_rows else None
+
+        def step_loss(step: int):
+            ids, labels = collate([rows[i] for i in pick(len(rows), split.own, cfg.seed, step)], eos)
+            loss, ntok = response_loss(model(input_ids=ids[:, :-1]).logits, labels)
+            if split.replay:
+                b = replay.batch(step, split.replay, stream=1)
+                loss = loss + policy.replay_loss(b)
+                ntok += b[:, 1:].numel()
+            return policy.regularise(loss), ntok
+
+        stats = Trainer(model, cfg, step_loss, ctx.work_dir, ctx.reporter,
+                        label=f"{ctx.node}: sft ({cfg.mode})").run()
+        with policy.no_grad_eval():
+            child_held = mean_response_loss(model, held_rows, eos) if held_rows else None
+        info = {"steps": stats.steps, "tokens": stats.tokens, "seconds": round(stats.seconds, 2),
+                "final_loss": round(stats.final_loss, 4), "pairs": digest, "train_pairs": len(rows),
+                "heldout_pairs": len(held_rows), "truncated": sum(t for _, _, t in encoded)}
+        if held_rows:
+            info |= {"heldout_loss": round(child_held, 4), "parent_heldout_loss": round(parent_held, 4)}
+        return policy.output(info)
