@@ -14,7 +14,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from .data.ingest import BuiltDataset, IngestOptions, built_from, curation_for
+from .data.ingest import BuiltDataset, built_from, curation_for
 from .errors import StemmaError
 from .evaluate.evaluator import Evaluator
 from .evaluate.runner import evaluate_version as evaluate_tasks
@@ -55,9 +55,7 @@ def prepare_spec_datasets(spec: TreeSpec, work_dir, executor=None, reporter: Rep
     as evaluation data (a training document that near-duplicates any test document of the tree is leakage)."""
     curations = {}
     for name, d in spec.datasets.items():
-        opts = IngestOptions(name=name, license=d.license, language=d.language, domain=d.domain,
-                             description=d.description, test_fraction=d.test_fraction, max_doc_chars=d.max_doc_chars,
-                             steps=d.curate)
+        opts = d.options
         try:
             cur = curation_for(list(d.paths), opts, work_dir, executor=executor, reporter=reporter)
             cur.read()

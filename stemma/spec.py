@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .configs import make_gate, make_rebase
+from .data.options import IngestOptions
 from .errors import SpecError
 
 LAYERS = ("master", "language", "domain", "subdomain", "device")
@@ -70,14 +71,8 @@ class _TreeYaml(BaseModel):
 class DatasetSpec:
     name: str
     paths: tuple[Path, ...]
-    license: str | None
-    language: str | None
-    domain: str | None
-    description: str | None
-    test_fraction: float
-    max_doc_chars: int
-    curate: tuple = ()
-    """`stemma.data.curate.StepSpec`s in order (empty: exact deduplication only)."""
+    options: IngestOptions
+    """Everything else that decides the dataset: licence, language, domain, split, curation steps."""
 
 
 @dataclass(frozen=True)
@@ -188,9 +183,10 @@ def parse_spec(data: Any, root_dir: Path, source: str = "stemma.yaml") -> TreeSp
         from .data.curate import parse_steps
 
         curate = parse_steps(d.curate, f"{source}: dataset {name}") if d.curate is not None else ()
-        datasets[name] = DatasetSpec(name=name, paths=paths, license=d.license, language=d.language, domain=d.domain,
-                                     description=d.description, test_fraction=d.test_fraction,
-                                     max_doc_chars=d.max_doc_chars, curate=curate)
+        options = IngestOptions(name=name, license=d.license, language=d.language, domain=d.domain,
+                                description=d.description, test_fraction=d.test_fraction,
+                                max_doc_chars=d.max_doc_chars, steps=curate)
+        datasets[name] = DatasetSpec(name=name, paths=paths, options=options)
 
     nodes: dict[str, NodeSpec] = {}
     for path, n in tree.nodes.items():

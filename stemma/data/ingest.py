@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from .curate.pipeline import Curated, Curation, IngestOptions, work_key
+from .curate.pipeline import Curated, Curation, work_key
+from .options import IngestOptions
 from .read import ReadOptions
 
 __all__ = ["BuiltDataset", "IngestOptions", "build_dataset", "built_from", "curation_for", "manifest_of", "read_docs",

@@ -349,6 +349,22 @@ class Policy:
     def regularise(self, loss: torch.Tensor) -> torch.Tensor:
         return loss if self.l2sp is None else loss + self.cfg.l2sp * self.l2sp()
 
+    def step_total(self, loss: torch.Tensor, ntok: int, step: int, replay: TokenStream | None, n_replay: int
+                   ) -> tuple[torch.Tensor, int]:
+        """A step's loss on its pairs plus the replay KL on ``n_replay`` text windows and the L2-SP penalty."""
+        if n_replay:
+            rows = replay.batch(step, n_replay, stream=1)
+            loss = loss + self.replay_loss(rows)
+            ntok += rows[:, 1:].numel()
+        return self.regularise(loss), ntok
+
+    @staticmethod
+    def train_info(stats, digest: str, n_train: int, n_heldout: int) -> dict[str, Any]:
+        """What every alignment run records in the manifest."""
+        return {"steps": stats.steps, "tokens": stats.tokens, "seconds": round(stats.seconds, 2),
+                "final_loss": round(stats.final_loss, 4), "pairs": digest, "train_pairs": n_train,
+                "heldout_pairs": n_heldout}
+
     def no_grad_eval(self):
         """Evaluation mode without gradients (dropout off), for measuring before and after training."""
         self.model.eval()

@@ -131,18 +131,11 @@ class Dpo(AlignMethod):
             lp = sequence_logps(model, ids, labels)
             t = torch.from_numpy(idx)
             loss = dpo_loss(lp[: len(chunk)], lp[len(chunk) :], ref_c[t], ref_r[t], cfg.beta)[0].mean()
-            ntok = int(ids.numel())
-            if split.replay:
-                b = replay.batch(step, split.replay, stream=1)
-                loss = loss + policy.replay_loss(b)
-                ntok += b[:, 1:].numel()
-            return policy.regularise(loss), ntok
+            return policy.step_total(loss, int(ids.numel()), step, replay, split.replay)
 
         stats = Trainer(model, cfg, step_loss, ctx.work_dir, ctx.reporter,
                         label=f"{ctx.node}: dpo ({cfg.mode})").run()
-        info = {"steps": stats.steps, "tokens": stats.tokens, "seconds": round(stats.seconds, 2),
-                "final_loss": round(stats.final_loss, 4), "pairs": digest, "train_pairs": len(pairs),
-                "heldout_pairs": len(held_pairs)}
+        info = policy.train_info(stats, digest, len(pairs), len(held_pairs))
         metrics = {}
         if held_pairs:
             with policy.no_grad_eval():

@@ -8,29 +8,16 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import SpecError, StemmaError
+from ..plugins import Registry
 from ..progress import NullReporter, Reporter
 
-_METHODS: dict[str, type[BuildMethod]] = {}
-
-
-def register(cls: type[BuildMethod]) -> type[BuildMethod]:
-    """Class decorator: make a build method available under ``cls.name``."""
-    if cls.name in _METHODS and _METHODS[cls.name] is not cls:
-        raise ValueError(f"build method {cls.name!r} registered twice")
-    _METHODS[cls.name] = cls
-    return cls
+_METHODS: Registry[type[BuildMethod]] = Registry("build method", lambda cls: cls.name, SpecError)
+register, names = _METHODS.register, _METHODS.names
 
 
 def get(name: str) -> BuildMethod:
     """A registered method by name (`stemma.methods` imports the built-in ones)."""
-    try:
-        return _METHODS[name]()
-    except KeyError:
-        raise SpecError(f"unknown build method {name!r} (known: {', '.join(sorted(_METHODS))})") from None
-
-
-def names() -> list[str]:
-    return sorted(_METHODS)
+    return _METHODS.get(name)()
 
 
 @dataclass

@@ -75,19 +75,14 @@ class Sft(AlignMethod):
         def step_loss(step: int):
             ids, labels = collate([rows[i] for i in pick(len(rows), split.own, cfg.seed, step)], eos)
             loss, ntok = response_loss(model(input_ids=ids[:, :-1]).logits, labels)
-            if split.replay:
-                b = replay.batch(step, split.replay, stream=1)
-                loss = loss + policy.replay_loss(b)
-                ntok += b[:, 1:].numel()
-            return policy.regularise(loss), ntok
+            return policy.step_total(loss, ntok, step, replay, split.replay)
 
         stats = Trainer(model, cfg, step_loss, ctx.work_dir, ctx.reporter,
                         label=f"{ctx.node}: sft ({cfg.mode})").run()
         with policy.no_grad_eval():
             child_held = mean_response_loss(model, held_rows, eos) if held_rows else None
-        info = {"steps": stats.steps, "tokens": stats.tokens, "seconds": round(stats.seconds, 2),
-                "final_loss": round(stats.final_loss, 4), "pairs": digest, "train_pairs": len(rows),
-                "heldout_pairs": len(held_rows), "truncated": sum(t for _, _, t in encoded)}
+        info = policy.train_info(stats, digest, len(rows), len(held_rows))
+        info["truncated"] = sum(t for _, _, t in encoded)
         if held_rows:
             info |= {"heldout_loss": round(child_held, 4), "parent_heldout_loss": round(parent_held, 4)}
         return policy.output(info)

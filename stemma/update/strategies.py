@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from ..errors import SpecError, StemmaError
+from ..plugins import Registry
 
 _CHUNK = 1 << 22
 """Elements per column chunk for the coordinate-wise strategies and the Krum distances (16 MB of float32)."""
@@ -53,18 +54,8 @@ class ClipConfig:
     median norm; none: off."""
 
 
-_STRATEGIES: dict[str, type[Strategy]] = {}
-
-
-def register(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator: make a strategy available to `get` under ``cls.name``."""
-    _STRATEGIES[cls.name] = cls
-    return cls
-
-
-def names() -> list[str]:
-    """Registered strategy names, sorted."""
-    return sorted(_STRATEGIES)
+_STRATEGIES: Registry[type[Strategy]] = Registry("aggregation strategy", lambda cls: cls.name, SpecError)
+register, names = _STRATEGIES.register, _STRATEGIES.names
 
 
 def get(name: str, params: dict[str, Any] | None = None) -> Strategy:
@@ -72,8 +63,6 @@ def get(name: str, params: dict[str, Any] | None = None) -> Strategy:
     from pydantic import TypeAdapter, ValidationError
 
     cls = _STRATEGIES.get(name)
-    if cls is None:
-        raise SpecError(f"unknown aggregation strategy {name!r} (known: {', '.join(names())})")
     if params is not None and not isinstance(params, dict):
         raise SpecError(f"strategy {name}: settings must be a mapping, got {type(params).__name__}")
     raw = dict(params or {})

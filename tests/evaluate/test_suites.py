@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import yaml
 from sqlalchemy import select
 
-from stemma import cli
 from stemma.build import build
 from stemma.errors import SpecError, StemmaError
 from stemma.registry import tables
 from stemma.spec import load_spec
-
-
-def run(capsys, monkeypatch, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["stemma", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from tests.test_cli import run  # noqa: F401 - the command-line runner, also used by test_cli_eval
 
 
 def snapshot(ws):

@@ -176,7 +176,7 @@ def test_bad_input_and_settings():
 
 @pytest.mark.parametrize("name", strategies.names())
 def test_every_strategy_setting_is_documented(name):
-    cls = strategies._STRATEGIES[name].config_cls
+    cls = strategies._STRATEGIES.get(name).config_cls
     documented = set()
     for klass in inspect.getmro(cls):
         if not dataclasses.is_dataclass(klass):

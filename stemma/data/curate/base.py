@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ...errors import SpecError
+from ...plugins import Registry
 
 EXAMPLES_PER_KIND = 3
 """Removed / modified examples kept per step (and per reason) in the datasheet."""
@@ -196,26 +197,8 @@ class CorpusStep(Step):
 
 
 # ------------------------------------------------------------------------------------------------ the registry
-_STEPS: dict[str, type[Step]] = {}
-
-
-def register(cls: type[Step]) -> type[Step]:
-    """Class decorator: make a curation step available under ``cls.name``."""
-    if cls.name in _STEPS and _STEPS[cls.name] is not cls:
-        raise ValueError(f"curation step {cls.name!r} registered twice")
-    _STEPS[cls.name] = cls
-    return cls
-
-
-def get(name: str) -> type[Step]:
-    try:
-        return _STEPS[name]
-    except KeyError:
-        raise SpecError(f"unknown curation step {name!r} (known: {', '.join(sorted(_STEPS))})") from None
-
-
-def names() -> list[str]:
-    return sorted(_STEPS)
+_STEPS: Registry[type[Step]] = Registry("curation step", lambda cls: cls.name, SpecError)
+register, get, names = _STEPS.register, _STEPS.get, _STEPS.names
 
 
 @dataclass(frozen=True)

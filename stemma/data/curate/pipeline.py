@@ -34,6 +34,7 @@ import orjson
 
 from ...errors import DataError
 from ...store import atomic_write_bytes, canonical_json
+from ..options import IngestOptions
 from ..read import FileReport, ReadOptions, doc_id, is_test, read_documents
 from .base import CorpusStep, CurateContext, Doc, Drop, StepSpec, StepStats, Tag
 
@@ -146,14 +147,15 @@ def run_shard(task: ShardTask) -> str:
         decisions = {int(k): v for k, v in json.loads(Path(task.decisions).read_text()).items()}
     applied = StepStats(step=p.apply.name) if p.apply else None
     _evict_except([*p.steps, *([p.signature] if p.signature else [])], task.ctx)
-    steps = [(s.name, _step(s, task.ctx)) for s in p.steps]
-    stats = [StepStats(step=name) for name, _ in steps]
-    kept: list[Doc] = []
+    steps = [_step(s, task.ctx) for s in p.steps]
+    stats = [StepStats(step=s.name) for s in p.steps]
+    kept: list[Doc] = []  # only for a signature: the documents are otherwise held once, as output lines
     out_lines: list[bytes] = []
     for row, doc in enumerate(_read_shard(task.src)):
+        size = len(doc.text.encode())
         if applied is not None:
             applied.docs_in += 1
-            applied.bytes_in += len(doc.text.encode())
+            applied.bytes_in += size
             d = decisions.get(row)
             if d is not None and d["action"] == "drop":
                 applied.removed += 1
@@ -166,9 +168,8 @@ def run_shard(task: ShardTask) -> str:
                 applied.example("flagged", doc, d["reason"], d.get("evidence"))
             applied.kept += 1
         result: Doc | Drop = doc
-        for (_name, step), st in zip(steps, stats):
+        for step, st in zip(steps, stats):
             st.docs_in += 1
-            size = len(doc.text.encode())
             st.bytes_in += size
             before = doc.text
             t0 = time.perf_counter()
@@ -183,10 +184,12 @@ def run_shard(task: ShardTask) -> str:
             if result.text != before:
                 st.modified += 1
                 st.example("modified", result, None, before[:160])
+                size = len(result.text.encode())
             doc = result
         if isinstance(result, Drop):
             continue
-        kept.append(doc)
+        if p.signature is not None:
+            kept.append(doc)
         out_lines.append(_line(doc.to_json()))
     if applied is not None:
         stats.insert(0, applied)
@@ -279,24 +282,6 @@ def make_executor(kind: str = "local", workers: int | None = None, address: str 
 
 
 # ------------------------------------------------------------------------------------------------ the driver
-@dataclass(frozen=True)
-class IngestOptions:
-    """How a corpus becomes a dataset. Every field but where it runs is part of the dataset's identity."""
-
-    name: str
-    license: str | None = None
-    language: str | None = None
-    domain: str | None = None
-    description: str | None = None
-    test_fraction: float = 0.05
-    max_doc_chars: int = 16000
-    steps: tuple[StepSpec, ...] = ()
-    """The curation steps in order (`parse_steps`); empty means exact deduplication only."""
-    strict: bool = False
-    """Stop at the first bad input (binary or empty file, bad line) instead of reporting it and going on. Not part of
-    the identity: a strict run that succeeds reads exactly what a lenient one does."""
-
-
 @dataclass
 class ReadResult:
     shards: list[str]

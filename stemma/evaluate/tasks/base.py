@@ -20,41 +20,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...errors import SpecError
+from ...plugins import Registry
 from ...store import canonical_json, sha256_bytes
 
 if TYPE_CHECKING:
     from ..runner import Runner
 
-_KINDS: dict[str, type[Task]] = {}
+_KINDS: Registry[type[Task]] = Registry("task kind", lambda cls: cls.kind, SpecError)
+register, get, names = _KINDS.register, _KINDS.get, _KINDS.names
 TASK_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,39}$")
 """Task ids: short, so that ``task:<id>/<metric>`` fits the registry's metric names (64 characters)."""
 SCHEMA = 1
 
 
-def register(cls: type[Task]) -> type[Task]:
-    """Class decorator: make a task kind available under ``cls.kind``."""
-    if cls.kind in _KINDS and _KINDS[cls.kind] is not cls:
-        raise ValueError(f"task kind {cls.kind!r} registered twice")
-    _KINDS[cls.kind] = cls
-    return cls
-
-
-def get(kind: str) -> type[Task]:
-    """A registered task kind by name (`stemma.evaluate.tasks` imports the built-in ones)."""
-    try:
-        return _KINDS[kind]
-    except KeyError:
-        raise SpecError(f"unknown task kind {kind!r} (known: {', '.join(sorted(_KINDS))})") from None
-
-
-def names() -> list[str]:
-    return sorted(_KINDS)
-
-
 def all_metrics() -> dict[str, bool]:
     """Every metric any kind reports -> higher is better (a name means the same thing in every kind)."""
     out: dict[str, bool] = {}
-    for cls in _KINDS.values():
+    for cls in _KINDS:
         out.update(cls.metrics)
     return out
 

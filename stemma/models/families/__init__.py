@@ -9,32 +9,20 @@ looks at ``model_type`` itself. Adding a family is one module here that calls `r
 from __future__ import annotations
 
 from ...errors import StemmaError
+from ...plugins import Registry
 from .base import ArchConfig, Family, UnsupportedArchitectureError
 
-_FAMILIES: dict[str, Family] = {}
+_FAMILIES: Registry[Family] = Registry("model family", lambda family: family.name, StemmaError)
 _BY_MODEL_TYPE: dict[str, Family] = {}
+names, get = _FAMILIES.names, _FAMILIES.get
 
 
 def register(family: Family) -> Family:
     """Make ``family`` available under its name and for each of its Hugging Face ``model_type`` values."""
-    if family.name in _FAMILIES and _FAMILIES[family.name] is not family:
-        raise ValueError(f"model family {family.name!r} registered twice")
-    _FAMILIES[family.name] = family
+    _FAMILIES.register(family)
     for mt in family.model_types:
         _BY_MODEL_TYPE[mt] = family
     return family
-
-
-def names() -> list[str]:
-    return sorted(_FAMILIES)
-
-
-def get(name: str) -> Family:
-    """The family called ``name`` (``gpt2``, ``llama``); unknown names fail loudly."""
-    try:
-        return _FAMILIES[name]
-    except KeyError:
-        raise StemmaError(f"unknown model family {name!r} (known: {', '.join(names())})") from None
 
 
 def find(config) -> Family | None:

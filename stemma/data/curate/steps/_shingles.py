@@ -488,6 +488,19 @@ class Spill:
         """The array, memory-mapped (the operating system pages in what is read)."""
         return np.load(self._path(shard, name), mmap_mode="r", allow_pickle=False)
 
+    def gather(self, name: str, starts: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (corpus-wide indices, any order) of the 2-d array ``name`` spilled per shard, shard ``i``
+        holding the rows from ``starts[i]``: each shard's file is read once."""
+        shard = np.searchsorted(starts, rows, side="right") - 1
+        out = None
+        for s in np.unique(shard).tolist():
+            sig = self.get(s, name)
+            at = shard == s
+            if out is None:
+                out = np.empty((len(rows), sig.shape[1]), dtype=sig.dtype)
+            out[at] = sig[rows[at] - starts[s]]
+        return out
+
     def close(self) -> None:
         self._dir.cleanup()
 

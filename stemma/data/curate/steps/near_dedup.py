@@ -253,15 +253,7 @@ class _Nodes:
 
     def _rows(self, nodes: np.ndarray) -> np.ndarray:
         """The b-bit signatures of ``nodes`` (sorted)."""
-        part = np.searchsorted(self.first, nodes, side="right") - 1
-        out = None
-        for p in np.unique(part).tolist():
-            sig = self.spill.get(p, "sig")
-            at = part == p
-            if out is None:
-                out = np.empty((len(nodes), sig.shape[1]), dtype=sig.dtype)
-            out[at] = sig[nodes[at] - self.first[p]]
-        return out
+        return self.spill.gather("sig", self.first, nodes)
 
     def jaccard(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         """Estimated Jaccard similarity of each pair, the signatures of 65,536 pairs read at a time."""

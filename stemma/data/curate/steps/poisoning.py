@@ -683,15 +683,7 @@ class _Corpus:
         return np.searchsorted(self.starts, rows, side="right") - 1
 
     def minhash(self, rows: np.ndarray) -> np.ndarray:
-        shard = self._where(rows)
-        out = None
-        for s in np.unique(shard).tolist():
-            sig = self.spill.get(s, "minhash")
-            at = shard == s
-            if out is None:
-                out = np.empty((len(rows), sig.shape[1]), dtype=sig.dtype)
-            out[at] = sig[rows[at] - self.starts[s]]
-        return out
+        return self.spill.gather("minhash", self.starts, rows)
 
     def doc_words(self, row: int) -> np.ndarray:
         s = int(self._where(np.array([row]))[0])
