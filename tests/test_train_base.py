@@ -60,3 +60,37 @@ def test_kl_is_zero_for_identical_logits_and_positive_otherwise():
     a = torch.randn(2, 3, 10)
     assert kl_to_teacher(a, a).item() == pytest.approx(0.0, abs=1e-6)
     assert kl_to_teacher(a, a.flip(-1)).item() > 0
+
+
+def test_precision_auto_becomes_what_this_machine_computes_natively():
+    import stemma.methods  # noqa: F401  (registers the built-in methods)
+    from stemma.train.base import native_bf16, resolve_precision
+    from stemma.train.registry import get
+
+    want = "bf16" if native_bf16() else "fp32"
+    assert resolve_precision("auto") == want
+    assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
+    # The recipe names the precision that trains, never "auto": the two train different weights.
+    cfg = get("lora").make_config({"precision": "auto"}, "node x")
+    assert cfg.precision == want
+    assert get("lora").recipe_config(cfg)["precision"] == want
+
+
+def test_bf16_without_native_support_is_reported(monkeypatch):
+    import stemma.train.base as base
+
+    logged = []
+
+    class Rec:
+        def log(self, message):
+            logged.append(message)
+
+    monkeypatch.setattr(base, "native_bf16", lambda: False)
+    model = torch.nn.Linear(4, 4)
+    base.Trainer(model, base.TrainConfig(precision="bf16"), lambda s: (model.weight.sum(), 1), reporter=Rec(),
+                 label="n")
+    assert any("precision bf16" in m and "fp32" in m for m in logged)
+    logged.clear()
+    base.Trainer(model, base.TrainConfig(precision="auto"), lambda s: (model.weight.sum(), 1), reporter=Rec(),
+                 label="n")
+    assert not logged  # auto picked fp32

@@ -36,7 +36,7 @@ from ..models import families
 from ..models.arch import count_params
 from ..models.io import save_model_files
 from ..store import sha256_file
-from .base import TokenStream, TrainConfig, kl_to_teacher
+from .base import TokenStream, TrainConfig, kl_to_teacher, resolve_precision
 from .forgetting import L2SP
 from .registry import BuildContext, BuildMethod, BuildOutput
 
@@ -389,4 +389,4 @@ class Policy:
 
 def maybe_autocast(cfg: TrainConfig):
     """The training precision for measurements outside the `Trainer` loop (the same numbers the loop sees)."""
-    return torch.autocast("cpu", dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
+    return torch.autocast("cpu", dtype=torch.bfloat16) if resolve_precision(cfg.precision) == "bf16" else nullcontext()

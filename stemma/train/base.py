@@ -47,9 +47,26 @@ class TrainConfig:
     """Seeds initialisation and batch sampling; the same seed gives the same batches after a resume."""
     checkpoint_every_s: float = 20.0
     """Write a resumable checkpoint at most this often (seconds)."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """``fp32``, or ``bf16``: forward passes under bfloat16 autocast while weights and optimiser state stay fp32
-    (about twice as fast on CPUs with AVX512-BF16 or AMX)."""
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    """``fp32``; ``bf16``: forward passes under bfloat16 autocast while weights and optimiser state stay fp32
+    (about twice as fast on CPUs with AVX512 or AMX, but on a CPU without them PyTorch emulates bfloat16 matrix
+    products at a small fraction of fp32's speed); ``auto``: ``bf16`` where this machine computes it natively, else
+    ``fp32``. The precision used (never ``auto``) enters the recipe: the two train different weights."""
+
+
+def native_bf16() -> bool:
+    """Whether bfloat16 matrix products run natively here (oneDNN's check: AVX512 or AMX on the CPU)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` made concrete for this machine; other values as given."""
+    if precision == "auto":
+        return "bf16" if native_bf16() else "fp32"
+    return precision
 
 
 class TokenStream:
@@ -124,9 +141,13 @@ class Trainer:
         self.named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not self.named:
             raise ValueError("nothing to train: no parameter requires grad")
-        if cfg.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
-        self._autocast = cfg.precision == "bf16"
+        precision = resolve_precision(cfg.precision)
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32, bf16 or auto, got {cfg.precision!r}")
+        self._autocast = precision == "bf16"
+        if self._autocast and not native_bf16():
+            self.reporter.log(f"{label}: precision bf16 on a CPU without native bfloat16 (AVX512 or AMX) runs far "
+                              "slower than fp32; precision: auto picks fp32 here")
         decay = [p for n, p in self.named if p.dim() >= 2]
         no_decay = [p for n, p in self.named if p.dim() < 2]
         self.opt = torch.optim.AdamW(

@@ -86,8 +86,12 @@ class BuildMethod:
     def make_config(self, raw: dict[str, Any] | None, where: str) -> Any:
         """Validate a config mapping against the method's dataclass (types and unknown fields)."""
         from ..configs import parse_dataclass
+        from .base import resolve_precision
 
-        return parse_dataclass(self.config_cls, raw, f"{where} (method {self.name})")
+        cfg = parse_dataclass(self.config_cls, raw, f"{where} (method {self.name})")
+        if getattr(cfg, "precision", None) == "auto":  # the recipe names the precision that trains
+            cfg = dataclasses.replace(cfg, precision=resolve_precision("auto"))
+        return cfg
 
     def recipe_config(self, cfg: Any) -> dict[str, Any]:
         """The config as it enters the recipe key (everything, unless a field only locates an input)."""
