@@ -123,6 +123,10 @@ def _step_key(spec: StepSpec, ctx: CurateContext) -> str:
     return canonical_json([spec.identity(), dataclasses.asdict(ctx)]).decode()
 
 
+def _import_steps() -> None:
+    from . import steps  # noqa: F401 - registers the built-in steps
+
+
 def _evict_except(keep: list[StepSpec], ctx: CurateContext) -> None:
     """A worker keeps only the current pass's steps: a language model loaded in pass 0 is not held through pass 4."""
     wanted = {_step_key(spec, ctx) for spec in keep}
@@ -221,16 +225,26 @@ class LocalExecutor:
         self.workers = max(1, workers or os.cpu_count() or 1)
         self._pool = None
 
-    def map(self, fn: Callable, tasks: list) -> list:
-        if self.workers == 1 or len(tasks) <= 1:
-            return [fn(t) for t in tasks]
+    def warm(self) -> None:
+        """Start the worker processes and their imports now, without waiting: a spawned worker takes about half a
+        second to start, which overlaps the driver's sequential read instead of following it."""
+        if self.workers > 1 and self._pool is None:
+            for _ in range(self.workers):
+                self._get_pool().submit(_import_steps)
+
+    def _get_pool(self):
         if self._pool is None:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             # spawn, not fork: the driver may hold torch's thread pools and open database connections.
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-        return list(self._pool.map(fn, tasks))
+        return self._pool
+
+    def map(self, fn: Callable, tasks: list) -> list:
+        if self.workers == 1 or len(tasks) <= 1:
+            return [fn(t) for t in tasks]
+        return list(self._get_pool().map(fn, tasks))
 
     def close(self) -> None:
         if self._pool is not None:
@@ -431,6 +445,8 @@ class Curation:
     # -------------------------------------------------------------------------------- run
     def run(self, references: tuple[str, ...] = ()) -> Curated:
         """Every pass over every shard, then the final split files. ``references``: evaluation data (JSONL paths)."""
+        if hasattr(self.executor, "warm"):
+            self.executor.warm()
         rr = self.read()
         ctx = CurateContext(name=self.opts.name, language=self.opts.language, license=self.opts.license,
                             domain=self.opts.domain, references=tuple(sorted(references)))
