@@ -233,3 +233,30 @@ def test_tree_build_removes_training_documents_that_leak_another_datasets_test_s
     # B has no leakage step: its documents are all there.
     b = built["b"].datasheet["counts"]
     assert b["documents"] == b["documents_read"] == len(others[40:]) + 1
+
+
+def test_a_trees_dataset_ids_do_not_depend_on_where_its_spec_lies(tmp_path):
+    """Each dataset's curation sees every dataset's test split as a reference; their order (and so the ids) must
+    follow the contents, not the work directories, which are named after file paths and times."""
+    import shutil
+
+    from stemma.build import prepare_spec_datasets
+    from stemma.spec import parse_spec
+
+    src = [json.loads(line)["text"][:2000] for line in open(CORPUS / "en-python.jsonl")][:60]
+    first = tmp_path / "one"
+    first.mkdir()
+    for i in range(4):
+        _jsonl(first / f"d{i}.jsonl", [{"text": t} for t in src[i * 15:(i + 1) * 15]])
+    raw = {"datasets": {f"d{i}": {"paths": [f"d{i}.jsonl"], "test_fraction": 0.3,
+                                  "curate": ["exact_dedup", "near_dedup", {"decontaminate": {"min_overlap": 5}}]}
+                        for i in range(4)},
+           "nodes": {"master": {"method": "pretrain", "dataset": "d0"}}}
+    manifests = []
+    for where in ("one", "elsewhere/two"):
+        root = tmp_path / where
+        if not root.exists():
+            shutil.copytree(first, root)
+        built = prepare_spec_datasets(parse_spec(raw, root), tmp_path / f"work-{where.replace('/', '-')}")
+        manifests.append({name: b.manifest for name, b in built.items()})
+    assert manifests[0] == manifests[1]

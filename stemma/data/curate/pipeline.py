@@ -448,11 +448,14 @@ class Curation:
         if hasattr(self.executor, "warm"):
             self.executor.warm()
         rr = self.read()
+        # References in the order of their contents' hashes: their paths (work directories keyed by file times)
+        # differ between machines and clones, and the dataset's identity must not.
+        by_hash = sorted((hashlib.sha256(Path(r).read_bytes()).hexdigest(), str(r)) for r in set(references))
+        ref_hashes = [h for h, _ in by_hash]
         ctx = CurateContext(name=self.opts.name, language=self.opts.language, license=self.opts.license,
-                            domain=self.opts.domain, references=tuple(sorted(references)))
+                            domain=self.opts.domain, references=tuple(r for _, r in by_hash))
         passes = plan_passes(self.steps)
         shards = rr.shards
-        ref_hashes = [hashlib.sha256(Path(r).read_bytes()).hexdigest() for r in ctx.references]
         keys, prev = [], hashlib.sha256(canonical_json(ref_hashes)).hexdigest()
         for p in passes:  # a pass is named by everything that decides its outputs, its input pass included
             prev = _pass_key(p, ctx, prev)
