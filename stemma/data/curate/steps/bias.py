@@ -38,7 +38,11 @@ classifier.
 
 from __future__ import annotations
 
+import functools
 import re
+import subprocess
+import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,46 +211,103 @@ class BiasConfig:
             raise ValueError("min_segment_words must be >= 1")
 
 
+_PROBES = ["You are a worthless stupid idiot.", "The function returns the number of bytes written.",
+           "kill -9 kills the process; the kill is final", "What the hell is this shit, man?"]
+_TOKEN = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token pattern, which the vectoriser was fit with
+_NO_PACKAGE, _NOT_EXACT = 3, 4  # exit statuses of the export child
+
+
+def export_parameters(out: str) -> None:
+    """Run in a child process: alt-profanity-check's fitted parameters as plain arrays in ``out`` (an .npz).
+
+    Importing the package loads its trained vectoriser and model with joblib (a pickle) from the package's own
+    installed data files: code and model come from the same wheel, nothing is read from elsewhere. That import brings
+    in scikit-learn and SciPy, about 170 MB that a process never gives back; a curation worker needs only the arrays
+    (a few MB), so the import happens here and the child exits. Exits with `_NOT_EXACT` when the arithmetic of
+    `_OffensiveScorer` does not reproduce ``predict_prob`` on the probes (another package version)."""
+    import sys
+
+    try:
+        from profanity_check import profanity_check as pc
+    except ImportError:
+        sys.exit(_NO_PACKAGE)
+    vec, model = pc.vectorizer, pc.model
+    try:
+        if vec.lowercase is not True or vec.ngram_range != (1, 1) or vec.norm != "l2" or vec.sublinear_tf:
+            raise ValueError("vectoriser settings differ")
+        words = sorted(vec.vocabulary_, key=vec.vocabulary_.get)
+        cc = model.calibrated_classifiers_
+        arrays = {"words": np.array(words, dtype=str), "idf": np.asarray(vec.idf_, dtype=np.float64),
+                  "w": np.stack([c.estimator.coef_[0] for c in cc], axis=1),
+                  "b": np.array([c.estimator.intercept_[0] for c in cc]),
+                  "a_cal": np.array([c.calibrators[0].a_ for c in cc]),
+                  "b_cal": np.array([c.calibrators[0].b_ for c in cc])}
+        if [vec.vocabulary_[w] for w in words] != list(range(len(words))):
+            raise ValueError("vocabulary indices are not 0..n-1")
+        scorer = _OffensiveScorer.from_arrays(arrays, 1)
+        mine = scorer._probabilities([scorer.indices(t) for t in _PROBES])
+        if not np.allclose(mine, pc.predict_prob(_PROBES), atol=1e-9):
+            raise ValueError("probabilities differ")
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        sys.exit(_NOT_EXACT)
+    np.savez(out, **arrays)
+
+
+@functools.lru_cache(maxsize=1)
+def _parameters() -> dict[str, np.ndarray] | None:
+    """The exported parameters (see `export_parameters`), once per process; None when they are not exact."""
+    with tempfile.TemporaryDirectory(prefix="stemma-offensive-") as tmp:
+        out = Path(tmp) / "params.npz"
+        code = f"from stemma.data.curate.steps.bias import export_parameters; export_parameters({str(out)!r})"
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if r.returncode == _NO_PACKAGE:
+            raise DataError("the bias step's offensive score needs the package alt-profanity-check: "
+                            "pip install alt-profanity-check (or set offensive: false)")
+        if r.returncode == _NOT_EXACT:
+            return None
+        if r.returncode:
+            raise DataError(f"loading alt-profanity-check's model failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        with np.load(out, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+
 class _OffensiveScorer:
     """alt-profanity-check's model, applied to many segments of one document in one matrix product.
 
     The package's ``predict_prob`` costs about 6 ms per call in scikit-learn's input checks, whatever the text's
     length (about 0.8 MB/s over the demo corpus); the same arithmetic done here with the package's own fitted
-    parameters (vocabulary, idf, the calibrated SVMs' weights and sigmoids) is about 11 times faster. On construction
-    the scorer checks that both give the same probabilities on a few probes, and otherwise uses ``predict_prob``.
+    parameters (vocabulary, idf, the calibrated SVMs' weights and sigmoids), exported by a child process
+    (`export_parameters`), is about 11 times faster and keeps scikit-learn out of the worker. The export checks that
+    both give the same probabilities on a few probes; otherwise the scorer uses ``predict_prob`` in-process.
     """
 
-    _TOKEN = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token pattern, which the vectoriser was fit with
+    _TOKEN = _TOKEN
 
     def __init__(self, min_words: int):
-        try:
-            # Importing the package loads its trained vectoriser and model with joblib (a pickle) from the package's
-            # own installed data files: code and model come from the same wheel, nothing is read from elsewhere.
-            from profanity_check import profanity_check as pc
-        except ImportError:
-            raise DataError("the bias step's offensive score needs the package alt-profanity-check: "
-                            "pip install alt-profanity-check (or set offensive: false)") from None
+        params = _parameters()
         self.min_words = min_words
-        self._pc = pc
-        self.fast = False
-        vec, model = pc.vectorizer, pc.model
-        self.vocab: dict[str, int] = dict(vec.vocabulary_)
-        try:
-            if vec.lowercase is not True or vec.ngram_range != (1, 1) or vec.norm != "l2" or vec.sublinear_tf:
-                raise ValueError("vectoriser settings differ")
-            self.idf = np.asarray(vec.idf_, dtype=np.float64)
-            cc = model.calibrated_classifiers_
-            self.w = np.stack([c.estimator.coef_[0] for c in cc], axis=1)
-            self.b = np.array([c.estimator.intercept_[0] for c in cc])
-            self.a_cal = np.array([c.calibrators[0].a_ for c in cc])
-            self.b_cal = np.array([c.calibrators[0].b_ for c in cc])
-            probe = ["You are a worthless stupid idiot.", "The function returns the number of bytes written.",
-                     "kill -9 kills the process; the kill is final", "What the hell is this shit, man?"]
-            mine = self._probabilities([[self.vocab[t] for t in self._TOKEN.findall(s.lower()) if t in self.vocab]
-                                        for s in probe])
-            self.fast = bool(np.allclose(mine, pc.predict_prob(probe), atol=1e-9))
-        except (AttributeError, IndexError, KeyError, TypeError, ValueError):
-            self.fast = False
+        self.fast = params is not None
+        if self.fast:
+            self._set(params)
+        else:
+            from profanity_check import profanity_check as pc
+
+            self._pc = pc
+            self.vocab = dict(pc.vectorizer.vocabulary_)
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], min_words: int) -> _OffensiveScorer:
+        self = cls.__new__(cls)
+        self.min_words, self.fast = min_words, True
+        self._set(arrays)
+        return self
+
+    def _set(self, a: dict[str, np.ndarray]) -> None:
+        self.vocab = {str(w): i for i, w in enumerate(a["words"])}
+        self.idf, self.w, self.b, self.a_cal, self.b_cal = a["idf"], a["w"], a["b"], a["a_cal"], a["b_cal"]
+
+    def indices(self, text: str) -> list[int]:
+        return [self.vocab[t] for t in self._TOKEN.findall(text.lower()) if t in self.vocab]
 
     def _probabilities(self, segments: list[list[int]]) -> np.ndarray:
         """P(offensive) of each segment (its vocabulary indices), exactly as the package's ``predict_prob``.
