@@ -38,11 +38,13 @@ classifier.
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import os
 import re
 import subprocess
 import sys
-import tempfile
+import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,22 +255,47 @@ def export_parameters(out: str) -> None:
     np.savez(out, **arrays)
 
 
+def _cache_path() -> Path:
+    """Where the exported parameters are kept, named by the versions that decide them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        key = f"{version('alt-profanity-check')}-{version('scikit-learn')}"
+    except PackageNotFoundError:
+        raise DataError("the bias step's offensive score needs the package alt-profanity-check: "
+                        "pip install alt-profanity-check (or set offensive: false)") from None
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stemma"
+    return root / f"offensive-{key}.npz"
+
+
 @functools.lru_cache(maxsize=1)
 def _parameters() -> dict[str, np.ndarray] | None:
-    """The exported parameters (see `export_parameters`), once per process; None when they are not exact."""
-    with tempfile.TemporaryDirectory(prefix="stemma-offensive-") as tmp:
-        out = Path(tmp) / "params.npz"
-        code = f"from stemma.data.curate.steps.bias import export_parameters; export_parameters({str(out)!r})"
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        if r.returncode == _NO_PACKAGE:
-            raise DataError("the bias step's offensive score needs the package alt-profanity-check: "
-                            "pip install alt-profanity-check (or set offensive: false)")
-        if r.returncode == _NOT_EXACT:
-            return None
-        if r.returncode:
-            raise DataError(f"loading alt-profanity-check's model failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-        with np.load(out, allow_pickle=False) as z:
+    """The exported parameters (see `export_parameters`), once per machine and package versions: the first worker
+    exports them under a file lock while the others wait, so one child at a time holds scikit-learn. None when they
+    are not exact."""
+    cache = _cache_path()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not cache.exists():
+            tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")
+            code = f"from stemma.data.curate.steps.bias import export_parameters; export_parameters({str(tmp)!r})"
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            if r.returncode == _NO_PACKAGE:
+                raise DataError("the bias step's offensive score needs the package alt-profanity-check: "
+                                "pip install alt-profanity-check (or set offensive: false)")
+            if r.returncode == _NOT_EXACT:
+                return None
+            if r.returncode:
+                last = (r.stderr.strip().splitlines() or ["?"])[-1]
+                raise DataError(f"loading alt-profanity-check's model failed: {last}")
+            os.replace(tmp, cache)
+    try:
+        with np.load(cache, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile):
+        cache.unlink(missing_ok=True)  # damaged: the next step set-up exports it again
+        raise DataError(f"{cache}: damaged cache of alt-profanity-check's parameters, removed; run again") from None
 
 
 class _OffensiveScorer:
