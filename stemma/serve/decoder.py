@@ -19,6 +19,10 @@ the same block with different norms, positions and activation::
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -37,16 +41,22 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Decoder:
     """Decoder forward over a slot KV cache with per-row LoRA.
 
+    The decoder keeps copies of its own of every weight (packed ones are copies anyway): no tensor of the model
+    stays referenced, so the model can be freed once the decoder is built, and with it the file mapping its
+    weights may live in (a safetensors checkpoint loaded without a copy is mapped whole, and one kept view of it
+    keeps every page of the file that was read resident). The KV cache is allocated at the first batch, after the
+    caller has let the model go, so loading never holds the model, the packed weights and the cache at once.
+
     Args:
-        weights: the model's weights (tensors are used as they are where the layout allows, not copied).
+        weights: the model's weights.
         shape: its shape.
         max_slots: rows of the KV cache, i.e. the largest batch.
     """
 
     def __init__(self, weights: DecoderWeights, shape: DecoderShape, max_slots: int):
         self.shape = shape
-        self.embedding = weights.embedding  # [V, C]
-        self.position_table = weights.position_table  # [ctx, C] or None
+        self.embedding = _own(weights.embedding)  # [V, C]
+        self.position_table = _own(weights.position_table)  # [ctx, C] or None
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
         if shape.positions == "rope":
             # cos and sin of every position, computed as transformers does (fp32 angle = position * inv_freq, each
@@ -55,15 +65,14 @@ class Decoder:
             freqs = torch.arange(shape.context, dtype=torch.float32)[:, None] * weights.inv_freq.float()[None, :]
             angles = torch.cat((freqs, freqs), dim=-1)  # [ctx, D]
             self.rope = (angles.cos() * weights.attention_scaling, angles.sin() * weights.attention_scaling)
-        self.norms = [(b.norm_1, b.norm_2) for b in weights.blocks]
-        self.linears = [{n: Linear(b.linears[n].w, b.linears[n].bias) for n in LINEARS} for b in weights.blocks]
-        self.norm_f = weights.norm
+        self.norms = [(_own_norm(b.norm_1), _own_norm(b.norm_2)) for b in weights.blocks]
+        self.linears = [{n: Linear(b.linears[n].w, _own(b.linears[n].bias)) for n in LINEARS} for b in weights.blocks]
+        self.norm_f = _own_norm(weights.norm)
         self.lm_head = Linear(weights.head, None)  # [C, V]: its own copy, packed or not
         self.max_slots = max_slots
-        # One K and one V cache per layer: [slot, kv head, position, head_dim].
-        cache = (max_slots, shape.n_kv_head, shape.context, shape.head_dim)
-        self.k_cache = [torch.zeros(cache) for _ in range(shape.n_layer)]
-        self.v_cache = [torch.zeros(cache) for _ in range(shape.n_layer)]
+        self.k_cache: list[torch.Tensor] = []
+        """Per layer [slot, kv head, position, head_dim]; allocated by `_cache` at the first batch."""
+        self.v_cache: list[torch.Tensor] = []
         self.bank = LoraBank(shape)
         self._plan: tuple[tuple, LoraPlan | None] | None = None  # (key, plan) of the last batch composition
         self._fused: dict[str, int] = {}
@@ -94,8 +103,7 @@ class Decoder:
                 w = lin.dense()[:, :d_out]
                 bias = None if lin.bias is None else lin.bias[:d_out]
                 if extra:
-                    a = bank.a[(layer, name)][1:]  # [slots-1, in, R]
-                    w = torch.cat([w, a.permute(1, 0, 2).reshape(d_in, extra)], dim=1)
+                    w = torch.cat([w, bank.a[(layer, name)].reshape(d_in, extra)], dim=1)  # A: [in, slots-1, R]
                     bias = None if bias is None else torch.cat([bias, bias.new_zeros(extra)])
                 lins[name] = Linear(w, bias)
         self._fused, self._fused_version = cols, version
@@ -114,8 +122,8 @@ class Decoder:
     @property
     def nbytes(self) -> int:
         """Bytes held by weights, KV cache and adapter bank (tied weights counted once)."""
-        seen, total = set(), 0
-        tensors = [self.embedding, *self.k_cache, *self.v_cache, *(self.rope or ())]
+        seen, total = set(), self.cache_bytes
+        tensors = [self.embedding, *(self.rope or ())]
         if self.position_table is not None:
             tensors.append(self.position_table)
         for norm in [self.norm_f, *(n for pair in self.norms for n in pair)]:
@@ -126,6 +134,20 @@ class Decoder:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
         return total + sum(lin.nbytes for lin in linears) + self.bank.nbytes
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the KV cache (counted before it is allocated)."""
+        sh = self.shape
+        return 2 * sh.n_layer * self.max_slots * sh.n_kv_head * sh.context * sh.head_dim * 4
+
+    def _cache(self) -> None:
+        """Allocate the KV cache, one K and one V per layer, zeroed (masked positions must hold finite values)."""
+        if not self.k_cache:
+            cache = (self.max_slots, self.shape.n_kv_head, self.shape.context, self.shape.head_dim)
+            with torch.inference_mode(False):  # plain tensors: `move_slot` writes them outside inference mode
+                self.k_cache = [torch.zeros(cache) for _ in range(self.shape.n_layer)]
+                self.v_cache = [torch.zeros(cache) for _ in range(self.shape.n_layer)]
 
     # ------------------------------------------------------------------ steps
     @torch.inference_mode()
@@ -143,6 +165,7 @@ class Decoder:
             aids: [B] adapter slot per row (0: none).
         """
         B, T = tokens.shape
+        self._cache()
         plan = self.plan(aids)
         positions = torch.arange(T)  # [T]
         x = self._embed(tokens, positions)  # [B, T, C]
@@ -169,6 +192,7 @@ class Decoder:
             aids: [B] adapter slot per row.
         """
         B = tokens.shape[0]
+        self._cache()
         plan = self.plan(aids)
         L = int(positions.max()) + 1  # keys to look at: up to the furthest row
         Hkv, G, D = self.shape.n_kv_head, self.shape.group, self.shape.head_dim
@@ -251,47 +275,116 @@ class Decoder:
         """``x @ W + b`` plus each row's LoRA delta. x: [B, T, in] -> [B, T, out]."""
         B, T, d_in = x.shape
         d_out = self.shape.linear_dims(name)[1]
-        full = self.linears[layer][name](x.reshape(-1, d_in))  # [B*T, out (+ the fused adapters' columns)]
+        x2 = x.reshape(-1, d_in)
+        full = self.linears[layer][name](x2)  # [B*T, out (+ the fused adapters' columns)]
         y2 = full[:, :d_out]
         y = y2.view(B, T, d_out)
-        if plan is None or (layer, name) not in self.bank.a:
+        key = (layer, name)
+        if plan is None or key not in self.bank.a:
             return y
+        bank = self.bank
+        parts, R = bank.layout[name], bank.rank[name]
         cols = self._fused.get(name, 0)
         if cols and plan.uniform is None:
             # A mixed batch over a small bank: the base GEMM also gave [x @ A_1 | ... | x @ A_S]; each row keeps its
-            # own adapter's columns (the others zeroed) and one GEMM against the stacked B's adds the deltas.
+            # own adapter's columns (the others zeroed) and one GEMM per part against the stacked B's adds the
+            # deltas.
             t = full[:, d_out:]
-            t.view(B, T, cols).mul_(plan.slotmask(cols, self.bank.rank[name])[:, None, :])
-            y2.addmm_(t, self.bank.b[(layer, name)][1:].reshape(cols, d_out))
+            t.view(B, T, cols).mul_(plan.slotmask(cols, R)[:, None, :])
+            _add_parts(y2, t, parts, bank.b[key], cols // R, R)
             return y
-        a, b = self.bank.a[(layer, name)], self.bank.b[(layer, name)]
-        if plan.uniform is not None:  # every row uses the same adapter: two plain matmuls
-            return y.add_((x @ a[plan.uniform]) @ b[plan.uniform])
+        a, bs = bank.a[key], bank.b[key]
+        if plan.uniform is not None:  # every row uses the same adapter: two plain matmuls (one per part)
+            j = plan.uniform - 1
+            t = x2 @ a[:, j]  # [B*T, R]
+            for p, b in zip(parts, bs):
+                y2[:, p.column : p.column + p.width].addmm_(t[:, p.offset : p.offset + p.rank], b[j])
+            return y
         if T > 1:
             # Prefill: per-row gathered A and B (Punica's BGMV). The weight copies ([B, in, R]) are small next to
-            # the activations, which grouping would have to copy and scatter back.
-            return y.add_(torch.bmm(torch.bmm(x, a[plan.aids]), b[plan.aids]))
-        R = a.shape[2]
-        if plan.groups * R <= lora.CONCAT_COLUMNS:
-            # Decode, few adapters: the batch's adapters concatenated ([in, G*R], [G*R, out]) and two plain
-            # GEMMs over all rows, each row keeping only its own adapter's columns. No gather or scatter of
-            # rows; the extra multiply-adds (G*R columns for every row) are cheap next to the base GEMM.
-            ab = plan.weights.get((layer, name, "concat"))
-            if ab is None:
-                sel_a, sel_b = a[plan.slots], b[plan.slots]  # [G, in, R], [G, R, out]
-                ab = (sel_a.permute(1, 0, 2).reshape(d_in, -1).contiguous(), sel_b.reshape(-1, sel_b.shape[2]))
-                plan.weights[(layer, name, "concat")] = ab
-            t = (x.reshape(-1, d_in) @ ab[0]).mul_(plan.colmask(R))  # [B*T, G*R] (T = 1 in decode)
-            y2.addmm_(t, ab[1])
+            # the activations, which grouping would have to copy and scatter back. Base rows take slot 1's
+            # weights and have their delta masked out.
+            j = (plan.aids - 1).clamp_(min=0)
+            t = torch.bmm(x, a.permute(1, 0, 2)[j])  # [B, T, R]
+            keep = plan.rowmask()
+            for p, b in zip(parts, bs):
+                d = torch.bmm(t[..., p.offset : p.offset + p.rank], b[j])  # [B, T, width]
+                if keep is not None:
+                    d.mul_(keep)
+                y[..., p.column : p.column + p.width].add_(d)
             return y
-        # Decode, many adapters: Punica's SGMV, padded: rows grouped by adapter, one batched matmul pair over
-        # the groups.
-        ab = plan.weights.get((layer, name))
-        if ab is None:
-            ab = plan.weights[(layer, name)] = (a[plan.slots], b[plan.slots])  # [G, in, R], [G, R, out]
+        sel_a, sel_bs = plan.select(bank, key)  # [in, G, R], per part [G, r, width]
+        if plan.groups * R <= lora.CONCAT_COLUMNS:
+            # Decode, few adapters: the batch's adapters concatenated ([in, G*R], [G*r, width]) and plain GEMMs
+            # over all rows, each row keeping only its own adapter's columns. No gather or scatter of rows; the
+            # extra multiply-adds (G*R columns for every row) are cheap next to the base GEMM.
+            t = (x2 @ sel_a.reshape(d_in, -1)).mul_(plan.colmask(R))  # [B*T, G*R] (T = 1 in decode)
+            _add_parts(y2, t, parts, sel_bs, plan.groups, R)
+            return y
+        # Decode, many adapters: Punica's SGMV, padded: rows grouped by adapter, one batched matmul pair per part
+        # over the groups.
         G, L = plan.groups, plan.width
         xs = x.index_select(0, plan.idx).view(G, L * T, d_in)  # [G, L*T, in]
-        d = torch.bmm(torch.bmm(xs, ab[0]), ab[1]).view(G * L, T, -1)  # [G*L, T, out]
+        t = torch.bmm(xs, sel_a.permute(1, 0, 2))  # [G, L*T, R]
+        # The parts' outputs side by side (zeros between parts, if any) and one scatter-add: scattering into
+        # each part's column slice of y took twice as long.
+        pieces, at = [], 0
+        for p, b in zip(parts, sel_bs):
+            if p.column > at:
+                pieces.append(t.new_zeros(G, L * T, p.column - at))
+            pieces.append(torch.bmm(t[..., p.offset : p.offset + p.rank], b))  # [G, L*T, width]
+            at = p.column + p.width
+        if at < d_out:
+            pieces.append(t.new_zeros(G, L * T, d_out - at))
+        d = (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)).view(G * L, T, d_out)
         if plan.mask is not None:
             d.mul_(plan.mask)  # padding rows repeat a real row; they must add nothing
         return y.index_add_(0, plan.idx, d)
+
+
+def _add_parts(y2: torch.Tensor, t: torch.Tensor, parts, bs, n: int, R: int) -> None:
+    """``y2[:, part's columns] += t_part @ B_part`` for each part, t [M, n*R] holding n adapters' ``x @ A``
+    (adapter-major, R columns each, rows masked to their own adapter) and each B [n, r, width]."""
+    if len(parts) == 1:
+        p = parts[0]
+        y2[:, p.column : p.column + p.width].addmm_(t, bs[0].reshape(n * R, p.width))
+        return
+    t3 = t.view(t.shape[0], n, R)
+    for p, b in zip(parts, bs):
+        tp = t3[:, :, p.offset : p.offset + p.rank].reshape(t.shape[0], n * p.rank)
+        y2[:, p.column : p.column + p.width].addmm_(tp, b.reshape(n * p.rank, p.width))
+
+
+def release_free_memory() -> None:
+    """Hand memory freed by the process back to the operating system, where the C library allows it.
+
+    Loading a model or an adapter frees many temporaries of a few MB (the model's tensors, fused and transposed
+    copies, the bank's previous stacks); glibc's allocator serves such sizes from its heap and keeps freed pages
+    mapped, so the resident set would stay at the loading peak. ``malloc_trim(0)`` (glibc) releases every free
+    page. Elsewhere (musl, macOS, Windows) this does nothing.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def _own(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A contiguous fp32 copy of a model tensor that shares no memory with it."""
+    return None if t is None else t.detach().float().clone(memory_format=torch.contiguous_format)
+
+
+def _own_norm(norm: Norm) -> Norm:
+    return Norm(_own(norm.weight), _own(norm.bias))

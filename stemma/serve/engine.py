@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import StemmaError
-from .decoder import Decoder
+from .decoder import Decoder, release_free_memory
 from .lora import LoraDelta
 
 log = logging.getLogger("stemma.serve")
@@ -208,6 +208,8 @@ class Engine:
             self.decoder.bank.remove(self.adapters.pop(victim).slot)
         entry = _AdapterEntry(slot=self.decoder.bank.add(delta), nbytes=delta.nbytes)
         self.adapters[key] = entry
+        del delta
+        release_free_memory()  # the adapter's file, its conversion and the bank's previous stacks
         return entry
 
     def _acquire(self, seq: Sequence) -> bool:

@@ -34,8 +34,10 @@ class Linear:
     A block linear may carry extra columns after its first ``out`` (the fused adapters' A's, see
     `stemma.serve.decoder.Decoder._sync_fused`); callers slice them off.
 
+    The weight is always a copy of its own, never a view of ``w``.
+
     Args:
-        w: [in, n]; any layout (a transposed view of an ``nn.Linear`` weight packs without a copy).
+        w: [in, n]; any layout (a transposed view of an ``nn.Linear`` weight packs without an extra copy).
         bias: [n] or None.
     """
 
@@ -47,6 +49,8 @@ class Linear:
             self.w = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), PACK_ROWS)
         else:
             self.w = w.contiguous()
+            if self.w.data_ptr() == w.data_ptr():
+                self.w = self.w.clone()  # a copy of its own: the caller's tensor (a model's weight) can be freed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """[M, in] -> [M, n]."""

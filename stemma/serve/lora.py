@@ -6,20 +6,23 @@ matrices are stacked in a `LoraBank`; a `LoraPlan` groups the batch's rows by ad
 adapter, so base-model rows ride in the same batch and skip the LoRA work. While the bank is small, the A
 matrices of all loaded adapters are extra columns of the base weights (`stemma.serve.decoder.Decoder`), so for a
 mixed batch one GEMM gives ``x @ W`` and every ``x @ A``; each row keeps its own adapter's columns and one more
-GEMM adds ``@ B``. A chain (a LoRA trained on a LoRA-merged parent) is pre-combined once at load by concatenating
-ranks (``A = [A1 A2]``, ``B = [s1*B1; s2*B2]``), which is the exact sum of the deltas, with no merge rounding.
+GEMM (one per part, see below) adds ``@ B``. A chain (a LoRA trained on a LoRA-merged parent) is pre-combined
+once at load by concatenating ranks (``A = [A1 A2]``, ``B = [s1*B1; s2*B2]``), which is the exact sum of the
+deltas, with no merge rounding.
 
 Orientation: PEFT keeps ``lora_A.weight`` as ``[r, in]`` and ``lora_B.weight`` as ``[out, r]`` (also on GPT-2's
 ``Conv1D``, where ``fan_in_fan_out=True`` only changes merging) and computes ``lora_B(lora_A(x)) * alpha / r``;
 the bank stores ``A.T`` (``[in, r]``) and ``scale * B.T`` (``[r, out]``). A projection that is a column slice of
-a fused decoder linear (Llama's k_proj inside ``attn.qkv``) gets a B that is zero outside its slice; the deltas
-of several projections of one linear are concatenated along the rank, so B is block-diagonal and the sum exact.
+a fused decoder linear (Llama's k_proj inside ``attn.qkv``) is a *part* of that linear: its B covers only its own
+columns (``[r, width]``, no zero padding to the fused width), and the A's of a linear's parts sit side by side
+along the rank, so ``x @ A`` is one GEMM for all of them and each part's ``@ B`` adds into its column slice.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -36,39 +39,62 @@ CONCAT_COLUMNS = 128
 in all; beyond it, grouped batched matmuls (SGMV) waste less."""
 
 
+class LoraPart(NamedTuple):
+    """The LoRA of one projection: its delta lands in output columns ``column .. column + width`` of a decoder
+    linear."""
+
+    column: int
+    a: torch.Tensor
+    """[in, r]."""
+    b: torch.Tensor
+    """[r, width], the scaling folded in."""
+
+
 @dataclass
 class LoraDelta:
-    """One servable adapter (possibly a pre-combined chain): per decoder linear, ``A.T`` and ``scale * B.T``."""
+    """One servable adapter (possibly a pre-combined chain): per decoder linear, its parts (one per projection,
+    sorted by column)."""
 
-    a: dict[tuple[int, str], torch.Tensor]
-    """(layer, linear) -> [in, r]."""
-    b: dict[tuple[int, str], torch.Tensor]
-    """(layer, linear) -> [r, out], the scaling folded in."""
+    parts: dict[tuple[int, str], tuple[LoraPart, ...]]
+    """(layer, linear) -> parts."""
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in list(self.a.values()) + list(self.b.values()))
+        return sum(t.numel() * t.element_size() for ps in self.parts.values() for p in ps for t in (p.a, p.b))
 
     def rank(self) -> int:
-        return max((t.shape[1] for t in self.a.values()), default=0)
+        return max(self.ranks().values(), default=0)
 
     def ranks(self) -> dict[str, int]:
-        """Rank per decoder linear (the largest over layers)."""
+        """Rank per decoder linear, its parts' ranks summed (the largest over layers)."""
         out: dict[str, int] = {}
-        for (_, name), t in self.a.items():
-            out[name] = max(out.get(name, 0), t.shape[1])
+        for (_, name), ps in self.parts.items():
+            out[name] = max(out.get(name, 0), sum(p.a.shape[1] for p in ps))
+        return out
+
+    def layout(self) -> dict[str, dict[int, tuple[int, int]]]:
+        """Per decoder linear: column -> (width, rank) of each part (the largest rank over layers)."""
+        out: dict[str, dict[int, tuple[int, int]]] = {}
+        for (_, name), ps in self.parts.items():
+            lay = out.setdefault(name, {})
+            for p in ps:
+                lay[p.column] = (p.b.shape[1], max(lay.get(p.column, (0, 0))[1], p.a.shape[1]))
         return out
 
     @staticmethod
     def concat(deltas: list[LoraDelta]) -> LoraDelta:
-        """The exact sum of several deltas as one delta of the summed rank (an adapter chain)."""
-        keys = sorted({k for d in deltas for k in d.a})
-        a, b = {}, {}
+        """The exact sum of several deltas as one delta of the summed rank (an adapter chain): the parts on the
+        same columns are concatenated along the rank."""
+        keys = sorted({k for d in deltas for k in d.parts})
+        out = {}
         for k in keys:
-            parts = [(d.a[k], d.b[k]) for d in deltas if k in d.a]
-            a[k] = torch.cat([p[0] for p in parts], dim=1)
-            b[k] = torch.cat([p[1] for p in parts], dim=0)
-        return LoraDelta(a=a, b=b)
+            by_column: dict[int, list[LoraPart]] = {}
+            for d in deltas:
+                for p in d.parts.get(k, ()):
+                    by_column.setdefault(p.column, []).append(p)
+            out[k] = tuple(LoraPart(c, torch.cat([p.a for p in ps], dim=1), torch.cat([p.b for p in ps], dim=0))
+                           if len(ps) > 1 else ps[0] for c, ps in sorted(by_column.items()))
+        return LoraDelta(parts=out)
 
 
 def lora_from_peft(tensors: dict[str, torch.Tensor], adapter_config: dict, shape: DecoderShape,
@@ -92,7 +118,7 @@ def lora_from_peft(tensors: dict[str, torch.Tensor], adapter_config: dict, shape
     if rank_pattern or alpha_pattern:
         raise StemmaError("serving does not support LoRA adapters with rank_pattern / alpha_pattern")
     scale = alpha / r
-    parts: dict[tuple[int, str], list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    parts: dict[tuple[int, str], list[LoraPart]] = {}
     for key, t in tensors.items():
         if ".lora_A." not in key:
             if ".lora_B." in key:
@@ -105,38 +131,48 @@ def lora_from_peft(tensors: dict[str, torch.Tensor], adapter_config: dict, shape
         lb = tensors.get(prefix + ".lora_B.weight")
         if lb is None:
             raise StemmaError(f"LoRA adapter has {key} but no matching lora_B")
-        d_in, d_out = shape.linear_dims(where.linear)
+        d_in, _ = shape.linear_dims(where.linear)
         if tuple(t.shape) != (r, d_in) or tuple(lb.shape) != (where.width, r):
             raise StemmaError(f"LoRA tensor shapes {tuple(t.shape)}/{tuple(lb.shape)} do not fit {prefix} "
                               f"({d_in}->{where.width}, r={r})")
-        b = (lb.float() * scale).t()  # [r, width]
-        if where.width != d_out:  # a slice of a fused linear: zero outside its columns
-            b = torch.zeros(r, d_out).index_copy_(1, torch.arange(where.column, where.column + where.width), b)
-        parts.setdefault((where.layer, where.linear), []).append((where.column, t.float().t().contiguous(),
-                                                                   b.contiguous()))
-    a, b = {}, {}
-    for k, ps in parts.items():
-        ps.sort(key=lambda p: p[0])
-        a[k] = ps[0][1] if len(ps) == 1 else torch.cat([p[1] for p in ps], dim=1)  # [in, r * projections]
-        b[k] = ps[0][2] if len(ps) == 1 else torch.cat([p[2] for p in ps], dim=0)  # block-diagonal [r * ..., out]
-    return LoraDelta(a=a, b=b)
+        part = LoraPart(where.column, t.float().t().contiguous(), (lb.float() * scale).t().contiguous())
+        parts.setdefault((where.layer, where.linear), []).append(part)
+    return LoraDelta(parts={k: tuple(sorted(ps, key=lambda p: p.column)) for k, ps in parts.items()})
+
+
+class BankPart(NamedTuple):
+    """Where one projection's LoRA sits in a bank linear."""
+
+    column: int
+    """First output column in the decoder linear."""
+    width: int
+    offset: int
+    """First rank column of its A inside the linear's A."""
+    rank: int
 
 
 class LoraBank:
-    """Stacked adapters of one base: per block linear, ``A [slots, in, R]`` and ``B [slots, R, out]``.
+    """Stacked adapters of one base: per block linear, ``A [in, slots, R]`` and, per part, ``B [slots, r, width]``.
 
-    Slot 0 is the zero adapter. R is per decoder linear (a Llama adapter on q, k and v has three times the rank
-    of its ``attn.out`` part in the fused ``attn.qkv``); adapters of smaller rank are zero-padded to it (a zero
-    column of A and row of B add nothing), and a linear no adapter touches holds nothing. The bank grows by whole
-    slots when full; freed slots are reused.
+    Slot 0 is the zero adapter and takes no memory: adapter slot ``s`` is index ``s - 1`` of the stacks. A
+    linear's R is the sum of its parts' ranks (a Llama adapter on q, k and v has three parts in ``attn.qkv``);
+    adapters of smaller rank are zero-padded to it (a zero column of A and row of B add nothing), and a linear no
+    adapter touches holds nothing. A's slot axis sits between ``in`` and the rank so that the A's of consecutive
+    slots are one ``[in, slots * R]`` matrix without a copy (the fused columns, the concatenated form); each B's
+    slots are likewise one ``[slots * r, width]`` matrix. The bank grows by whole slots when full; freed slots
+    are reused.
     """
 
     def __init__(self, shape: DecoderShape):
         self.shape = shape
+        self.layout: dict[str, tuple[BankPart, ...]] = {}
+        """Decoder linear -> its parts, by column."""
         self.rank: dict[str, int] = {}
-        """Decoder linear -> R."""
+        """Decoder linear -> R (its parts' ranks summed)."""
         self.a: dict[tuple[int, str], torch.Tensor] = {}
-        self.b: dict[tuple[int, str], torch.Tensor] = {}
+        """(layer, linear) -> [in, n_slots - 1, R]."""
+        self.b: dict[tuple[int, str], tuple[torch.Tensor, ...]] = {}
+        """(layer, linear) -> per part [n_slots - 1, r, width]."""
         self.n_slots = 1  # the zero adapter
         self.free: list[int] = []
         self.version = 0
@@ -144,48 +180,80 @@ class LoraBank:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in list(self.a.values()) + list(self.b.values()))
+        return sum(t.numel() * t.element_size() for t in [*self.a.values(), *(b for bs in self.b.values() for b in bs)])
 
-    def _resize(self, n_slots: int, rank: dict[str, int]) -> None:
-        for name, r in rank.items():
-            d_in, d_out = self.shape.linear_dims(name)
+    @staticmethod
+    def _parts(lay: dict[int, tuple[int, int]]) -> tuple[BankPart, ...]:
+        out, offset = [], 0
+        for column, (width, rank) in sorted(lay.items()):
+            out.append(BankPart(column, width, offset, rank))
+            offset += rank
+        return tuple(out)
+
+    def _resize(self, n_slots: int, layout: dict[str, tuple[BankPart, ...]]) -> None:
+        """Reallocate for ``n_slots`` and ``layout`` (a superset of the current one), keeping what is stored;
+        one (layer, linear) at a time, so the old and new bank never coexist whole."""
+        n = n_slots - 1
+        for name, parts in layout.items():
+            d_in, _ = self.shape.linear_dims(name)
+            R = sum(p.rank for p in parts)
+            old_parts = {p.column: (i, p) for i, p in enumerate(self.layout.get(name, ()))}
             for layer in range(self.shape.n_layer):
                 k = (layer, name)
-                a = torch.zeros(n_slots, d_in, r)
-                b = torch.zeros(n_slots, r, d_out)
+                a = torch.zeros(d_in, n, R)
+                bs = tuple(torch.zeros(n, p.rank, p.width) for p in parts)
                 if k in self.a:
-                    old_a, old_b = self.a[k], self.b[k]
-                    a[: old_a.shape[0], :, : old_a.shape[2]] = old_a
-                    b[: old_b.shape[0], : old_b.shape[1]] = old_b
-                self.a[k], self.b[k] = a, b
-        self.n_slots, self.rank = n_slots, rank
+                    old_a, old_bs = self.a[k], self.b[k]
+                    m = old_a.shape[1]
+                    for p, b in zip(parts, bs):
+                        if p.column in old_parts:
+                            i, q = old_parts[p.column]
+                            a[:, :m, p.offset : p.offset + q.rank] = old_a[:, :, q.offset : q.offset + q.rank]
+                            b[:m, : q.rank] = old_bs[i]
+                    del old_a, old_bs
+                self.a[k], self.b[k] = a, bs
+        self.n_slots, self.layout = n_slots, layout
+        self.rank = {name: sum(p.rank for p in parts) for name, parts in layout.items()}
 
     def add(self, delta: LoraDelta) -> int:
         """Store an adapter; returns its slot."""
         self.version += 1
-        ranks = delta.ranks()
-        grown = {n: max(self.rank.get(n, 0), ranks.get(n, 0)) for n in self.shape.linear_names
-                 if n in self.rank or n in ranks}
+        merged = {name: {p.column: (p.width, p.rank) for p in parts} for name, parts in self.layout.items()}
+        for name, lay in delta.layout().items():
+            have = merged.setdefault(name, {})
+            for column, (width, rank) in lay.items():
+                if column in have and have[column][0] != width:
+                    raise StemmaError(f"LoRA adapters disagree on the width of {name} columns from {column}")
+                have[column] = (width, max(rank, have.get(column, (0, 0))[1]))
+        layout = {name: self._parts(lay) for name, lay in merged.items()}
         if self.free:
             slot = self.free.pop()
-            if grown != self.rank:
-                self._resize(self.n_slots, grown)
+            if layout != self.layout:
+                self._resize(self.n_slots, layout)
         else:
             slot = self.n_slots
-            self._resize(self.n_slots + 1, grown)
-        for k in self.a:
-            self.a[k][slot].zero_()
-            self.b[k][slot].zero_()
-        for k, ta in delta.a.items():
-            self.a[k][slot, :, : ta.shape[1]] = ta
-            self.b[k][slot, : ta.shape[1]] = delta.b[k]
+            self._resize(self.n_slots + 1, layout)
+        j = slot - 1
+        self._zero(j)
+        for k, ps in delta.parts.items():
+            where = {p.column: (i, p) for i, p in enumerate(self.layout[k[1]])}
+            a, bs = self.a[k], self.b[k]
+            for part in ps:
+                i, p = where[part.column]
+                r = part.a.shape[1]
+                a[:, j, p.offset : p.offset + r] = part.a
+                bs[i][j, :r] = part.b
         return slot
+
+    def _zero(self, j: int) -> None:
+        for k, a in self.a.items():
+            a[:, j].zero_()
+            for b in self.b[k]:
+                b[j].zero_()
 
     def remove(self, slot: int) -> None:
         self.version += 1
-        for k in self.a:
-            self.a[k][slot].zero_()
-            self.b[k][slot].zero_()
+        self._zero(slot - 1)
         self.free.append(slot)
 
 
@@ -194,9 +262,10 @@ class LoraPlan:
     """How a batch's rows map to adapters, worked out once per batch composition.
 
     Rows are grouped by adapter and each group padded to the largest group's size ``L``, so every adapted
-    linear is two batched matmuls over the ``G`` adapters present (``[G, L*T, in] @ [G, in, R] @ [G, R, out]``):
-    each adapter's weights are read once per step, not copied per row, and the op count does not grow with
-    the number of adapters. The gathered per-group weights are kept here and reused while the batch is unchanged.
+    linear is batched matmuls over the ``G`` adapters present (``[G, L*T, in] @ [G, in, R]``, then per part
+    ``@ [G, r, width]``): each adapter's weights are read once per step, not copied per row, and the op count does
+    not grow with the number of adapters. When the batch's slots are consecutive, its adapters' weights are slices
+    of the bank; otherwise they are gathered once here and reused while the batch is unchanged.
     """
 
     uniform: int | None = None
@@ -210,9 +279,11 @@ class LoraPlan:
     groups: int = 0
     width: int = 0
     """L: rows per group after padding."""
+    contiguous: bool = False
+    """The batch's adapter slots are consecutive: their weights are slices of the bank, never copied."""
     weights: dict = field(default_factory=dict)
-    """(layer, linear) -> (A [G, in, R], B [G, R, out]); (layer, linear, "concat") -> (A [in, G*R],
-    B [G*R, out]); filled on first use."""
+    """(layer, linear) -> (A [in, G, R], per part B [G, r, width]) gathered from the bank, when the slots are not
+    consecutive; filled on first use."""
     aids: torch.Tensor | None = None
     """[B] adapter slot per row (prefill gathers per row)."""
     row_groups: torch.Tensor | None = None
@@ -239,8 +310,22 @@ class LoraPlan:
             idx[g, len(members) :] = members[0]
             mask[g, : len(members)] = 1
         padded = bool((mask == 0).any())
+        contiguous = int(slots[-1]) - int(slots[0]) + 1 == G  # torch.unique sorts
         return LoraPlan(idx=idx.view(-1), mask=mask.view(-1, 1, 1) if padded else None, slots=slots, groups=G,
-                        width=L, aids=aids, row_groups=row_groups)
+                        width=L, aids=aids, row_groups=row_groups, contiguous=contiguous)
+
+    def select(self, bank: LoraBank, key: tuple[int, str]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The batch's adapters of one bank linear, in group order: A [in, G, R] and per part B [G, r, width];
+        slices of the bank when the slots are consecutive, else gathered once per batch composition."""
+        a, bs = bank.a[key], bank.b[key]
+        if self.contiguous:
+            lo = int(self.slots[0]) - 1
+            return a[:, lo : lo + self.groups], tuple(b[lo : lo + self.groups] for b in bs)
+        got = self.weights.get(key)
+        if got is None:
+            j = self.slots - 1
+            got = self.weights[key] = (a[:, j], tuple(b[j] for b in bs))
+        return got
 
     def slotmask(self, cols: int, rank: int) -> torch.Tensor:
         """[B, cols] 1 where a column of the bank's stacked adapters (slot s: columns (s-1)*rank .. s*rank)
@@ -250,6 +335,13 @@ class LoraPlan:
     def colmask(self, rank: int) -> torch.Tensor:
         """[B, G*R] 1 where a column of the batch's concatenated adapters belongs to the row's group."""
         return self._mask(("groups", rank), torch.arange(self.groups * rank) // rank, self.row_groups)
+
+    def rowmask(self) -> torch.Tensor | None:
+        """[B, 1, 1] 1 for rows with an adapter, 0 for base rows; None when every row has one."""
+        if "rows" not in self.colmasks:
+            has = self.aids > 0
+            self.colmasks["rows"] = None if bool(has.all()) else has.float().view(-1, 1, 1)
+        return self.colmasks["rows"]
 
     def _mask(self, key: tuple, column_owner: torch.Tensor, row_owner: torch.Tensor) -> torch.Tensor:
         m = self.colmasks.get(key)

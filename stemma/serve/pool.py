@@ -26,7 +26,7 @@ from ..errors import StemmaError
 from ..models import families
 from ..models.families.serving import DecoderShape, LoraSite
 from .config import ServeConfig
-from .decoder import Decoder
+from .decoder import Decoder, release_free_memory
 from .engine import Engine, Scheduler, Sequence
 from .lora import LoraDelta, lora_from_peft
 from .selector import select
@@ -223,8 +223,10 @@ class ModelPool:
             return Decoder(family.decoder_weights(hf), shape, self.cfg.max_batch), \
                 functools.partial(family.lora_site, config=hf.config)
 
-        # On the scheduler thread, the only one that runs tensor work (see `Scheduler`).
+        # On the scheduler thread, the only one that runs tensor work (see `Scheduler`). The decoder keeps copies
+        # of its own: the Hugging Face model is gone once `build` returns, and its freed memory goes back.
         decoder, site = self.scheduler.call(build)
+        release_free_memory()
         tok = self.ws.tokenizer(self.ws.plan(t.base_id).base.tokenizer)
 
         def load_adapter(key: tuple[str, ...]) -> LoraDelta:

@@ -84,8 +84,9 @@ def test_logits_equal_transformers(case):
 @pytest.mark.parametrize("form", [(128, 128), (0, 128), (0, 0)], ids=["fused", "concatenated", "grouped"])
 @pytest.mark.parametrize("case", ["llama-gqa-untied", "qwen2-qkv-bias", "gpt2"])
 def test_lora_on_fused_projections_equals_peft(case, form, monkeypatch):
-    """Two PEFT adapters on different projections (one on q/k/v/gate/up only, one on everything), served in one
-    batch with a base row, in each form of per-row LoRA: each row's logits equal its merged PEFT model's."""
+    """PEFT adapters on different projections (on q/k/v/gate/up only, on everything), served in one batch with a
+    base row, in each form of per-row LoRA, over consecutive bank slots (the bank's own slices) and not (gathered):
+    each row's logits equal its merged PEFT model's."""
     from peft import LoraConfig, get_peft_model
 
     from stemma.serve import lora
@@ -98,6 +99,7 @@ def test_lora_on_fused_projections_equals_peft(case, form, monkeypatch):
     targets = [["c_attn", "c_fc"], ["c_attn", "c_proj", "c_fc"]] if model_type == "gpt2" else \
         [["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"],
          ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]]
+    targets.append(targets[0])
     base = _model(model_type, config)
     dec, family = _decoder(base)
     site = functools.partial(family.lora_site, config=base.config)
@@ -121,3 +123,5 @@ def test_lora_on_fused_projections_equals_peft(case, form, monkeypatch):
     refs = [merged[0], base, merged[1]]
     _compare(lambda i: refs[i], dec, torch.tensor([1, 0, 2]))
     _compare(lambda i: merged[0], dec, torch.tensor([1, 1, 1]))  # one adapter for every row
+    refs = [merged[2], base, merged[0]]
+    _compare(lambda i: refs[i], dec, torch.tensor([3, 0, 1]))  # slots 1 and 3: not consecutive

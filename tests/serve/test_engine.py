@@ -239,17 +239,18 @@ def test_lora_conversion_refuses_unsupported_adapters(family_ws):
     shape, site = family.decoder_shape(config), functools.partial(family.lora_site, config=config)
     delta = lora_from_peft(tensors, cfg, shape, site)
     r = cfg["r"]
-    assert set(delta.a) == {(layer, n) for layer in range(shape.n_layer) for n in LINEARS}
+    assert set(delta.parts) == {(layer, n) for layer in range(shape.n_layer) for n in LINEARS}
     fused = shape.positions == "rope"  # the Llama tree: q/k/v and gate/up are fused in the decoder
     expect = {QKV: 3 * r, ATTN_OUT: r, MLP_UP: 2 * r, MLP_DOWN: r} if fused else dict.fromkeys(LINEARS, r)
     assert delta.ranks() == expect
     if fused:
+        # One part per projection, each B only as wide as its projection (no zero padding to the fused width).
         q, kv = shape.n_head * shape.head_dim, shape.n_kv_head * shape.head_dim
-        b = delta.b[(0, QKV)].abs()  # [3r, q + 2kv]: block-diagonal, rows of q, then k, then v
-        for i, (start, width) in enumerate(((0, q), (q, kv), (q + kv, kv))):
-            rows = b[i * r : (i + 1) * r]
-            assert rows[:, start : start + width].max() > 0
-            assert rows[:, :start].sum() == 0 and rows[:, start + width :].sum() == 0
+        parts = delta.parts[(0, QKV)]
+        assert [(p.column, p.b.shape[1]) for p in parts] == [(0, q), (q, kv), (q + kv, kv)]
+        assert all(p.a.shape == (shape.n_embd, r) and p.b.shape[0] == r and p.b.abs().max() > 0 for p in parts)
+        assert [(p.column, p.b.shape[1]) for p in delta.parts[(0, MLP_UP)]] == [(0, shape.n_inner),
+                                                                              (shape.n_inner, shape.n_inner)]
     for bad in ({"use_dora": True}, {"use_rslora": True}, {"rank_pattern": {"c_fc": 4}}):
         with pytest.raises(StemmaError):
             lora_from_peft(tensors, {**cfg, **bad}, shape, site)
