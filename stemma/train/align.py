@@ -33,8 +33,9 @@ import torch
 
 from ..errors import DataError, SpecError
 from ..models import families
-from ..models.arch import count_params
+from ..models.arch import count_params, model_context
 from ..models.io import save_model_files
+from ..models.tokenizer import eos_id
 from ..store import sha256_file
 from .base import TokenStream, TrainConfig, kl_to_teacher, resolve_precision
 from .forgetting import L2SP
@@ -82,6 +83,18 @@ class AlignConfig(TrainConfig):
     """Weight of the L2-SP penalty pulling the trained weights towards their start (Li et al., 2018)."""
 
 
+@dataclass
+class AlignStart:
+    train: list[dict]
+    held: list[dict]
+    digest: str
+    """sha256 of the pairs file."""
+    tok: Any
+    eos: int
+    policy: Policy
+    context: int
+
+
 class AlignMethod(BuildMethod):
     """A build method trained on a pairs file: LoRA or full by config, the pairs file hashed into the recipe."""
 
@@ -125,6 +138,13 @@ class AlignMethod(BuildMethod):
             raise DataError(f"{path}: all {len(records)} pairs fall in the held-out share; add pairs or lower "
                             "heldout_fraction")
         return {"pairs": {"sha256": sha256_file(path), "n": len(records), "heldout": len(held)}}
+
+    def start(self, ctx: BuildContext, cfg: AlignConfig) -> AlignStart:
+        """What `sft` and `dpo` both begin with: the pairs split, the parent's tokenizer, the trainable policy."""
+        train, held, digest = self.load_pairs(ctx, cfg)
+        tok = ctx.parent_tokenizer()
+        policy = Policy(ctx, cfg, need_reference=cfg.replay_kl > 0 and cfg.replay_fraction > 0)
+        return AlignStart(train, held, digest, tok, eos_id(tok), policy, model_context(policy.model))
 
     def load_pairs(self, ctx: BuildContext, cfg: AlignConfig) -> tuple[list[dict], list[dict], str]:
         """(training pairs, held-out pairs, the file's sha256)."""

@@ -24,12 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SpecError
-from ..models.arch import model_context
-from ..models.tokenizer import eos_id
 from .align import (
     AlignConfig,
     AlignMethod,
-    Policy,
     collate,
     encode,
     maybe_autocast,
@@ -106,12 +103,10 @@ class Dpo(AlignMethod):
         return cfg
 
     def run(self, ctx: BuildContext, cfg: DpoConfig) -> BuildOutput:
-        train, held, digest = self.load_pairs(ctx, cfg)
-        tok = ctx.parent_tokenizer()
-        eos = eos_id(tok)
-        policy = Policy(ctx, cfg, need_reference=cfg.replay_kl > 0 and cfg.replay_fraction > 0)
+        st = self.start(ctx, cfg)
+        train, held, digest, tok, eos, policy, context = (st.train, st.held, st.digest, st.tok, st.eos, st.policy,
+                                                          st.context)
         model = policy.model
-        context = model_context(model)
         pairs = [encode_pair(tok, r, cfg.template, eos, context + 1) for r in train]
         held_pairs = [encode_pair(tok, r, cfg.template, eos, context + 1) for r in held]
         replay = policy.replay_stream(tok, context)

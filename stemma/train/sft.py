@@ -14,9 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.arch import model_context
-from ..models.tokenizer import eos_id
-from .align import IGNORE, AlignConfig, AlignMethod, Policy, collate, encode, pick, render_sft, token_logps
+from .align import IGNORE, AlignConfig, AlignMethod, collate, encode, pick, render_sft, token_logps
 from .base import Trainer
 from .forgetting import split_batch
 from .registry import BuildContext, BuildOutput, register
@@ -57,12 +55,10 @@ class Sft(AlignMethod):
     config_cls = SftConfig
 
     def run(self, ctx: BuildContext, cfg: SftConfig) -> BuildOutput:
-        train, held, digest = self.load_pairs(ctx, cfg)
-        tok = ctx.parent_tokenizer()
-        eos = eos_id(tok)
-        policy = Policy(ctx, cfg, need_reference=cfg.replay_kl > 0 and cfg.replay_fraction > 0)
+        st = self.start(ctx, cfg)
+        train, held, digest, tok, eos, policy, context = (st.train, st.held, st.digest, st.tok, st.eos, st.policy,
+                                                          st.context)
         model = policy.model
-        context = model_context(model)
         encoded = [encode(tok, render_sft(r, cfg.template), eos, context + 1) for r in train]
         rows = [(ids, labels) for ids, labels, _ in encoded]
         held_rows = [(ids, labels) for ids, labels, _ in
