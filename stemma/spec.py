@@ -38,8 +38,8 @@ class _DatasetYaml(BaseModel):
     language: str | None = None
     domain: str | None = None
     description: str | None = None
-    test_fraction: float = 0.05
-    max_doc_chars: int = 16000
+    test_fraction: float = IngestOptions.test_fraction  # the defaults are the ingest options' own
+    max_doc_chars: int = IngestOptions.max_doc_chars
     curate: list[Any] | None = None
 
 
