@@ -121,6 +121,10 @@ class Contributor(Base):
     public_key: Mapped[str] = mapped_column(String(64))
     """Raw ed25519 public key, hex."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """When the key was revoked (`stemma update revoke`): updates signed by it are refused from then on."""
+    revoked_by: Mapped[str | None] = mapped_column(String(200))
+    revoked_reason: Mapped[str | None] = mapped_column(String(2000))
 
     __table_args__ = (UniqueConstraint("node_path", "name", name="uq_contributor_node_name"),)
 
@@ -172,4 +176,58 @@ class Round(Base):
     metrics: Mapped[dict] = mapped_column(JSON)
     version_id: Mapped[str | None] = mapped_column(DIGEST, ForeignKey("versions.id"))
     """The new version (relation ``update``) when accepted."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Flag(Base):
+    """A risk flag on a dataset or a version: it reaches every version derived from its target.
+
+    Flags are never deleted: `stemma unflag` records who cleared one, when and why.
+    """
+
+    __tablename__ = "flags"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    target_kind: Mapped[str] = mapped_column(String(16))
+    """``dataset`` or ``version``."""
+    target_id: Mapped[str] = mapped_column(DIGEST, index=True)
+    severity: Mapped[str] = mapped_column(String(16))
+    """``low``, ``high`` or ``critical``."""
+    reason: Mapped[str] = mapped_column(String(2000))
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    cleared_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cleared_by: Mapped[str | None] = mapped_column(String(200))
+    cleared_reason: Mapped[str | None] = mapped_column(String(2000))
+
+
+class App(Base):
+    """A prompt template bound to a node (or to ``auto`` with requirements), served as model ``app:NAME``."""
+
+    __tablename__ = "apps"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    node_path: Mapped[str | None] = mapped_column(String(300))
+    """The node the app answers with; None for ``auto`` (then ``requirements`` choose)."""
+    requirements: Mapped[dict | None] = mapped_column(JSON)
+    template: Mapped[str] = mapped_column(String(20000))
+    description: Mapped[str | None] = mapped_column(String(2000))
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Release(Base):
+    """A signed release written by `stemma release` (the directory itself lives wherever it was written)."""
+
+    __tablename__ = "releases"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    version_id: Mapped[str] = mapped_column(DIGEST, ForeignKey("versions.id"), index=True)
+    format: Mapped[str] = mapped_column(String(16))
+    license: Mapped[str] = mapped_column(String(400))
+    bom_digest: Mapped[str] = mapped_column(DIGEST)
+    """sha256 of the release's ML-BOM file."""
+    card: Mapped[dict] = mapped_column(JSON)
+    """The model card's YAML metadata as written."""
+    created_by: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
