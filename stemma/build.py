@@ -220,6 +220,7 @@ def _run(ws: Workspace, spec: TreeSpec, node: NodeSpec, method, parent: VersionI
         "params": out.params,
         "own_params": out.own_params,
         "train": out.train,
+        **({"scan": out.scan} if out.scan is not None else {}),
     }
     v = ws.register_version(manifest, layer=node.layer, parent_path=node.parent, datasets=datasets,
                             params=out.params, own_params=out.own_params)

@@ -86,6 +86,70 @@ def test_pickle_checkpoint_is_refused(ws, tmp_path):
     assert set(ws.store.iter_digests()) == before
 
 
+class _System:
+    """Unpickling this runs a shell command: what a hostile checkpoint carries. It is only ever written."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo owned > /tmp/stemma-owned",))
+
+
+def _versions(ws) -> int:
+    from sqlalchemy import func, select
+
+    from stemma.registry.tables import Version
+
+    with ws.db.session() as s:
+        return s.scalar(select(func.count()).select_from(Version))
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "training_args.pkl", "sub/extra.pt"])
+def test_malicious_pickle_beside_safetensors_is_refused_with_the_finding(ws, tmp_path, name):
+    import pickle
+
+    from tests.conftest import save_hf_checkpoint
+
+    ckpt = save_hf_checkpoint(tmp_path / "ckpt", "llama")  # its safetensors are fine; one more file is not
+    (ckpt / name).parent.mkdir(exist_ok=True)
+    (ckpt / name).write_bytes(pickle.dumps({"weights": _System()}, protocol=2))
+    before = set(ws.store.iter_digests())
+    with pytest.raises(UnsafeArtifactError) as e:
+        build(ws, load_spec(_spec(tmp_path, ckpt)))
+    msg = str(e.value)
+    assert "\n" not in msg and f"{name} imports posix.system (CRITICAL)" in msg and "modelscan" in msg, msg
+    assert ws.nodes() == [] and _versions(ws) == 0
+    assert set(ws.store.iter_digests()) == before
+
+
+def test_clean_pickle_is_refused_too(ws, tmp_path):
+    import pickle
+
+    from tests.conftest import save_hf_checkpoint
+
+    ckpt = save_hf_checkpoint(tmp_path / "ckpt", "gpt2")
+    (ckpt / "optimizer.pt").write_bytes(pickle.dumps({"lr": 0.1}))
+    with pytest.raises(UnsafeArtifactError, match="optimizer.pt is pickle-based .*found no unsafe import"):
+        build(ws, load_spec(_spec(tmp_path, ckpt)))
+    assert ws.nodes() == []
+
+
+def test_clean_checkpoint_manifest_carries_the_scan_and_the_same_id(ws, tmp_path):
+    from stemma.workspace import Workspace
+    from tests.conftest import save_hf_checkpoint
+
+    ckpt = save_hf_checkpoint(tmp_path / "ckpt", "gpt2")
+    spec = load_spec(_spec(tmp_path, ckpt))
+    build(ws, spec, only=["master"], evaluate=False)
+    master = ws.resolve_version("master")
+    scan = master.manifest["scan"]
+    assert scan["scanner"] == "modelscan" and scan["version"] and scan["issues"] == []
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(scan["files"])
+    other = Workspace.init(tmp_path / "other-home")  # the same checkpoint elsewhere: the same version id
+    build(other, spec, only=["master"], evaluate=False)
+    assert other.resolve_version("master").id == master.id
+
+
 # ---------------------------------------------------------------------------------------------- Llama-layout masters
 def _family_spec(d, ckpt):
     """An imported master with a child of every kind: distilled, LoRA, full finetune, int8 and pruned variants."""

@@ -1,7 +1,9 @@
 """`import`: a local Hugging Face checkpoint directory becomes the master (safetensors only).
 
 Lineage is by content: the recipe hashes the checkpoint's files, never its path, so moving the directory
-changes nothing and changing a weight changes the version.
+changes nothing and changing a weight changes the version. The directory is scanned (`stemma.scan`) before
+anything reads it, at the build's pre-flight and again when the version is made; a pickle-based or flagged
+file refuses it, and the passing scan goes into the version's manifest.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from ..models import families
 from ..models.arch import count_params
 from ..models.io import check_safe_checkpoint, load_hf_dir, save_model_files
 from ..models.tokenizer import tokenizer_to_bytes
+from ..scan import ScanReport, check_dir
 from ..store import sha256_file
 from .registry import BuildContext, BuildMethod, BuildOutput, register
 
@@ -30,6 +33,13 @@ class ImportConfig:
 def _resolve(cfg: ImportConfig, spec_dir: Path) -> Path:
     p = Path(cfg.path).expanduser()
     return p if p.is_absolute() else (spec_dir / p)
+
+
+def scanned(path: Path) -> ScanReport:
+    """Scan the checkpoint directory before anything else reads it; refuse it unless the scan passed."""
+    if not path.is_dir():
+        raise StemmaError(f"{path}: not a checkpoint directory")
+    return check_dir(path, f"checkpoint {path}")
 
 
 def check_architecture(path: Path) -> None:
@@ -59,6 +69,7 @@ class Import(BuildMethod):
 
     def recipe_inputs(self, cfg: ImportConfig, spec_dir: Path) -> dict:
         path = _resolve(cfg, spec_dir)
+        scanned(path)
         safes = check_safe_checkpoint(path)
         check_architecture(path)
         if not (path / "tokenizer.json").is_file():
@@ -70,6 +81,7 @@ class Import(BuildMethod):
         from tokenizers import Tokenizer
 
         path = _resolve(cfg, ctx.spec_dir)
+        scan = scanned(path)  # again: the directory may have changed since the pre-flight
         with ctx.reporter.task(f"{ctx.node}: import {path.name}", total=None):
             model = load_hf_dir(path)
             tok = Tokenizer.from_file(str(path / "tokenizer.json"))
@@ -78,4 +90,4 @@ class Import(BuildMethod):
         digest = ctx.ws.store.put_bytes(tokenizer_to_bytes(tok))
         n = count_params(model)
         return BuildOutput(files=save_model_files(model), tokenizer=digest, params=n, own_params=n,
-                           architecture=families.of(model.config).describe(model.config))
+                           architecture=families.of(model.config).describe(model.config), scan=scan.record())

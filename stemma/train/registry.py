@@ -72,6 +72,8 @@ class BuildOutput:
     metrics: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)
     """Scores the method measured on a held-out share of its own inputs (e.g. ``pref/accuracy``): name ->
     (value, details), stored as metrics of the new version with split ``heldout`` and no dataset."""
+    scan: dict[str, Any] | None = None
+    """The scan of files taken from outside (`stemma.scan.ScanReport.record`), kept in the manifest as ``scan``."""
 
 
 class BuildMethod:
