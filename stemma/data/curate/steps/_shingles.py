@@ -323,10 +323,11 @@ def band_hashes(sig: np.ndarray, bands: int, rows: int, seed: int) -> np.ndarray
     return mix64(x.sum(axis=2, dtype=U64) + np.arange(bands, dtype=U64)[None])
 
 
-def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
-    """Bands and rows (bands * rows <= num_perm) minimising the false positive plus false negative area under the
-    LSH S-curve ``1 - (1 - s**rows)**bands`` around ``threshold`` (Leskovec et al., Mining of Massive Datasets
-    ch. 3.4; the same integrals as datasketch's ``_optimal_param`` with equal weights)."""
+def optimal_bands(threshold: float, num_perm: int, miss_weight: float = 0.5) -> tuple[int, int]:
+    """Bands and rows (bands * rows <= num_perm) minimising the weighted false positive plus false negative areas
+    under the LSH S-curve ``1 - (1 - s**rows)**bands`` around ``threshold`` (Leskovec et al., Mining of Massive
+    Datasets ch. 3.4; the same integrals as datasketch's ``_optimal_param``, whose ``weights`` are
+    ``(1 - miss_weight, miss_weight)``)."""
     s = np.linspace(0.0, 1.0, 2001)
     below, above = s <= threshold, s >= threshold
     best, best_err = (1, 1), np.inf
@@ -335,7 +336,7 @@ def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
         p = 1.0 - (1.0 - s[None, :] ** r[:, None]) ** b
         fp = np.trapezoid(p[:, below], s[below], axis=1)
         fn = np.trapezoid(1.0 - p[:, above], s[above], axis=1)
-        err = fp + fn
+        err = (1.0 - miss_weight) * fp + miss_weight * fn
         k = int(np.argmin(err))
         if err[k] < best_err - 1e-12:
             best, best_err = (b, int(r[k])), float(err[k])
