@@ -22,6 +22,14 @@ much of its parent's it kept, not how it generalises to unseen pages. Tasks from
 - ``french-ppl`` (perplexity): the opening of French man pages (the tree's default suite: which node forgets
   French, which the master learnt).
 
+From the alignment sets (``align/``), their held-out share only (the pairs the build holds out of training: the
+first 64 bits of the sha256 of the rendered prompt ``User: ...\nAssistant:`` below 10% of their range, as
+``stemma.train.align.heldout`` decides with the demo's ``heldout_fraction``):
+
+- ``assistant-answer`` (generation): a held-out question of ``sft.jsonl`` in the chat transcript; the reference is
+  its answer (the page's NAME line). What instruction tuning is for, on questions it did not see.
+- ``assistant-preference`` (choice): a held-out question of ``dpo.jsonl`` with its preferred and rejected answers.
+
 Written for stemma, with their sources noted in the files that hold them:
 
 - ``bias-probe`` (bias): six occupation and regard templates after Sheng et al. (2019), "The Woman Worked as a
@@ -177,6 +185,34 @@ def licence_task() -> None:
     write("licence-clause", spread(rows), "licence texts")
 
 
+HELDOUT_FRACTION = 0.1
+"""The demo's ``heldout_fraction`` (stemma's default) for ``sft`` and ``dpo``."""
+
+
+def heldout(prompt: str) -> bool:
+    """The build's held-out rule for a chat-template pair (see ``stemma.train.align.heldout``)."""
+    key = f"User: {prompt.strip()}\nAssistant:"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") < HELDOUT_FRACTION * 2**64
+
+
+def align_rows(name: str) -> list[dict]:
+    with open(HERE / "align" / name, encoding="utf-8") as f:
+        return [r for r in map(json.loads, f) if heldout(r["prompt"])]
+
+
+def assistant_tasks() -> None:
+    rows = [{"prompt": f"User: {r['prompt'].strip()}\nAssistant:", "reference": r["response"], "source": r["source"]}
+            for r in align_rows("sft.jsonl")]
+    write("assistant-answer", rows, "held-out questions of align/sft.jsonl")
+    rows = []
+    for k, r in enumerate(align_rows("dpo.jsonl")):
+        answer = k % 2  # the preferred answer's position alternates, so a position bias cannot score
+        choices = [r["rejected"], r["chosen"]] if answer else [r["chosen"], r["rejected"]]  # after the delimiter " "
+        rows.append({"prompt": f"User: {r['prompt'].strip()}\nAssistant:", "choices": choices, "answer": answer,
+                     "source": r["source"]})
+    write("assistant-preference", rows, "held-out pairs of align/dpo.jsonl")
+
+
 def french_task() -> None:
     rows = [(d["title"], {"text": d["text"][:600], "source": d["title"]}) for d in docs("fr-manpages")]
     write("french-ppl", spread(rows, 32), "French man pages, first 600 characters")
@@ -197,4 +233,5 @@ if __name__ == "__main__":
     python_task()
     licence_task()
     french_task()
+    assistant_tasks()
     written_tasks()
