@@ -63,6 +63,22 @@ class Affected:
     relation: str
     current: bool
     flag_ids: tuple[int, ...]
+    direct: tuple[int, ...] = ()
+    """The flags (or, for `impact`, 0) naming the version itself: it is the flagged version or was trained on the
+    flagged dataset. The others reach it through an ancestor."""
+
+
+@dataclass(frozen=True)
+class Reach:
+    """The active flags reaching one version, and which of them name it directly (see `Affected.direct`)."""
+
+    flags: tuple[FlagInfo, ...]
+    direct: tuple[int, ...]
+
+    @property
+    def mark(self) -> str:
+        """``flagged`` (a flag names the version or a dataset it was trained on) or ``affected`` (inherited)."""
+        return "flagged" if self.direct else "affected"
 
 
 @dataclass(frozen=True)
@@ -155,18 +171,19 @@ def flags(ws: Workspace, include_cleared: bool = False) -> list[FlagInfo]:
 
 
 def _reach(seed):
-    """(seed id, version id, node, relation, is current) for every version reached from ``seed``'s versions.
+    """(seed id, version id, node, relation, is current, direct) for every version reached from ``seed``'s versions.
 
-    ``seed`` selects ``(flag_id, version_id)`` rows; the recursion follows ``versions.parent_id`` down. UNION (not
-    UNION ALL) keeps each (flag, version) pair once.
+    ``seed`` selects ``(flag_id, version_id, direct = 1)`` rows; the recursion follows ``versions.parent_id`` down
+    with direct = 0. UNION (not UNION ALL) keeps each (flag, version, direct) row once.
     """
     v, n = Version.__table__, Node.__table__
     reached = seed.cte("reached", recursive=True)
     child = v.alias("child")
-    step = select(reached.c.flag_id, child.c.id).join(child, child.c.parent_id == reached.c.version_id)
+    step = select(reached.c.flag_id, child.c.id, literal(0)).join(child, child.c.parent_id == reached.c.version_id)
     reached = reached.union(step)
     return (
-        select(reached.c.flag_id, v.c.id, v.c.node_path, v.c.relation, (n.c.current_version == v.c.id).label("cur"))
+        select(reached.c.flag_id, v.c.id, v.c.node_path, v.c.relation, (n.c.current_version == v.c.id).label("cur"),
+               reached.c.direct)
         .join(v, v.c.id == reached.c.version_id)
         .join(n, n.c.path == v.c.node_path)
         .order_by(v.c.node_path, v.c.created_at)
@@ -180,16 +197,21 @@ def _flag_seed(where):
     trained_on = exists().where(vd.c.version_id == v.c.id, vd.c.dataset_id == f.c.target_id)
     names = or_(and_(f.c.target_kind == literal("version"), v.c.id == f.c.target_id),
                 and_(f.c.target_kind == literal("dataset"), trained_on))
-    return select(f.c.id.label("flag_id"), v.c.id.label("version_id")).select_from(f).join(v, names).where(where)
+    return (select(f.c.id.label("flag_id"), v.c.id.label("version_id"), literal(1).label("direct"))
+            .select_from(f).join(v, names).where(where))
 
 
 def _collect(rows) -> list[Affected]:
     by_version: dict[str, list] = {}
     flag_ids: dict[str, set[int]] = defaultdict(set)
-    for flag_id, vid, node, relation, cur in rows:
+    direct: dict[str, set[int]] = defaultdict(set)
+    for flag_id, vid, node, relation, cur, is_direct in rows:
         by_version.setdefault(vid, [node, relation, bool(cur)])
         flag_ids[vid].add(flag_id)
-    return [Affected(vid, node, rel, cur, tuple(sorted(flag_ids[vid]))) for vid, (node, rel, cur) in by_version.items()]
+        if is_direct:
+            direct[vid].add(flag_id)
+    return [Affected(vid, node, rel, cur, tuple(sorted(flag_ids[vid])), tuple(sorted(direct[vid])))
+            for vid, (node, rel, cur) in by_version.items()]
 
 
 def impact(ws: Workspace, ref: str) -> tuple[Target, list[Affected]]:
@@ -197,10 +219,11 @@ def impact(ws: Workspace, ref: str) -> tuple[Target, list[Affected]]:
     target = resolve_target(ws, ref)
     vd, v = VersionDataset.__table__, Version.__table__
     if target.kind == "dataset":
-        seed = select(literal(0).label("flag_id"), vd.c.version_id.label("version_id")).where(
-            vd.c.dataset_id == target.id)
+        seed = select(literal(0).label("flag_id"), vd.c.version_id.label("version_id"),
+                      literal(1).label("direct")).where(vd.c.dataset_id == target.id)
     else:
-        seed = select(literal(0).label("flag_id"), v.c.id.label("version_id")).where(v.c.id == target.id)
+        seed = select(literal(0).label("flag_id"), v.c.id.label("version_id"),
+                      literal(1).label("direct")).where(v.c.id == target.id)
     with ws.db.session() as s:
         rows = s.execute(_reach(seed)).all()
     return target, _collect(rows)
@@ -208,6 +231,12 @@ def impact(ws: Workspace, ref: str) -> tuple[Target, list[Affected]]:
 
 def affected(ws: Workspace) -> dict[str, list[FlagInfo]]:
     """Version id -> the active flags that reach it (one query for the whole registry)."""
+    return {vid: list(r.flags) for vid, r in reach(ws).items()}
+
+
+def reach(ws: Workspace) -> dict[str, Reach]:
+    """Version id -> the active flags that reach it and the ones naming it directly (one recursive query, plus
+    one read of the active flags when there are any)."""
     with ws.db.session() as s:
         f = Flag.__table__
         rows = s.execute(_reach(_flag_seed(f.c.cleared_at.is_(None)))).all()
@@ -216,10 +245,7 @@ def affected(ws: Workspace) -> dict[str, list[FlagInfo]]:
         active = list(s.scalars(select(Flag).where(Flag.cleared_at.is_(None))))
         names = _target_names(s, active)
         infos = {r.id: _info(r, names[r.id]) for r in active}
-    out: dict[str, list[FlagInfo]] = defaultdict(list)
-    for a in _collect(rows):
-        out[a.version_id] = [infos[i] for i in a.flag_ids]
-    return dict(out)
+    return {a.version_id: Reach(tuple(infos[i] for i in a.flag_ids), a.direct) for a in _collect(rows)}
 
 
 def flags_reaching(ws: Workspace, version_id: str) -> list[FlagInfo]:

@@ -58,11 +58,14 @@ def tree(metric: str = typer.Option(None, "--metric", help="A task metric (chrf,
                                     "score on its own tasks against its parent, and on its parent's tasks.")) -> None:
     """The tree: node, layer, relation, size, perplexity on its own and its parent's split, status."""
     from ..lineage import tree_rows
+    from ..risk import reach
 
     if metric is not None:
         _task_tree(metric)
         return
-    rows = tree_rows(open_ws())
+    ws = open_ws()
+    rows = tree_rows(ws)
+    flags = reach(ws)  # one query for every node
     if not rows:
         out.print("the registry is empty; run `stemma build`")
         return
@@ -77,9 +80,18 @@ def tree(metric: str = typer.Option(None, "--metric", help="A task metric (chrf,
             "  " * r.depth + r.path, r.layer, r.relation or "-", r.version.short if r.version else "-",
             human_params(r.params), human_bytes(r.bytes), fmt(r.ppl_own) + gain, fmt(r.parent_ppl_own),
             fmt(r.ppl_parent_split) + forg, fmt(r.parent_ppl_parent_split),
-            {"ok": "[green]ok[/green]", "stale": "[yellow]stale[/yellow]"}.get(r.status, f"[red]{r.status}[/red]"),
+            {"ok": "[green]ok[/green]", "stale": "[yellow]stale[/yellow]"}.get(r.status, f"[red]{r.status}[/red]")
+            + _risk_mark(flags.get(r.version.id) if r.version else None),
         )
     out.print(t)
+
+
+def _risk_mark(r) -> str:
+    """``flagged #1`` (a flag names the version or its training data) or ``affected #1`` (through an ancestor), on a
+    line of its own in the status cell."""
+    if r is None:
+        return ""
+    return f"\n[bold red]{r.mark} {','.join(f'#{f.id}' for f in r.flags)}[/bold red]"
 
 
 def _task_tree(metric: str) -> None:
@@ -130,8 +142,20 @@ def show(ref: str = typer.Argument(..., help="node, node@version-prefix, or vers
 
     doc = {"id": v.id, "node": v.row.node_path, "created_at": v.row.created_at.isoformat(), "bytes": v.row.bytes,
            "datasets": {role: {"id": d, "name": ws.resolve_dataset(d).name} for role, d in ds.items()},
-           "metrics": metrics, "tasks": task_summary(ws, v.id), "manifest": v.manifest}
+           "metrics": metrics, "tasks": task_summary(ws, v.id), "flags": _flags_of(ws, v.id),
+           "manifest": v.manifest}
     out.print_json(json.dumps(doc, default=str))
+
+
+def _flags_of(ws, version_id: str) -> list[dict]:
+    """The active flags reaching a version, each marked ``direct`` (on it or its data) or through an ancestor."""
+    from ..risk import reach
+
+    r = reach(ws).get(version_id)
+    if r is None:
+        return []
+    return [{"id": f.id, "severity": f.severity, "reason": f.reason, "target": f"{f.target_kind} {f.target_name}",
+             "by": f.created_by, "at": f.created_at.isoformat(), "direct": f.id in r.direct} for f in r.flags]
 
 
 @app.command()
