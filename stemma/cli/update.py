@@ -41,14 +41,29 @@ def register(node: str = typer.Argument(..., help="Node the contributor may upda
 
 @update_app.command("contributors")
 def list_contributors(node: str = typer.Argument(None)):
-    """Registered contributors (of one node, or all)."""
+    """Registered contributors (of one node, or all), with revoked keys and why."""
     from ..update.service import contributors
 
     ws, out, _ = _ctx()
-    t = Table("node", "contributor", "public key")
+    t = Table("node", "contributor", "public key", "status")
     for c in contributors(ws, node):
-        t.add_row(c.node_path, c.name, c.public_key)
+        status = "active" if c.revoked_at is None else (
+            f"revoked {c.revoked_at:%Y-%m-%d %H:%M} by {c.revoked_by}: {c.revoked_reason}")
+        t.add_row(c.node_path, c.name, c.public_key, status)
     out.print(t)
+
+
+@update_app.command("revoke")
+def revoke(contributor: str = typer.Argument(..., help="The contributor's registered name."),
+           node: str = typer.Option(..., "--node", help="The node the key was registered for."),
+           reason: str = typer.Option(..., "--reason", help="Why (recorded with who and when).")):
+    """Revoke a contributor's key: its updates are refused from now on, and rounds leave out its pending ones."""
+    from ..update.service import revoke as run
+
+    ws, out, _ = _ctx()
+    row = run(ws, node, contributor, reason)
+    out.print(f"revoked {row.name}'s key for {row.node_path} ({row.public_key[:16]}…): {row.revoked_reason}",
+              highlight=False)
 
 
 @update_app.command("train")

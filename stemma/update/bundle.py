@@ -7,11 +7,13 @@ parent's gate uses to check that the aggregate helps the contributors.
 
 Metadata: ``stemma.update`` (the header, canonical JSON) and ``stemma.signature`` (ed25519, hex) over
 sha256(header || tensor digest). safetensors holds no code, so reading a hostile file cannot run anything;
-it is checked before its tensors are trusted.
+still, before anything parses it, the file is scanned (`stemma.scan`, modelscan): a pickle (bare, or in a
+PyTorch archive) is refused with the scanner's finding, and the passing scan comes back with the file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -26,6 +28,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..errors import StemmaError
+from ..scan import check_bytes
 from ..store import canonical_json
 from .keys import SignatureError, sign
 
@@ -33,6 +36,8 @@ FORMAT = 1
 HELDOUT = "heldout.ids"
 MAX_BYTES = 4 << 30
 KINDS = ("lora", "full")
+RESERVED = ("received",)
+"""Header fields the server writes into an update's record (`stemma.update.service.submit`), never a sender."""
 
 
 class UpdateError(StemmaError):
@@ -59,6 +64,8 @@ class UpdateFile:
     delta: dict[str, torch.Tensor]
     heldout: torch.Tensor | None
     raw: bytes
+    scan: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The passing scan of the file (`stemma.scan.ScanReport.record`)."""
 
     @property
     def id(self) -> str:
@@ -126,6 +133,7 @@ def decode(raw: bytes, source: str = "update") -> UpdateFile:
     """Parse an update file; checks structure, not the signature (see `stemma.update.service.verify`)."""
     if len(raw) > MAX_BYTES:
         raise UpdateError(f"{source}: {len(raw)} bytes is larger than an update may be")
+    scan = check_bytes(raw, source).record()
     try:
         meta = _metadata(raw)
         tensors = st_load(raw)
@@ -141,6 +149,9 @@ def decode(raw: bytes, source: str = "update") -> UpdateFile:
                        ("n_examples", int), ("n_tokens", int)):
         if not isinstance(header.get(field), typ):
             raise UpdateError(f"{source}: header field {field!r} missing or not a {typ.__name__}")
+    for reserved in RESERVED:
+        if reserved in header:
+            raise UpdateError(f"{source}: header field {reserved!r} is reserved for the receiving server")
     if header.get("format") != FORMAT:
         raise UpdateError(f"{source}: update format {header.get('format')!r} is not {FORMAT}")
     if header["kind"] not in KINDS:
@@ -160,7 +171,7 @@ def decode(raw: bytes, source: str = "update") -> UpdateFile:
             raise UpdateError(f"{source}: delta {name} is not floating point")
         if not bool(torch.isfinite(t).all()):
             raise UpdateError(f"{source}: delta {name} holds NaN or infinite values")
-    return UpdateFile(header=header, signature=sig, delta=tensors, heldout=heldout, raw=raw)
+    return UpdateFile(header=header, signature=sig, delta=tensors, heldout=heldout, raw=raw, scan=scan)
 
 
 def read(path: str | Path) -> UpdateFile:

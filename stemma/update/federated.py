@@ -2,10 +2,10 @@
 
 The server names the node's current version in its fit instructions; each client trains an update on its own
 data against its own copy of that version and answers with the signed update file (bytes in the fit
-metrics); the raw data never leaves the client. The server verifies every answer exactly as
-`stemma update submit` does (unsigned, wrongly signed, unregistered or mismatched updates are refused and
-stored nowhere), then aggregates the verified ones with the node's gate strategy and judges the result with
-the node's gate: the same code as `stemma update aggregate`.
+metrics); the raw data never leaves the client. The server scans and verifies every answer exactly as
+`stemma update submit` does (pickles, unsigned, wrongly signed, unregistered, revoked, replayed, stale or
+mismatched updates are refused and stored nowhere), then aggregates the verified ones with the node's gate
+strategy and judges the result with the node's gate: the same code as `stemma update aggregate`.
 
 Transport: Flower's gRPC server and client (`flwr.server.start_server`, `flwr.client.start_client`), which
 run as plain processes on a host and port. Flower marks them deprecated in favour of its SuperLink and

@@ -1,7 +1,10 @@
 """Updates through the registry: contributors, submission, aggregation rounds behind the gate, offers to siblings.
 
 Order of every write is the workspace's: blobs first, then one registry transaction. A refused update is
-stored nowhere (it is verified from memory before its blob is written).
+stored nowhere (it is scanned and verified from memory before its blob is written). Refused at submission: an
+unscanned-safe file, a contributor not registered for the node or whose key was revoked, a bad signature, a
+replay (the same file, or the same signed content in another file) of an update already submitted, an update
+made against any version but the node's current one, and anything that does not fit that version.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import dataclasses
 import json
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +48,39 @@ def register_contributor(ws: Workspace, node: str, name: str, public_key: str) -
         if row is not None:
             if row.public_key != pub:
                 raise StemmaError(f"{name} is already registered for {node} with another key")
+            if row.revoked_at is not None:
+                raise StemmaError(f"{name}'s key for {node} was revoked ({row.revoked_reason}); it cannot come back")
             return row
+        gone = s.scalar(select(Contributor).where(Contributor.node_path == node, Contributor.public_key == pub,
+                                                  Contributor.revoked_at.is_not(None)))
+        if gone is not None:
+            raise StemmaError(f"that key was revoked for {node} (as {gone.name}: {gone.revoked_reason}); refused")
         row = Contributor(node_path=node, name=name, public_key=pub)
         s.add(row)
     return row
+
+
+def revoke(ws: Workspace, node: str, name: str, reason: str, by: str | None = None) -> Contributor:
+    """Revoke a contributor's key for a node: recorded (when, by whom, why), never deleted. From then on its
+    updates are refused at submission, and rounds leave out the ones still pending."""
+    from ..risk import actor
+
+    reason = " ".join(reason.split())
+    if not reason or len(reason) > 2000:
+        raise StemmaError("a revocation needs a reason of 1-2000 characters")
+    with ws.db.session() as s:
+        row = s.scalar(select(Contributor).where(Contributor.node_path == node, Contributor.name == name))
+        if row is None:
+            raise StemmaError(f"{name!r} is not a contributor of {node}; see `stemma update contributors`")
+        if row.revoked_at is not None:
+            raise StemmaError(f"{name}'s key for {node} was already revoked {_when(row.revoked_at)} by "
+                              f"{row.revoked_by} ({row.revoked_reason})")
+        row.revoked_at, row.revoked_by, row.revoked_reason = datetime.now(timezone.utc), by or actor(), reason
+    return row
+
+
+def _when(t: datetime) -> str:
+    return t.strftime("%Y-%m-%d %H:%M UTC")
 
 
 def contributors(ws: Workspace, node: str | None = None) -> list[Contributor]:
@@ -79,11 +112,19 @@ def verify(ws: Workspace, upd: bundle.UpdateFile) -> tuple[VersionInfo, Contribu
         version = s.get(Version, h["parent"])
     if contributor is None:
         raise StemmaError(f"contributor {h['contributor']!r} is not registered for node {node}; refused")
+    if contributor.revoked_at is not None:
+        raise StemmaError(f"{contributor.name}'s key for {node} was revoked {_when(contributor.revoked_at)} by "
+                          f"{contributor.revoked_by} ({contributor.revoked_reason}); refused")
     verify_signature(contributor.public_key, upd.signature, upd.digest)
     if version is None:
         raise StemmaError(f"update names parent version {h['parent'][:12]}, which is not in the registry; refused")
     if version.node_path != node:
         raise StemmaError(f"update names version {h['parent'][:12]} of {version.node_path}, not of {node}; refused")
+    _refuse_replay(ws, upd, contributor)
+    current = ws.node(node).current_version
+    if version.id != current:
+        raise StemmaError(f"update was made against {node}@{version.id[:12]}, but {node} has moved on to "
+                          f"{(current or '?')[:12]}; train it again against the current version; refused")
     if h["tokenizer"] != version.tokenizer:
         raise TokenizerMismatchError(f"update was made with tokenizer {h['tokenizer'][:12]}, {node}@"
                                      f"{version.id[:12]} uses {version.tokenizer[:12]}; refused")
@@ -100,20 +141,40 @@ def verify(ws: Workspace, upd: bundle.UpdateFile) -> tuple[VersionInfo, Contribu
     return ws.version(version.id), contributor
 
 
+def _refuse_replay(ws: Workspace, upd: bundle.UpdateFile, contributor: Contributor) -> None:
+    """An update already submitted comes back: the same file, or its signed content in another container (the
+    signature covers the header and the tensors, not the file's bytes, so the file's hash alone would miss it)."""
+    digest = upd.digest.hex()
+    with ws.db.session() as s:
+        seen = s.get(Update, upd.id)
+        if seen is None:
+            for row in s.scalars(select(Update).where(Update.contributor_id == contributor.id)):
+                received = row.header.get("received") or {}
+                if received.get("digest") == digest or (
+                        "digest" not in received and {k: v for k, v in row.header.items() if k != "received"}
+                        == upd.header):
+                    seen = row
+                    break
+    if seen is not None:
+        state = {"pending": "waiting for a round", "used": f"used in round {(seen.round_id or '?')[:12]}",
+                 "excluded": f"left out of round {(seen.round_id or '?')[:12]}"}.get(seen.status, seen.status)
+        same = "this file" if seen.id == upd.id else "its signed content"
+        raise StemmaError(f"replay: {same} was already submitted as update {seen.id[:12]} by {contributor.name} "
+                          f"({state}); refused")
+
+
 def submit(ws: Workspace, raw: bytes, source: str = "update") -> Update:
-    """Verify and store an update; the same file twice is one update."""
+    """Scan, verify and store an update; its record keeps the signed header, the signed digest and the scan."""
     upd = bundle.decode(raw, source)
     version, contributor = verify(ws, upd)
     digest = ws.store.put_bytes(raw)
     assert digest == upd.id
+    received = {"digest": upd.digest.hex(), "scan": upd.scan}
     with ws.db.session() as s:
-        row = s.get(Update, upd.id)
-        if row is None:
-            row = Update(id=upd.id, node_path=version.row.node_path, parent_id=version.id,
-                         contributor_id=contributor.id, kind=upd.header["kind"],
-                         n_examples=upd.header["n_examples"], n_tokens=upd.header["n_tokens"], header=upd.header,
-                         status="pending")
-            s.add(row)
+        row = Update(id=upd.id, node_path=version.row.node_path, parent_id=version.id,
+                     contributor_id=contributor.id, kind=upd.header["kind"], n_examples=upd.header["n_examples"],
+                     n_tokens=upd.header["n_tokens"], header={**upd.header, "received": received}, status="pending")
+        s.add(row)
     return row
 
 
@@ -318,8 +379,12 @@ def run_round(ws: Workspace, target: VersionInfo, delta_updates: list[bundle.Upd
               contributors_: list[str], gate: GateConfig, reporter: Reporter, *, strategy: str | None = None,
               strategy_config: dict | None = None, source_round: str | None = None,
               precomputed: tuple[dict[str, torch.Tensor], list[int], dict] | None = None,
-              heldout: torch.Tensor | None = None) -> RoundResult:
-    """Aggregate (or take ``precomputed``), build the candidate, judge it, record the round; register if accepted."""
+              heldout: torch.Tensor | None = None, excluded: dict[str, str] | None = None) -> RoundResult:
+    """Aggregate (or take ``precomputed``), build the candidate, judge it, record the round; register if accepted.
+
+    ``excluded``: pending updates this round leaves out (update id -> why); they are marked ``excluded`` with the
+    round, and the round's reasons say so."""
+    excluded = excluded or {}
     name = strategy or gate.strategy
     params = strategy_config if strategy_config is not None else gate.strategy_config
     if precomputed is None:
@@ -336,11 +401,13 @@ def run_round(ws: Workspace, target: VersionInfo, delta_updates: list[bundle.Upd
     cand = make_candidate(ws, target, delta, gate)
     verdict = _gate(ws, target, cand, heldout, len(set(contributors_)), gate, reporter)
     verdict.metrics["aggregate"] = {**info, "norm": bundle.delta_norm(delta), **cand.info}
+    verdict.reasons.extend(f"left out update {uid[:12]}: {why}" for uid, why in sorted(excluded.items()))
     delta_blob = ws.store.put_bytes(st_save({k: v.contiguous() for k, v in delta.items()},
                                             metadata={"heldout": "1"} if heldout is not None else None))
     held_blob = ws.store.put_bytes(st_save({"ids": heldout})) if heldout is not None else None
     record = {"node": target.row.node_path, "parent": target.id, "strategy": name, "config": params,
-              "updates": update_ids, "delta": delta_blob, "heldout": held_blob, "source_round": source_round}
+              "updates": update_ids, "delta": delta_blob, "heldout": held_blob, "source_round": source_round,
+              **({"excluded": sorted(excluded)} if excluded else {})}
     round_id = sha256_bytes(canonical_json(record))
     version = _register_update_version(ws, target, cand, round_id, record) if verdict.accepted else None
     if version is not None:
@@ -359,6 +426,10 @@ def run_round(ws: Workspace, target: VersionInfo, delta_updates: list[bundle.Upd
             u = s.get(Update, uid)
             if u is not None and source_round is None:
                 u.status, u.round_id = "used", round_id
+        for uid in excluded:
+            u = s.get(Update, uid)
+            if u is not None and u.status == "pending":
+                u.status, u.round_id = "excluded", round_id
     return RoundResult(row, verdict, version)
 
 
@@ -368,12 +439,19 @@ def _jsonable(x):
 
 def aggregate(ws: Workspace, node: str, reporter: Reporter | None = None, strategy: str | None = None,
               strategy_config: dict | None = None) -> RoundResult:
-    """One round over the node's pending updates against its current version (the newest per contributor)."""
+    """One round over the node's pending updates against its current version (the newest per contributor).
+
+    Pending updates whose contributor's key has been revoked since they were submitted are left out, and the
+    round's reasons say so."""
     reporter = reporter or NullReporter()
     gate = gate_for(ws, node)
     target = ws.resolve_version(node)
-    pending = [u for u in updates(ws, node, "pending") if u.parent_id == target.id]
-    stale = [u for u in updates(ws, node, "pending") if u.parent_id != target.id]
+    people = {c.id: c for c in contributors(ws, node)}
+    excluded = {u.id: f"{people[u.contributor_id].name}'s key was revoked ({people[u.contributor_id].revoked_reason})"
+                for u in updates(ws, node, "pending") if people[u.contributor_id].revoked_at is not None}
+    live = [u for u in updates(ws, node, "pending") if u.id not in excluded]
+    pending = [u for u in live if u.parent_id == target.id]
+    stale = [u for u in live if u.parent_id != target.id]
     if stale:
         reporter.log(f"{node}: {len(stale)} pending update(s) were made against an older version and wait for "
                      "their contributors to retrain")
@@ -382,11 +460,11 @@ def aggregate(ws: Workspace, node: str, reporter: Reporter | None = None, strate
         latest[u.contributor_id] = u
     chosen = sorted(latest.values(), key=lambda u: u.id)
     if not chosen:
-        raise StemmaError(f"{node}: no pending updates against its current version {target.short}")
-    names = {c.id: c.name for c in contributors(ws, node)}
+        left_out = f" ({len(excluded)} from revoked keys left out)" if excluded else ""
+        raise StemmaError(f"{node}: no pending updates against its current version {target.short}{left_out}")
     files = [bundle.decode(ws.store.get_bytes(u.id), u.id[:12]) for u in chosen]
-    return run_round(ws, target, files, [u.id for u in chosen], [names[u.contributor_id] for u in chosen], gate,
-                     reporter, strategy=strategy, strategy_config=strategy_config)
+    return run_round(ws, target, files, [u.id for u in chosen], [people[u.contributor_id].name for u in chosen],
+                     gate, reporter, strategy=strategy, strategy_config=strategy_config, excluded=excluded)
 
 
 def offer(ws: Workspace, round_id: str, sibling: str, reporter: Reporter | None = None) -> RoundResult:

@@ -73,6 +73,16 @@ def test_update_cli_golden_path_and_errors(tree_copy, capsys, monkeypatch, tmp_p
     assert "round" in out and ("accepted" in out or "rejected" in out)
     code, out, err = run(capsys, monkeypatch, "update", "rounds", node)
     assert code == 0 and "trimmed_mean" in out
+    code, out, err = run(capsys, monkeypatch, "update", "submit", tmp_path / "u1.update")
+    assert code == 1 and "replay: this file was already submitted" in err and "used in round" in err, err
+    code, out, err = run(capsys, monkeypatch, "update", "revoke", "site-0", "--node", node, "--reason", "lost laptop")
+    assert code == 0 and "revoked site-0's key" in out, err
+    for args, msg in [(("update", "revoke", "site-0", "--node", node, "--reason", "again"), "already revoked"),
+                      (("update", "revoke", "nobody", "--node", node, "--reason", "x"), "not a contributor")]:
+        code, out, err = run(capsys, monkeypatch, *args)
+        assert code == 1 and msg in err and len(err.strip().splitlines()) == 1, (args, err)
+    code, out, err = run(capsys, monkeypatch, "update", "contributors", node)
+    assert code == 0 and "revoked" in out and "lost" in out and "active" in out, out
     code, out, err = run(capsys, monkeypatch, "fsck")
     assert code == 0, out
 

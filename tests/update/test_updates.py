@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from stemma.errors import StemmaError
+from stemma.errors import StemmaError, UnsafeArtifactError
 from stemma.update import bundle, keys, service
 from stemma.update.local import LocalTrainConfig, make_update
 
@@ -103,8 +103,49 @@ def test_signed_update_round_trip_and_refusals(tree_copy, tmp_path):
 
     row = service.submit(ws, path.read_bytes(), str(path))
     assert row.parent_id == target.id and row.status == "pending"
-    assert service.submit(ws, path.read_bytes(), str(path)).id == row.id  # idempotent
+    scan = row.header["received"]["scan"]
+    assert scan["scanner"] == "modelscan" and scan["files"] == ["update.safetensors"] and scan["issues"] == []
+    assert row.header["received"]["digest"] == upd.digest.hex()
+    stored = _blob_count(tree_copy["home"])
+    with pytest.raises(StemmaError, match=r"replay: this file was already submitted .*\(waiting for a round\)"):
+        service.submit(ws, path.read_bytes(), str(path))
+    # The same signed content in another container (the safetensors header padded): still a replay.
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    repacked = (n + 8).to_bytes(8, "little") + raw[8:8 + n] + b" " * 8 + raw[8 + n:]
+    assert bundle.decode(repacked).digest == upd.digest and bundle.decode(repacked).id != upd.id
+    with pytest.raises(StemmaError, match="replay: its signed content was already submitted"):
+        service.submit(ws, repacked, "repacked")
+    assert _blob_count(tree_copy["home"]) == stored and len(service.updates(ws, node)) == 1
     assert ws.fsck().clean
+
+
+class _System:
+    """Unpickling this runs a shell command. It is only ever written here, never loaded."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo owned > /tmp/stemma-owned",))
+
+
+def test_pickled_update_is_refused_with_the_scanners_finding(tree_copy, tmp_path):
+    import io
+    import pickle
+
+    ws = tree_copy["ws"]
+    before = _blob_count(tree_copy["home"])
+    bare = pickle.dumps({"delta": _System()}, protocol=4)
+    archive = io.BytesIO()
+    torch.save({"delta": _System()}, archive)  # PyTorch's zip format, its pickle inside
+    harmless = pickle.dumps({"delta": [0.0, 1.0]})
+    for raw, msg in [(bare, r"update.pkl imports posix.system \(CRITICAL\)"),
+                     (archive.getvalue(), r"update.pt:\S*data.pkl imports posix.system \(CRITICAL\)"),
+                     (harmless, "update.pkl is pickle-based")]:
+        with pytest.raises(UnsafeArtifactError, match=msg) as e:
+            service.submit(ws, raw, "sent.update")
+        assert "\n" not in str(e.value) and str(e.value).startswith("sent.update: ") and "modelscan" in str(e.value)
+    assert _blob_count(tree_copy["home"]) == before and service.updates(ws, "en/software") == []
 
 
 def test_round_rejected_without_enough_contributors_is_kept_with_reasons(tree_copy, tmp_path):
@@ -196,6 +237,7 @@ def test_stale_updates_against_older_versions_are_not_aggregated(tree_copy, tmp_
     node = "en/legal"
     whos = _contributors(ws, tmp_path, node, 1)
     service.submit(ws, _make(ws, tmp_path, node, whos[0], 0).read_bytes())
+    late = _make(ws, tmp_path, node, whos[0], 1)
     # The node moves on (a rebuild with another config) before anyone aggregates.
     spec = yaml.safe_load(tree_copy["spec"].read_text())
     spec["nodes"][node]["config"]["steps"] = 12
@@ -206,6 +248,44 @@ def test_stale_updates_against_older_versions_are_not_aggregated(tree_copy, tmp_
     build(ws, load_spec(tree_copy["spec"]))
     with pytest.raises(StemmaError, match="no pending updates against its current version"):
         service.aggregate(ws, node)
+    # Made against the version the node has moved past, submitted now: refused, nothing stored.
+    with pytest.raises(StemmaError, match=f"but {node} has moved on to .*train it again"):
+        service.submit(ws, late.read_bytes(), str(late))
+    assert len(service.updates(ws, node)) == 1
+
+
+def test_revoked_key_is_refused_and_its_pending_updates_are_left_out(tree_copy, tmp_path):
+    ws = tree_copy["ws"]
+    node = "en/legal"
+    _set_gate(tree_copy, node, {"strategy": "fedavg", "min_contributors": 1, "max_own_rise": 1.0,
+                                "max_child_rise": 1.0})
+    good, bad = _contributors(ws, tmp_path, node, 2)
+    kept = service.submit(ws, _make(ws, tmp_path, node, good, 0).read_bytes())
+    pending = service.submit(ws, _make(ws, tmp_path, node, bad, 1).read_bytes())
+    later = _make(ws, tmp_path, node, bad, 2)
+    row = service.revoke(ws, node, bad[0], "key found in a public repository", by="ops")
+    assert row.revoked_at is not None and row.revoked_by == "ops"
+    with pytest.raises(StemmaError, match="already revoked .* by ops"):
+        service.revoke(ws, node, bad[0], "again")
+    with pytest.raises(StemmaError, match="not a contributor"):
+        service.revoke(ws, node, "nobody", "why")
+    before = _blob_count(tree_copy["home"])
+    with pytest.raises(StemmaError, match=f"{bad[0]}'s key for {node} was revoked .* by ops \\(key found in a "
+                                          "public repository\\); refused"):
+        service.submit(ws, later.read_bytes(), str(later))
+    assert _blob_count(tree_copy["home"]) == before
+    with pytest.raises(StemmaError, match="revoked"):
+        service.register_contributor(ws, node, bad[0], Path(f"{bad[1]}.pub").read_text())
+    with pytest.raises(StemmaError, match="that key was revoked"):
+        service.register_contributor(ws, node, "new-name", Path(f"{bad[1]}.pub").read_text())
+    res = service.aggregate(ws, node)
+    assert res.round.update_ids == [kept.id]
+    left_out = f"left out update {pending.id[:12]}: {bad[0]}'s key was revoked"
+    assert any(r.startswith(left_out) for r in res.round.reasons), res.round.reasons
+    status = {u.id: (u.status, u.round_id) for u in service.updates(ws, node)}
+    assert status[pending.id] == ("excluded", res.round.id) and status[kept.id] == ("used", res.round.id)
+    listed = {c.name: c for c in service.contributors(ws, node)}
+    assert listed[bad[0]].revoked_reason == "key found in a public repository" and listed[good[0]].revoked_at is None
 
 
 def test_spec_rejects_bad_gate_and_rebase(tmp_path):
