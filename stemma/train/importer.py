@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import StemmaError
+from ..licenses import checkpoint_license, parse_release_license
 from ..models import families
 from ..models.arch import count_params
 from ..models.io import check_safe_checkpoint, load_hf_dir, save_model_files
@@ -28,6 +29,9 @@ class ImportConfig:
     path: str
     """Checkpoint directory (config.json, *.safetensors, tokenizer.json); relative paths are resolved against
     the directory of stemma.yaml."""
+    license: str | None = None
+    """The checkpoint's licence (an SPDX expression); its obligations reach every version derived from it
+    (`stemma.licenses`). The checkpoint's own README metadata or LICENSE text is recorded as well."""
 
 
 def _resolve(cfg: ImportConfig, spec_dir: Path) -> Path:
@@ -65,7 +69,8 @@ class Import(BuildMethod):
     needs_dataset = False
 
     def recipe_config(self, cfg: ImportConfig) -> dict:
-        return {}  # the path only locates the checkpoint; its content (recipe_inputs) identifies it
+        # the path only locates the checkpoint; its content (recipe_inputs) identifies it
+        return {"license": cfg.license} if cfg.license else {}
 
     def recipe_inputs(self, cfg: ImportConfig, spec_dir: Path) -> dict:
         path = _resolve(cfg, spec_dir)
@@ -75,7 +80,13 @@ class Import(BuildMethod):
         if not (path / "tokenizer.json").is_file():
             raise StemmaError(f"{path}: no tokenizer.json (a fast tokenizer is required to share it across the tree)")
         files = [*safes, path / "config.json", path / "tokenizer.json"]
-        return {"checkpoint": {f.name: sha256_file(f) for f in files}}
+        if cfg.license:
+            try:
+                parse_release_license(cfg.license)
+            except StemmaError as e:
+                raise StemmaError(f"import config license: {e}") from None
+        stated = checkpoint_license(path)
+        return {"checkpoint": {f.name: sha256_file(f) for f in files}, **({"license": stated} if stated else {})}
 
     def run(self, ctx: BuildContext, cfg: ImportConfig) -> BuildOutput:
         from tokenizers import Tokenizer

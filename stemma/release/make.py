@@ -1,0 +1,135 @@
+"""`stemma release`: a signed directory with the model's files, a model card and an ML-BOM, and a row in `releases`.
+
+Refused, before anything is written, with every reason at once: the node's release gate fails (or the version is
+not the node's current one, which the gate judges), a risk flag reaches the version, the release licence drops an
+obligation of the lineage (or none is given and the obligations imply none), the key is not an EC P-256 private key,
+or the format does not fit the version. Otherwise the directory is written beside DIR: the files as `stemma pull`
+(``hf``, ``gguf``) or `stemma export` (``adapter``) write them, ``README.md`` (the model card), ``signing-key.pub``,
+``bom.cdx.json`` (listing every file above with its sha256) and ``model.sig`` (over every file), then renamed into
+place; the `releases` row follows. Any failure leaves no DIR and no row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import StemmaError
+from ..licenses import licensing, parse_release_license
+from ..store import sha256_file
+from ..workspace import VersionInfo, Workspace
+from . import card
+from .bom import BOM_FILE, make_bom
+from .facts import gather
+from .signing import PUBLIC_KEY, SIGNATURE, public_key_pem, sign
+
+FORMATS = ("hf", "adapter", "gguf")
+
+
+@dataclass(frozen=True)
+class Released:
+    path: Path
+    version: str
+    node: str
+    format: str
+    license: str
+    bom_digest: str
+    release_id: int
+    files: int
+
+
+def refusals(ws: Workspace, v: VersionInfo, fmt: str, license: str | None) -> tuple[str | None, list[str], list[str]]:
+    """(release licence, the gate's lines, reasons to refuse) for releasing ``v`` as ``fmt``."""
+    from ..evaluate.gate import judge
+    from ..lineage import ADAPTER
+    from ..risk import flags_reaching
+
+    reasons: list[str] = []
+    if fmt not in FORMATS:
+        reasons.append(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
+    elif fmt == "adapter" and ws.plan(v.id).kind != ADAPTER:
+        reasons.append(f"{v.row.node_path} is a {v.row.relation} version, not an adapter: release it as hf or gguf")
+    node = ws.node(v.row.node_path)
+    lines: list[str] = []
+    if node is not None and node.release_gate:
+        if node.current_version != v.id:
+            reasons.append(f"release gate: it judges {v.row.node_path}'s current version, not {v.short}")
+        else:
+            _, thresholds = judge(ws, v.row.node_path)
+            lines = [t.reason for t in thresholds]
+            reasons += [f"release gate: {t.reason}" for t in thresholds if not t.ok]
+    reasons += [f"risk: {f.label}" for f in flags_reaching(ws, v.id)]
+    lic = licensing(ws, v.id)
+    if license is not None:
+        license = parse_release_license(license)
+        reasons += [f"licence: {c}" for c in lic.conflicts(license)]
+    elif lic.implied is None:
+        ids = ", ".join(sorted({o.license for o in lic.obligations})) or "none recorded"
+        reasons.append(f"licence: the obligations ({ids}) imply no single licence; pass --license SPDX")
+    return license or lic.implied, lines, reasons
+
+
+def release(ws: Workspace, ref: str, out: Path, key: Path, fmt: str = "hf", license: str | None = None,
+            by: str | None = None) -> Released:
+    """Release the version ``ref`` names into ``out`` (see the module docstring)."""
+    from ..registry.tables import Release
+    from ..risk import actor
+
+    v = ws.resolve_version(ref)
+    out = Path(out).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise StemmaError(f"{out} exists and is not empty; choose another --out")
+    pub = public_key_pem(key)
+    license, gate_lines, reasons = refusals(ws, v, fmt, license)
+    if reasons:
+        raise StemmaError(f"release of {v.row.node_path}@{v.short} refused: {'; '.join(reasons)}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise StemmaError(f"cannot write to {out.parent}: {e.strerror}") from None
+    try:
+        stage = _write_files(ws, v, fmt, tmp / "release")
+        facts = gather(ws, v, fmt, license, gate_lines)
+        meta = card.metadata(facts)
+        (stage / "README.md").write_text(card.render(facts, meta))
+        (stage / PUBLIC_KEY).write_bytes(pub)
+        files = {p.relative_to(stage).as_posix(): sha256_file(p) for p in sorted(stage.rglob("*")) if p.is_file()}
+        bom_text = make_bom(facts, files)
+        (stage / BOM_FILE).write_text(bom_text)
+        sign(stage, key)
+        if out.exists():
+            out.rmdir()
+        os.replace(stage, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    bom_digest = hashlib.sha256(bom_text.encode()).hexdigest()
+    try:
+        with ws.db.session() as s:
+            row = Release(version_id=v.id, format=fmt, license=license, bom_digest=bom_digest, card=meta,
+                          created_by=by or actor())
+            s.add(row)
+            s.flush()
+            rid = row.id
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return Released(out, v.id, v.row.node_path, fmt, license, bom_digest, rid, len(files) + 2)
+
+
+def _write_files(ws: Workspace, v: VersionInfo, fmt: str, stage: Path) -> Path:
+    """The model's files as `stemma pull` or `stemma export` write them."""
+    if fmt == "adapter":
+        from ..export import export
+
+        return export(ws, v.id, stage, fmt="adapter")
+    from ..pull import pull
+
+    return pull(ws, v, stage, fmt=fmt)
+
+
+__all__ = ["FORMATS", "Released", "SIGNATURE", "refusals", "release"]
