@@ -57,6 +57,7 @@ def build(
 def tree(metric: str = typer.Option(None, "--metric", help="A task metric (chrf, accuracy, ...): each node's "
                                     "score on its own tasks against its parent, and on its parent's tasks.")) -> None:
     """The tree: node, layer, relation, size, perplexity on its own and its parent's split, status."""
+    from ..licenses import licensing
     from ..lineage import tree_rows
     from ..risk import reach
 
@@ -70,8 +71,10 @@ def tree(metric: str = typer.Option(None, "--metric", help="A task metric (chrf,
         out.print("the registry is empty; run `stemma build`")
         return
     t = Table("node", "layer", "relation", "version", "params", "bytes", "ppl own split (vs parent)",
-              "parent on own split", "ppl parent split (forgetting)", "parent on its split", "status",
-              title="stemma tree", caption="perplexity on held-out test splits; lower is better")
+              "parent on own split", "ppl parent split (forgetting)", "parent on its split", "licence", "status",
+              title="stemma tree", caption="perplexity on held-out test splits; lower is better; licence: the one "
+              "the licence obligations of the lineage imply, or ? and the kinds that need --license to release")
+    sources: dict = {}  # each version's own licence sources, read once for the whole tree
     for r in rows:
         fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
         gain = "" if r.gain is None else f" ({r.gain:+.0%})"
@@ -80,6 +83,7 @@ def tree(metric: str = typer.Option(None, "--metric", help="A task metric (chrf,
             "  " * r.depth + r.path, r.layer, r.relation or "-", r.version.short if r.version else "-",
             human_params(r.params), human_bytes(r.bytes), fmt(r.ppl_own) + gain, fmt(r.parent_ppl_own),
             fmt(r.ppl_parent_split) + forg, fmt(r.parent_ppl_parent_split),
+            licensing(ws, r.version.id, sources).summary if r.version else "-",
             {"ok": "[green]ok[/green]", "stale": "[yellow]stale[/yellow]"}.get(r.status, f"[red]{r.status}[/red]")
             + _risk_mark(flags.get(r.version.id) if r.version else None),
         )
@@ -139,11 +143,12 @@ def show(ref: str = typer.Argument(..., help="node, node@version-prefix, or vers
     metrics = [{"name": m.name, "dataset": m.dataset_id[:12] if m.dataset_id else None, "split": m.split,
                 "value": round(m.value, 4)} for m in ws.metrics_of(v.id)]
     from ..evaluate.suites import task_summary
+    from ..licenses import licensing
 
     doc = {"id": v.id, "node": v.row.node_path, "created_at": v.row.created_at.isoformat(), "bytes": v.row.bytes,
            "datasets": {role: {"id": d, "name": ws.resolve_dataset(d).name} for role, d in ds.items()},
            "metrics": metrics, "tasks": task_summary(ws, v.id), "flags": _flags_of(ws, v.id),
-           "manifest": v.manifest}
+           "licenses": licensing(ws, v.id).as_dict(), "manifest": v.manifest}
     out.print_json(json.dumps(doc, default=str))
 
 
