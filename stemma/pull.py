@@ -75,6 +75,9 @@ def model_card(ws: Workspace, v: VersionInfo, fmt: str, extra: dict | None = Non
     """A Hugging Face model card: YAML metadata (base model, relation, datasets, licence, metrics) and a summary."""
     import yaml
 
+    from .licenses import licensing
+    from .release.card import hf_license
+
     chain = ws.chain(v.id)
     parent = chain[-2] if len(chain) > 1 else None
     ds_rows = {}
@@ -82,7 +85,7 @@ def model_card(ws: Workspace, v: VersionInfo, fmt: str, extra: dict | None = Non
         for role, d in ws.version_datasets(c.id).items():
             if role == "train":
                 ds_rows[d] = ws.resolve_dataset(d)
-    licences = sorted({r.license for r in ds_rows.values() if r.license})
+    lic = licensing(ws, v.id)  # the obligations a release reads too
     metrics = []
     for m in ws.metrics_of(v.id):
         if m.dataset_id is None:
@@ -93,8 +96,8 @@ def model_card(ws: Workspace, v: VersionInfo, fmt: str, extra: dict | None = Non
                             "dataset": {"name": name, "type": f"stemma:{m.dataset_id}", "split": m.split}})
     meta = {
         "library_name": "gguf" if fmt == "gguf" else "transformers",
-        "license": "other" if not licences else ("other" if len(licences) > 1 else licences[0].split()[0].lower()),
-        "license_details": "; ".join(licences) or "not recorded",
+        **(hf_license(lic.implied) if lic.implied else {"license": "other"}),
+        "license_details": "; ".join(sorted({o.license for o in lic.obligations})) or "not recorded",
         "tags": ["stemma", v.row.node_path.split("/")[0], v.row.relation],
         "datasets": [f"stemma:{d}" for d in ds_rows],
         "model-index": [{"name": v.row.node_path, "results": [

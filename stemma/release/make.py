@@ -66,6 +66,8 @@ def refusals(ws: Workspace, v: VersionInfo, fmt: str, license: str | None) -> tu
     lic = licensing(ws, v.id)
     if license is not None:
         license = parse_release_license(license)
+        if len(license) > 400:  # the releases table's column
+            reasons.append(f"licence: the expression has {len(license)} characters, more than 400")
         reasons += [f"licence: {c}" for c in lic.conflicts(license)]
     elif lic.implied is None:
         ids = ", ".join(sorted({o.license for o in lic.obligations})) or "none recorded"

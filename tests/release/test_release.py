@@ -190,6 +190,20 @@ def test_a_gpl_dataset_under_a_child_needs_a_copyleft_release(tree_copy, key, tm
     assert (out / "model.safetensors").is_file()
     # Its default: the -only licence the dataset carries keeps every obligation of the lineage.
     assert release(ws, "en/software/gpl", tmp_path / "default", key[0]).license == "GPL-3.0-only"
+    from stemma.pull import model_card  # `stemma pull`'s card reads the same obligations
+
+    assert "license: gpl-3.0\n" in model_card(ws, v, "hf")
+
+
+def test_gguf_release_verifies(tree_copy, key, tmp_path):
+    from stemma.release import release, verify
+
+    out = tmp_path / "gguf"
+    r = release(tree_copy["ws"], "en/legal", out, key[0], fmt="gguf", license="GPL-3.0-or-later AND MIT")
+    assert (out / "model.gguf").is_file() and r.license == "GPL-3.0-or-later AND MIT"
+    card = _card(out)
+    assert card["library_name"] == "gguf" and card["base_model_relation"] == "finetune"
+    assert verify(out, key[1]).node == "en/legal"
 
 
 def test_a_failing_release_gate_refuses(tree_copy, key, tmp_path):
