@@ -36,9 +36,16 @@ def verify(
                                     "the release carries, which proves integrity but not origin."),
 ) -> None:
     """Check a release: its signature, every file's hash, and that its ML-BOM lists exactly its files."""
+    from ..errors import StemmaError
     from ..release import verify as run_verify
 
-    v = run_verify(directory, public_key)
+    try:
+        ws = open_ws()
+    except StemmaError:  # no stemma home here: nothing to compare with
+        ws = None
+    v = run_verify(directory, public_key, ws)
     how = "the given public key" if v.origin else \
         "the release's own public key: this proves integrity, not origin (pass --public-key to check the signer)"
     out.print(f"verified {v.path}: {v.node}@{v.version[:12]}, {v.files} files, signature by {how}", highlight=False)
+    if v.recorded:
+        out.print(f"recorded in this registry as {v.recorded}, signed with the key recorded there", highlight=False)

@@ -5,7 +5,8 @@ licence is one plain SPDX id, else ``other`` with ``license_name``; ``license_ex
 expression), ``base_model`` (``stemma:<parent version id>``: lineage is by content, not by a hub path),
 ``base_model_relation``, ``datasets`` (``stemma:<dataset id>``), ``metrics`` and ``model-index`` (perplexities on
 held-out splits, evaluation-suite scores), ``obligations`` (the licence obligations along the lineage), and ``stemma``
-(version, node, chain). The body: intended use, limitations, metrics, lineage, datasets, licence and obligations.
+(version, node, chain, the signing key's sha256). The body: intended use, limitations, metrics, lineage,
+datasets, licence and obligations.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def metadata(f: Facts) -> dict:
         "model-index": [{"name": v.row.node_path, "results": results}],
         "obligations": [{"license": o.license, "kinds": list(o.kinds), "from": o.carried}
                         for o in f.licensing.obligations],
-        "stemma": {"version": v.id, "node": v.row.node_path, "format": f.format,
+        "stemma": {"version": v.id, "node": v.row.node_path, "format": f.format, "signing_key": f.signing_key,
                    "chain": [{"node": c.row.node_path, "version": c.id, "relation": c.row.relation} for c in f.chain]},
     }
     if f.parent is not None:

@@ -57,6 +57,8 @@ class Facts:
     metrics: tuple[Metric, ...]
     gate: tuple[str, ...]
     """The release gate's lines (empty: the node has no gate)."""
+    signing_key: str
+    """``sha256:<hex>`` of the signer's public key (PEM), as the card and the `releases` row record it."""
 
     @property
     def parent(self) -> VersionInfo | None:
@@ -78,7 +80,7 @@ class Facts:
         return tuple(d for d in self.datasets if d.version == me and d.role == "train")
 
 
-def gather(ws: Workspace, v: VersionInfo, fmt: str, license: str, gate: list[str]) -> Facts:
+def gather(ws: Workspace, v: VersionInfo, fmt: str, license: str, gate: list[str], signing_key: str) -> Facts:
     chain = tuple(ws.chain(v.id))
     datasets, names = [], {}
     for c in chain:
@@ -103,4 +105,5 @@ def gather(ws: Workspace, v: VersionInfo, fmt: str, license: str, gate: list[str
             metrics.append(Metric(m.name.removeprefix("task:"), m.value, m.name.split("/")[0]))
     n = ws.node(v.row.node_path)
     return Facts(version=v, chain=chain, layer=n.layer if n else "?", format=fmt, license=license,
-                 licensing=licensing(ws, v.id), datasets=tuple(datasets), metrics=tuple(metrics), gate=tuple(gate))
+                 licensing=licensing(ws, v.id), datasets=tuple(datasets), metrics=tuple(metrics), gate=tuple(gate),
+                 signing_key=signing_key)

@@ -96,7 +96,7 @@ def release(ws: Workspace, ref: str, out: Path, key: Path, fmt: str = "hf", lice
         raise StemmaError(f"cannot write to {out.parent}: {e.strerror}") from None
     try:
         stage = _write_files(ws, v, fmt, tmp / "release")
-        facts = gather(ws, v, fmt, license, gate_lines)
+        facts = gather(ws, v, fmt, license, gate_lines, "sha256:" + hashlib.sha256(pub).hexdigest())
         meta = card.metadata(facts)
         (stage / "README.md").write_text(card.render(facts, meta))
         (stage / PUBLIC_KEY).write_bytes(pub)

@@ -5,10 +5,13 @@
    (integrity), not who signed them (origin).
 2. Every file against the signed manifest: a changed byte, a missing or an added file is named.
 3. The ML-BOM is valid CycloneDX 1.6 and lists every other file (all but itself and the signature) with its sha256.
+4. Given a workspace, the `releases` row with this ML-BOM's sha256, if there is one: the release was signed with
+   the key recorded there (its sha256 is in the row's card metadata), else it is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +30,11 @@ class Verified:
     files: int
     origin: bool
     """True when checked against a key given by the caller; False: the release's own key (integrity only)."""
+    recorded: str | None = None
+    """The `releases` row of this ML-BOM in the workspace, with who made it and when (its key matched)."""
 
 
-def verify(directory: Path, public_key: Path | None = None) -> Verified:
+def verify(directory: Path, public_key: Path | None = None, ws=None) -> Verified:
     d = Path(directory)
     if not d.is_dir():
         raise StemmaError(f"{d}: no such release directory")
@@ -54,5 +59,24 @@ def verify(directory: Path, public_key: Path | None = None) -> Verified:
         raise StemmaError(f"{d}: the ML-BOM does not match the files: {'; '.join(problems)}")
     model = doc.get("metadata", {}).get("component", {})
     props = {p["name"]: p["value"] for p in model.get("properties", [])}
+    recorded = _recorded(ws, d, hashlib.sha256(text.encode()).hexdigest(), key) if ws is not None else None
     return Verified(d, props.get("stemma:node", model.get("name", "?")), props.get("stemma:version", "?"),
-                    len(actual) + 2, public_key is not None)
+                    len(actual) + 2, public_key is not None, recorded)
+
+
+def _recorded(ws, d: Path, bom_digest: str, key: Path) -> str | None:
+    """The workspace's record of this release, refusing it when another key signed it."""
+    from sqlalchemy import select
+
+    from ..registry.tables import Release
+
+    with ws.db.session() as s:
+        row = s.scalar(select(Release).where(Release.bom_digest == bom_digest).order_by(Release.id.desc()))
+        if row is None:
+            return None
+        recorded_key = ((row.card or {}).get("stemma") or {}).get("signing_key")
+        used = "sha256:" + hashlib.sha256(key.read_bytes()).hexdigest()
+        if recorded_key != used:
+            raise StemmaError(f"{d}: signed with key {used[:19]}, not the key {str(recorded_key)[:19]} recorded "
+                              f"for release #{row.id}")
+        return f"release #{row.id} by {row.created_by} at {row.created_at:%Y-%m-%d %H:%M} UTC"

@@ -15,7 +15,7 @@ def test_release_verify_tree_and_show(tree_copy, key, capsys, monkeypatch, tmp_p
     assert code == 0, err
     assert "released en/software/python@" in text and "GPL-3.0-or-later" in text
     code, text, _ = run(capsys, monkeypatch, "verify", out)
-    assert code == 0 and "integrity, not origin" in text
+    assert code == 0 and "integrity, not origin" in text and "recorded in this registry as release #1" in text
     code, text, _ = run(capsys, monkeypatch, "verify", out, "--public-key", key[1])
     assert code == 0 and "the given public key" in text
 

@@ -89,6 +89,28 @@ def test_release_writes_card_bom_signature_and_verifies(tree_copy, key, tmp_path
 
     assert verify(out).origin is False
     assert verify(out, key[1]).origin is True
+    assert verify(out, ws=ws).recorded.startswith(f"release #{row.id} by ")
+
+
+def test_a_release_signed_again_with_another_key_is_not_the_recorded_one(released, tree_copy, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from stemma.release import verify
+    from stemma.release.signing import public_key_pem, sign
+
+    d = _tampered(released["dir"], tmp_path, "resigned")
+    other = tmp_path / "other.pem"
+    other.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    sign(d, other)  # same files, same ML-BOM, a signature by someone else
+    with pytest.raises(StemmaError, match="signature check failed"):
+        verify(d)  # the key it carries did not make this signature
+    other_pub = tmp_path / "other.pub"
+    other_pub.write_bytes(public_key_pem(other))
+    assert verify(d, other_pub).origin is True  # intact, and signed by whoever holds the other key
+    with pytest.raises(StemmaError, match=r"not the key sha256:\w+ recorded for release #\d+"):
+        verify(d, other_pub, ws=tree_copy["ws"])
 
 
 def _tampered(src, tmp_path, name):
