@@ -10,6 +10,8 @@ it was measured on to the target machine by their GEMM throughput, is within the
 With ``measure=False`` (the server's ``model: auto``) nothing is measured or evaluated: a candidate whose
 perplexity (or, when memory or latency is asked, footprint) is not stored yet is left out with that reason, and
 measuring stays with `stemma build`.
+
+Candidates reached by an active risk flag (`stemma.risk`) are never chosen: they are left out with the flag.
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ class Selection:
     ranked: list[Candidate]
     """Fitting candidates best first, then the rest by how little they miss."""
     skipped: list[str] = field(default_factory=list)
-    """Candidates left out, with the reason (``measure=False``: nothing stored to judge them by)."""
+    """Candidates left out, with the reason: an active risk flag, or (``measure=False``) nothing stored to judge
+    them by."""
 
     @property
     def choice(self) -> Candidate | None:
@@ -163,8 +166,13 @@ def candidates_for(ws: Workspace, target: str) -> list[tuple[str, VersionInfo, s
 
 def select(ws: Workspace, language: str, domain: str | None = None, memory_bytes: int | None = None,
            latency_ms: float | None = None, min_quality: float | None = None,
-           machine: dict[str, Any] | None = None, measure: bool = True) -> Selection:
-    """Rank every candidate for (language, domain) under the constraints; see the module docstring."""
+           machine: dict[str, Any] | None = None, measure: bool = True,
+           flags: dict[str, list] | None = None) -> Selection:
+    """Rank every candidate for (language, domain) under the constraints; see the module docstring.
+
+    A candidate reached by an active risk flag is left out with the flag as the reason; ``flags`` is
+    `stemma.risk.affected`'s answer (read here when None; ``{}`` considers every candidate).
+    """
     from .evaluate.evaluator import Evaluator
     from .progress import NullReporter
 
@@ -172,6 +180,10 @@ def select(ws: Workspace, language: str, domain: str | None = None, memory_bytes
     if memory_bytes is not None and memory_bytes <= 0 or latency_ms is not None and latency_ms <= 0:
         raise StemmaError("memory and latency budgets must be positive")
     cands = candidates_for(ws, target)
+    if flags is None:
+        from .risk import affected
+
+        flags = affected(ws)
     tv = next(v for _, v, k in cands if k == "target")
     ds = ws.version_datasets(tv.id).get("train")
     if ds is None:
@@ -179,8 +191,11 @@ def select(ws: Workspace, language: str, domain: str | None = None, memory_bytes
     evaluator = Evaluator(ws, NullReporter())
     target_gflops = (machine or {}).get("gemm_gflops")
     out: list[Candidate] = []
-    unmeasured: list[str] = []
+    skipped: list[str] = []
     for node, v, kind in cands:
+        if flags.get(v.id):
+            skipped.append(f"{node} ({v.short}): {'; '.join(f.label for f in flags[v.id])}")
+            continue
         if measure:
             fp, ppl = ensure(ws, v.id), evaluator.ppl(v, ds)
         else:
@@ -189,7 +204,7 @@ def select(ws: Workspace, language: str, domain: str | None = None, memory_bytes
             if (fp is None and needs_fp) or ppl is None:
                 what = " and ".join(w for w, x in (("footprint", fp if needs_fp else 1), ("perplexity", ppl))
                                     if x is None)
-                unmeasured.append(f"{node} ({v.short}): no stored {what}; run `stemma build` to measure it")
+                skipped.append(f"{node} ({v.short}): no stored {what}; run `stemma build` to measure it")
                 continue
         gemm = fp.machine.get("gemm_gflops") if fp is not None else None
         scale = target_gflops / gemm if target_gflops and gemm else 1.0
@@ -221,8 +236,9 @@ def select(ws: Workspace, language: str, domain: str | None = None, memory_bytes
     for c in missing:
         c.reason = "; ".join(m[2] for m in c.misses)
     if not fitting and not missing:
-        raise StemmaError(f"no candidate for {target} has stored measurements: {'; '.join(unmeasured)}")
-    return Selection(target=target, dataset_id=ds, ranked=fitting + missing, skipped=unmeasured)
+        why = "has stored measurements" if not any(flags.get(v.id) for _, v, _ in cands) else "can be chosen"
+        raise StemmaError(f"no candidate for {target} {why}: {'; '.join(skipped)}")
+    return Selection(target=target, dataset_id=ds, ranked=fitting + missing, skipped=skipped)
 
 
 def select_profile(ws: Workspace, profile: Profile, **override) -> Selection:

@@ -59,6 +59,8 @@ def select_cmd(
         t.add_row(mark, c.node, c.version.short, c.version.row.relation, f"{c.perplexity:.2f}",
                   human_bytes(c.memory), f"{c.ms_per_token:.1f}", c.reason)
     out.print(t)
+    for s in sel.skipped:  # risk flags
+        out.print(f"left out: {s}", highlight=False)
     if sel.choice is None:
         raise StemmaError(sel.nothing_fits())
     out.print(f"choice: {sel.choice.node}@{sel.choice.version.short}: {sel.choice.reason}", highlight=False)

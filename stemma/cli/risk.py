@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .app import app
+from .app import app, apps_app
 from .console import open_ws, out
 
 
@@ -92,3 +93,57 @@ def impact(
     cur = [n for n, c in sorted(nodes.items()) if c]
     out.print(f"{len(reached)} version(s) on {len(nodes)} node(s); current version affected on "
               f"{len(cur)}: {', '.join(cur) or '-'}", highlight=False)
+
+
+@apps_app.command("register")
+def app_register(
+    name: str = typer.Argument(..., help="The app's name: served as model app:NAME."),
+    node: str = typer.Option(..., "--node", help="The node that answers, or auto (chosen per request by the "
+                             "requirements below)."),
+    template: Path = typer.Option(..., "--template", help="UTF-8 text file with one {prompt} placeholder."),
+    description: str = typer.Option(None, "--description", help="What the app is for."),
+    language: str = typer.Option(None, "--language", help="With --node auto: the language node, e.g. en."),
+    domain: str = typer.Option(None, "--domain", help="With --node auto: the domain, e.g. python."),
+    memory: str = typer.Option(None, "--memory", help="With --node auto: peak memory budget, e.g. 300MB."),
+    latency: str = typer.Option(None, "--latency", help="With --node auto: time per token budget, e.g. 25ms."),
+    replace: bool = typer.Option(False, "--replace", help="Replace an app of that name."),
+) -> None:
+    """Bind a prompt template to a node, served through the OpenAI API as model app:NAME."""
+    from .. import apps
+    from ..select import parse_bytes, parse_ms
+
+    reqs = {"language": language, "domain": domain, "memory_bytes": parse_bytes(memory) if memory else None,
+            "latency_ms": parse_ms(latency) if latency else None}
+    a = apps.register(open_ws(), name, node, template, description=description, requirements=reqs, replace=replace)
+    out.print(f"app {a.name} ({a.model}) bound to {_bound(a)}: {a.status}"
+              + (f", {'; '.join(f.label for f in a.flags)}" if a.flags else ""), highlight=False)
+
+
+def _bound(a) -> str:
+    if a.node:
+        return a.node
+    return "auto" + (f" ({', '.join(f'{k}={v}' for k, v in a.requirements.items())})" if a.requirements else "")
+
+
+@apps_app.command("list")
+def app_list(as_json: bool = typer.Option(False, "--json", help="As JSON.")) -> None:
+    """Every app: its node, and whether it is active or suspended by a risk flag."""
+    from .. import apps
+
+    rows = apps.apps(open_ws())
+    if as_json:
+        out.print_json(json.dumps([{"name": a.name, "model": a.model, "node": a.node or "auto",
+                                    "requirements": a.requirements, "version": a.version_id, "status": a.status,
+                                    "flags": [{"id": f.id, "label": f.label} for f in a.flags],
+                                    "description": a.description, "created_by": a.created_by,
+                                    "created_at": a.created_at.isoformat()} for a in rows]))
+        return
+    if not rows:
+        out.print("no apps; see `stemma app register`")
+        return
+    t = Table("app", "node", "status", "description", "registered by", title="stemma apps")
+    for a in rows:
+        status = "[green]active[/green]" if not a.flags else \
+            "[red]suspended[/red]: " + escape("; ".join(f.label for f in a.flags))
+        t.add_row(a.model, escape(_bound(a)), status, escape(a.description or "-"), escape(a.created_by))
+    out.print(t)

@@ -74,6 +74,7 @@ def tree(metric: str = typer.Option(None, "--metric", help="A task metric (chrf,
               "parent on own split", "ppl parent split (forgetting)", "parent on its split", "licence", "status",
               title="stemma tree", caption="perplexity on held-out test splits; lower is better; licence: the one "
               "the licence obligations of the lineage imply, or ? and the kinds that need --license to release")
+    t.columns[0].no_wrap = True  # node paths stay whole (and searchable); the numeric columns wrap instead
     sources: dict = {}  # each version's own licence sources, read once for the whole tree
     for r in rows:
         fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..apps import render
 from ..errors import StemmaError
 from .config import ServeConfig
 from .engine import Event, SamplingParams, Sequence
@@ -144,6 +145,13 @@ class ApiError(Exception):
 
 class BadRequest(ApiError):
     pass
+
+
+class Flagged(ApiError):
+    """The version (or an app's node) is reached by an active risk flag: refused, as the operator has not allowed
+    flagged versions (``allow_flagged``)."""
+
+    status = 403
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
@@ -307,8 +315,12 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str):
         t = await run_in_threadpool(pool.resolve, model)
-        for m in await run_in_threadpool(pool.models):
-            if m["version"] == t.version_id:
+        listed = await run_in_threadpool(pool.models)
+        for m in listed:
+            if m["id"] == model:
+                return m
+        for m in listed:
+            if m["version"] == t.version_id and not m.get("app"):
                 return m
         return {"id": model, "object": "model", "owned_by": "stemma", "root": t.base_node, "parent": t.parent_node,
                 "relation": t.relation, "layer": t.layer, "version": t.version_id, "max_model_len": t.context}
@@ -367,14 +379,14 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
         if body.echo or body.suffix or (body.best_of not in (None, 1)):
             raise BadRequest("echo, suffix and best_of are not supported")
         t, engine = await _prepare(body)
-        prompts = _prompt_ids(body.prompt, engine)
+        prompts = _prompt_ids(body.prompt if t.template is None else _app_prompt(t, body.prompt), engine)
         return await _generate(request, body, t, engine, prompts, chat=False, endpoint="completions",
                                max_tokens=body.max_tokens, extra_stop=())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         t, engine = await _prepare(body)
-        text = chat_prompt(body.messages)
+        text = chat_prompt(body.messages if t.template is None else _app_messages(t, body.messages))
         prompts = [engine.tokenizer.encode(text).ids]
         return await _generate(request, body, t, engine, prompts, chat=True, endpoint="chat",
                                max_tokens=body.max_completion_tokens or body.max_tokens, extra_stop=(CHAT_STOP,))
@@ -392,8 +404,39 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
         # The common case (name resolved recently, engine loaded) touches no disk or database: answer it on the
         # event loop, so a burst of requests reaches the scheduler together and starts in one batch.
         t = pool.resolve_cached(body.model, reqs) or await run_in_threadpool(pool.resolve, body.model, reqs)
+        t = await _unflagged(body.model, reqs, t)
         engine = pool.engines.get(t.base_id) or await run_in_threadpool(pool.engine, t)
         return t, engine
+
+    async def _unflagged(model: str, reqs: dict, t: Target) -> Target:
+        """The target, unless a risk flag reaches its version (a recently resolved name included): then a choice of
+        ``auto`` is made again without it, and anything else is refused (403, code ``flagged``)."""
+        flags = pool.flags_cached()
+        if flags is None:
+            flags = await run_in_threadpool(pool.flags)
+        if t.reason is not None and pool.refusal(t, flags):  # chosen by auto before the flag was set
+            t = await run_in_threadpool(pool.resolve, model, reqs, True)
+        refusal = pool.refusal(t, flags)
+        if refusal:
+            raise Flagged(refusal, param="model", code="flagged")
+        return t
+
+    def _app_prompt(t: Target, prompt):
+        """A completion's prompt(s) put into the app's template; apps take text, not token ids."""
+        items = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not items or not all(isinstance(x, str) for x in items):
+            raise BadRequest(f"app:{t.app} takes text prompts (they go into its template), not token ids",
+                             param="prompt")
+        return [render(t.template, x) for x in items]
+
+    def _app_messages(t: Target, messages: list[ChatMessage]) -> list[ChatMessage]:
+        """The chat with its last user message put into the app's template."""
+        last = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].role == "user"), None)
+        if last is None:
+            raise BadRequest(f"app:{t.app} needs a user message to put into its template", param="messages")
+        out = list(messages)
+        out[last] = ChatMessage(role="user", content=render(t.template, messages[last].text()))
+        return out
 
     def _prompt_ids(prompt, engine) -> list[list[int]]:
         if isinstance(prompt, str):

@@ -8,6 +8,8 @@ from dataclasses import dataclass, fields
 
 from ..errors import StemmaError
 
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -38,6 +40,11 @@ class ServeConfig:
     """Sequences waiting or running per engine before new requests get 429."""
     resolve_ttl_s: float = 2.0
     """How long a resolved node name is cached before the registry is asked again."""
+    allow_flagged: bool = False
+    """Serve versions reached by an active risk flag (and the apps bound to them); by default they answer 403."""
+    flags_ttl_s: float = 2.0
+    """How long the set of flagged versions (`stemma.risk.affected`) is cached: a new flag is refused at most this
+    many seconds after it is set; 0 asks the registry on every request."""
 
     @classmethod
     def from_env(cls, **overrides) -> ServeConfig:
@@ -46,6 +53,11 @@ class ServeConfig:
         for f in fields(cls):
             raw = os.environ.get(f"STEMMA_SERVE_{f.name.upper()}")
             if raw is None:
+                continue
+            if f.type == "bool":
+                if raw.strip().lower() not in _BOOLS:
+                    raise StemmaError(f"STEMMA_SERVE_{f.name.upper()}={raw!r} is not one of 1, 0, true, false")
+                vals[f.name] = _BOOLS[raw.strip().lower()]
                 continue
             try:
                 vals[f.name] = raw if f.type in ("str", "str | None") else (float(raw) if "float" in f.type

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psutil
 
@@ -62,6 +62,15 @@ class Target:
     context: int
     reason: str | None = None
     """Why ``auto`` chose it."""
+    app: str | None = None
+    """The app (``app:NAME``) this target answers for."""
+    template: str | None = None
+    """The app's prompt template, with one ``{prompt}``."""
+
+
+def _key(model: str, requirements: dict | None) -> str:
+    """The cache key of ``auto`` with its requirements, or of an app."""
+    return model if model.startswith("app:") else "auto " + repr(sorted((requirements or {}).items()))
 
 
 class ModelPool:
@@ -76,8 +85,10 @@ class ModelPool:
         self.scheduler = Scheduler()
         self._targets: dict[str, Target] = {}  # version id -> target (versions are immutable)
         self._names: dict[str, tuple[float, str]] = {}  # model name -> (when, version id)
-        self._auto: dict[str, tuple[float, Target]] = {}  # requirements -> (when, selected target)
+        self._auto: dict[str, tuple[float, Target]] = {}  # requirements or app name -> (when, target)
         self._refreshing: set[str] = set()
+        self._flags: tuple[float, dict] | None = None  # (when, risk.affected)
+        self._flags_lock = threading.Lock()
 
     def close(self) -> None:
         self.scheduler.stop()
@@ -113,8 +124,8 @@ class ModelPool:
         queues up on registry lookups.
         """
         now = time.monotonic()
-        if model == "auto":
-            key = "auto " + repr(sorted((requirements or {}).items()))
+        if model == "auto" or model.startswith("app:"):
+            key = _key(model, requirements)
             hit = self._auto.get(key)
             target = hit[1] if hit else None
         else:
@@ -133,16 +144,23 @@ class ModelPool:
         finally:
             self._refreshing.discard(key)
 
-    def resolve(self, model: str, requirements: dict | None = None) -> Target:
-        """A model name (node, node@version, auto) -> its target; unknown names raise ModelNotFoundError."""
+    def resolve(self, model: str, requirements: dict | None = None, fresh: bool = False) -> Target:
+        """A model name (node, node@version, auto, app:NAME) -> its target; unknown names raise ModelNotFoundError.
+
+        ``fresh`` chooses again for ``auto`` (and apps) instead of answering a recent choice.
+        """
         now = time.monotonic()
-        if model == "auto":
-            key = "auto " + repr(sorted((requirements or {}).items()))
+        if model == "auto" or model.startswith("app:"):
+            key = _key(model, requirements)
             hit = self._auto.get(key)
-            if hit and now - hit[0] < self.cfg.resolve_ttl_s:
+            if hit and now - hit[0] < self.cfg.resolve_ttl_s and not fresh:
                 return hit[1]
-            sel = select(self.ws, **(requirements or {}), servable=self._servable)
-            t = Target(**{**self.target(sel.version_id).__dict__, "reason": sel.reason})
+            if model == "auto":
+                flags = {} if self.cfg.allow_flagged else self.flags()
+                sel = select(self.ws, **(requirements or {}), servable=self._servable, flags=flags)
+                t = Target(**{**self.target(sel.version_id).__dict__, "reason": sel.reason})
+            else:
+                t = self._app(model, fresh)
             self._auto[key] = (now, t)
             return t
         hit = self._names.get(model)
@@ -157,6 +175,45 @@ class ModelPool:
         self._names[model] = (now, v.id)
         return self.target(v.id)
 
+    def _app(self, model: str, fresh: bool) -> Target:
+        from .. import apps
+
+        try:
+            a = apps.get(self.ws, model.removeprefix("app:"), flags={})
+        except StemmaError:
+            raise ModelNotFoundError(f"the model {model!r} does not exist; see GET /v1/models") from None
+        t = self.resolve(a.node) if a.node else self.resolve("auto", a.requirements, fresh)
+        return replace(t, app=a.name, template=a.template)
+
+    # ------------------------------------------------------------------ risk flags
+    def flags_cached(self) -> dict[str, list] | None:
+        """`stemma.risk.affected` as read less than ``flags_ttl_s`` ago, else None (no I/O on the caller's thread)."""
+        hit = self._flags
+        if hit is not None and time.monotonic() - hit[0] < self.cfg.flags_ttl_s:
+            return hit[1]
+        return None
+
+    def flags(self) -> dict[str, list]:
+        """Version id -> the active risk flags reaching it: one registry query, cached ``flags_ttl_s``."""
+        from ..risk import affected
+
+        with self._flags_lock:  # one query however many requests find the answer expired
+            hit = self.flags_cached()
+            if hit is None:
+                hit = affected(self.ws)
+                self._flags = (time.monotonic(), hit)
+            return hit
+
+    def refusal(self, t: Target, flags: dict[str, list]) -> str | None:
+        """Why a target must not answer (the flags reaching its version), or None; ``allow_flagged`` allows all."""
+        found = flags.get(t.version_id)
+        if not found or self.cfg.allow_flagged:
+            return None
+        why = "; ".join(f.label for f in found)
+        if t.app:
+            return f"app {t.app} is suspended: its node {t.node} ({t.version_id[:12]}) is reached by {why}"
+        return f"{t.node} ({t.version_id[:12]}) is not served: it is reached by {why}"
+
     def forget_names(self) -> None:
         """Drop cached name resolutions (a node's current version moved: an accepted update)."""
         self._names.clear()
@@ -170,7 +227,11 @@ class ModelPool:
             return False
 
     def models(self) -> list[dict]:
-        """Each node's current version that can be served, as OpenAI model objects (vLLM's adapter fields)."""
+        """Each node's current version that can be served, as OpenAI model objects (vLLM's adapter fields), with
+        the risk flags reaching it; then the apps (``app:NAME``), active or suspended."""
+        from .. import apps
+
+        flags = self.flags()
         out = []
         for n in self.ws.nodes():
             if not n.current_version:
@@ -183,7 +244,13 @@ class ModelPool:
             out.append({"id": t.node, "object": "model", "created": int(row.created_at.timestamp()),
                         "owned_by": "stemma", "root": t.base_node, "parent": t.parent_node,
                         "relation": t.relation, "layer": t.layer, "version": t.version_id,
-                        "max_model_len": t.context, "loaded": t.base_id in self.engines})
+                        "max_model_len": t.context, "loaded": t.base_id in self.engines,
+                        "flags": [f.label for f in flags.get(t.version_id, ())]})
+        for a in apps.apps(self.ws, flags):
+            out.append({"id": a.model, "object": "model", "created": int(a.created_at.timestamp()),
+                        "owned_by": "stemma", "app": a.name, "node": a.node or "auto", "version": a.version_id,
+                        "requirements": a.requirements, "description": a.description, "status": a.status,
+                        "flags": [f.label for f in a.flags]})
         return out
 
     # ------------------------------------------------------------------ engines

@@ -40,18 +40,26 @@ def _domain_path(ws, language: str, domain: str | None) -> tuple[str | None, str
 
 
 def select(ws, *, language: str | None = None, domain: str | None = None, memory_bytes: int | None = None,
-           latency_ms: float | None = None, servable=None) -> Selection:
+           latency_ms: float | None = None, servable=None, flags: dict[str, list] | None = None) -> Selection:
     """Pick a servable version for the requirements with `stemma.select` (the device selector).
 
     Candidates are the requested node, its ancestors and their variants, ranked by perplexity on the requested
     node's test split among those whose measured peak memory and per-token latency fit; the first that this
-    server can run (``servable``) wins. Without a language, the tree's master is served.
+    server can run (``servable``) wins. Without a language, the tree's master is served. Versions in ``flags``
+    (`stemma.risk.affected`: version id -> the active flags reaching it; None reads it) are never chosen.
     """
+    from ..risk import affected
     from ..select import select as rank
 
+    flags = affected(ws) if flags is None else flags
     if not language:
         roots = [n for n in ws.nodes() if n.current_version and not n.parent_path
                  and (servable is None or servable(n.current_version))]
+        clean = [n for n in roots if not flags.get(n.current_version)]
+        if roots and not clean:
+            why = "; ".join(f.label for f in flags[roots[0].current_version])
+            raise NoModelError(f"{roots[0].path} is flagged: {why}")
+        roots = clean
         if not roots:
             raise NoModelError("no servable model")
         return Selection(roots[0].current_version, roots[0].path, f"{roots[0].path}: no language asked, the master")
@@ -60,7 +68,8 @@ def select(ws, *, language: str | None = None, domain: str | None = None, memory
     dom, note = _domain_path(ws, language, domain)
     try:
         # Stored measurements only: a request never starts a footprint process or an evaluation.
-        ranked = rank(ws, language, dom, memory_bytes=memory_bytes, latency_ms=latency_ms, measure=False)
+        ranked = rank(ws, language, dom, memory_bytes=memory_bytes, latency_ms=latency_ms, measure=False,
+                      flags=flags)
     except StemmaError as e:
         raise NoModelError(str(e)) from None
     unservable = []
