@@ -256,16 +256,19 @@ class Licensing:
         return tuple(k for k in KINDS if self.of_kind(k))
 
     def conflicts(self, release: str) -> list[str]:
-        """One line per obligation ``release`` (an SPDX expression) drops, naming the chain that carries it."""
+        """One line per licence and kind of obligation ``release`` (an SPDX expression) drops, naming every chain
+        that carries it."""
         alts = alternatives(release) or [frozenset([release])]
-        out = []
+        dropped: dict[tuple[str, str], tuple[list[str], frozenset[str]]] = {}
         for o in self.obligations:
             for kind in o.kinds:
-                dropped = [a for a in alts if not any(_keeps(kind, o.license, k) for k in a)]
-                if not dropped:
-                    continue
-                by = release if len(alts) == 1 else f"{release} (choosing {' AND '.join(sorted(dropped[0]))})"
-                out.append(f"{o.license} from {o.carried} {_REQUIRES[kind](o.license)}; {by} drops it")
+                choice = next((a for a in alts if not any(_keeps(kind, o.license, k) for k in a)), None)
+                if choice is not None:
+                    dropped.setdefault((o.license, kind), ([], choice))[0].append(o.carried)
+        out = []
+        for (lic, kind), (carried, choice) in dropped.items():
+            by = release if len(alts) == 1 else f"{release} (choosing {' AND '.join(sorted(choice))})"
+            out.append(f"{lic} from {' and '.join(carried)} {_REQUIRES[kind](lic)}; {by} drops it")
         return out
 
     @property

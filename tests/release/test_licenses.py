@@ -65,6 +65,9 @@ def test_conflicts_name_the_chain_and_the_implied_licence():
     nc = Licensing("v", (_ob("CC-BY-NC-4.0", (NON_COMMERCIAL, ATTRIBUTION)), _ob("MIT", (ATTRIBUTION,))))
     assert "forbids commercial use" in nc.conflicts("MIT")[0]
     assert nc.conflicts("CC-BY-NC-SA-4.0") == [] and nc.implied == "CC-BY-NC-4.0"
+    twice = Licensing("v", (_ob("GPL-3.0-only", copyleft), _ob("GPL-3.0-only", copyleft, "dataset e")))
+    assert twice.conflicts("MIT") == ["GPL-3.0-only from dataset d (trained into a@1 -> a/b@2) and dataset e (trained "
+                                      "into a@1 -> a/b@2) requires a copyleft licence (GPL-3.0); MIT drops it"]
     both = Licensing("v", (_ob("MIT", (ATTRIBUTION,)), _ob("BSD-3-Clause", (ATTRIBUTION,))))
     assert both.implied is None and both.conflicts("Apache-2.0") == []
 
