@@ -156,3 +156,16 @@ def test_an_app_is_served_suspended_and_resumed(tree_copy, tmp_path):
         r = _complete(c, "app:explain", prompt="import os")
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == mine["choices"][0]["text"]
         assert [a.status for a in apps.apps(ws)] == ["active", "active"]
+
+
+def test_serve_allow_flagged_option(tree_copy, capsys, monkeypatch):
+    from stemma.serve import server
+    from tests.test_cli import run
+
+    seen = []
+    monkeypatch.setattr(server, "serve", lambda ws, cfg: seen.append(cfg))
+    monkeypatch.delenv("STEMMA_SERVE_ALLOW_FLAGGED", raising=False)
+    assert run(capsys, monkeypatch, "serve", "--port", "1")[0] == 0
+    code, _, err = run(capsys, monkeypatch, "serve", "--port", "1", "--allow-flagged")
+    assert code == 0 and "flagged versions served" in err
+    assert [c.allow_flagged for c in seen] == [False, True]
