@@ -54,13 +54,15 @@ def _sha256(digest: str) -> list:
 
 
 def _licenses(expressions: list[str]) -> list:
-    """One SPDX expression for all (when every one parses), else each licence by name."""
+    """One SPDX expression for all (when every one parses), else each licence by SPDX id or, failing that, by name
+    (CycloneDX takes either one expression or a list of licences)."""
     from cyclonedx.model.license import DisjunctiveLicense, LicenseExpression
+    from cyclonedx.spdx import fixup_id
 
     if expressions and all(is_spdx(e) for e in expressions):
         joined = " AND ".join(f"({e})" if " " in e else e for e in expressions)
         return [LicenseExpression(joined)]
-    return [DisjunctiveLicense(name=e) for e in expressions]
+    return [DisjunctiveLicense(id=fixup_id(e)) if fixup_id(e) else DisjunctiveLicense(name=e) for e in expressions]
 
 
 def _dataset(d: DatasetFact):
