@@ -159,8 +159,6 @@ def test_verify_names_added_and_missing_files_and_an_edited_bom(released, tmp_pa
 def released(tree_copy, key, tmp_path):
     from stemma.release import release
 
-    from .test_release import key as _  # noqa: F401 - the fixture above
-
     out = tmp_path / "released"
     release(tree_copy["ws"], "en/software/python", out, key[0], fmt="adapter")
     other = tmp_path / "other"
