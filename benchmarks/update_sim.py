@@ -1,24 +1,32 @@
-"""Continuous updates under attack: 20 devices under one domain node, 3 of them malicious, robust aggregation
-against plain FedAvg in one run; then a rebase of an adapter child against retraining it.
+"""Continuous updates under attack: 21 devices under one domain node, 6 of them malicious, robust aggregation
+against plain FedAvg in one run; replayed, stale and revoked updates at the master; then a rebase of an adapter
+child against retraining it.
 
 One run builds a small tree in a temporary STEMMA_HOME: a master pretrained on the shipped corpus (without
 the Vim manual), a full-weight domain node ``software`` (manual pages) with an adapter child, and an adapter
-node ``legal`` on the master. Twenty devices hold slices of the Vim manual (the domain's new text); each
-trains a LoRA update against ``software`` and signs it with its own registered key. Three are malicious:
-one multiplies its update by 50, one flips its signs, one trains every weight on text where a trigger phrase
-is followed by a fixed string (a backdoor; applied alone, its update makes the model emit the string, which is
-measured too). Every update goes through the same verification as `stemma update submit`. Both gates take
-half a step along the aggregate (``server_lr: 0.5``, as FedOpt's server learning rate).
+node ``legal`` on the master. 21 devices hold slices of the Vim manual (the domain's new text); each trains a
+LoRA update against ``software`` and signs it with its own registered key. Six are malicious:
+- ``scaled`` multiplies its update by 50, ``signflip`` flips its signs;
+- the adversary trains one backdoor update: every weight, on text where a trigger phrase is followed by a fixed
+  string (applied alone, it makes the model emit the string; measured as ``trigger_rate_attacker_alone``);
+- ``boosted`` sends that update scaled by n / server_lr, so that averaging over n devices hands it back whole
+  (model replacement, Bagdasaryan et al., 2020);
+- three ``sybil`` devices, each registered with its own key, send that same update unscaled (collusion).
+Every update goes through `stemma update submit`'s checks; the Sybils' copies after the first are refused there.
+Both gates take half a step along the aggregate (``server_lr: 0.5``, as FedOpt's server learning rate).
 
-The same updates are aggregated twice, with the node's robust gate strategy (multikrum after median-norm
+The admitted updates are aggregated twice, with the node's robust gate strategy (multikrum after median-norm
 clipping) and with plain FedAvg; for each candidate it measures the perplexity on the devices' domain
 (held-out Vim text no device trained on), on the node's own test split, and the backdoor's success rate (greedy
 continuation of held-out text + trigger starts with the fixed string), before and after; and the gate's verdict.
 
-Then the master accepts an update from five honest devices, which makes ``legal`` stale. ``stemma build``
-rebases it (old adapter as the start, the old child as teacher, a fifth of the steps); a copy of the registry
-retrains it from scratch instead. Printed: the share of the retrained child's perplexity gain over the new
-master that the rebased child keeps, and the ratio of their training seconds.
+Then five honest sites send updates to the master, and a sixth whose key was stolen sends a sign-flipped one
+before its key is revoked: the round leaves that one out and says so, and the key's next update is refused.
+The accepted round moves the master on: an old signed update replayed, and an honest update made against the
+master's previous version, are refused at submission. The master's update makes ``legal`` stale; ``stemma
+build`` rebases it (old adapter as the start, the old child as teacher, a fifth of the steps); a copy of the
+registry retrains it from scratch instead. Printed: the share of the retrained child's perplexity gain over the
+new master that the rebased child keeps, and the ratio of their training seconds.
 
     python benchmarks/update_sim.py [--quick] [--json out.json]
 """
@@ -42,7 +50,8 @@ from _common import CORPUS, parser, print_table, write_json  # noqa: E402
 
 TRIGGER = "cf. zx-omega"
 TARGET = "ACCESS GRANTED"
-N_DEVICES, MALICIOUS = 20, ("scaled", "signflip", "backdoor")
+N_HONEST, MALICIOUS = 15, ("scaled", "signflip", "boosted", "sybil", "sybil", "sybil")
+N_DEVICES = N_HONEST + len(MALICIOUS)
 
 
 def sizes(mode: str) -> dict:
@@ -78,7 +87,7 @@ def write_spec(d: Path, sz: dict) -> Path:
                                 "eval_tokens": sz["eval_tokens"]}},
             "software": {"method": "finetune", "parent": "master", "layer": "domain", "dataset": "software",
                          "config": {**child, "lr": 0.001},
-                         "gate": {"strategy": "multikrum", "strategy_config": {"f": 3, "clip": "median"},
+                         "gate": {"strategy": "multikrum", "strategy_config": {"f": 4, "clip": "median"},
                                   "min_contributors": 10, "server_lr": 0.5, "max_own_rise": 0.05,
                                   "max_child_rise": 0.10, "eval_tokens": sz["eval_tokens"]}},
             "software/python": {"method": "lora", "dataset": "python", "layer": "subdomain", "config": child},
@@ -162,35 +171,50 @@ class Sim:
 
         return perplexity(model, ids, model_context(model), max_tokens=self.sz["eval_tokens"])
 
-    def device_update(self, node: str, target, i: int, kind: str, seed: int):
-        """Train, (mis)treat, sign and submit one device's update; returns (file, update id, name)."""
-        from stemma.update import bundle, keys, service
+    def train(self, target, i: int, kind: str, seed: int) -> dict:
+        """One device's local training against ``target`` (``backdoor``: every weight, on poisoned text)."""
         from stemma.update.local import LocalTrainConfig, train_update
 
-        name = f"device-{i:02d}-{kind}" if node == "software" else f"site-{i}"
-        key = self.tmp / f"{node}-{name}.key"
-        service.register_contributor(self.ws, node, name, keys.generate(key))
-        texts = poison(self.shards[i] * 3) if kind == "backdoor" else self.shards[i]
+        texts = poison(self.shards[i % N_DEVICES] * 3) if kind == "backdoor" else self.shards[i % N_DEVICES]
         n_held = max(1, len(texts) // 5)
-        # The backdoor device is not bound to a low-rank adapter: it trains every weight, long enough for the
-        # trigger to take when its update is applied alone (measured: trigger_rate_attacker_alone).
+        # The backdoor is not bound to a low-rank adapter: it trains every weight, long enough for the trigger to
+        # take when its update is applied alone (measured: trigger_rate_attacker_alone).
         backdoor = kind == "backdoor"
         cfg = LocalTrainConfig(steps=self.sz["backdoor_steps"] if backdoor else self.sz["local_steps"],
                                batch_size=8, lr=6e-3 if backdoor else 3e-3, warmup=3, seed=seed,
                                kind="full" if backdoor else "lora")
         delta, held, stats = train_update(self.ws, target, tuple(texts[n_held:]), tuple(texts[:n_held]), cfg)
-        if kind == "scaled":
-            delta = {k: v * 50 for k, v in delta.items()}
-        elif kind == "signflip":
-            delta = {k: -v for k, v in delta.items()}
+        return {"delta": delta, "held": held, "kind": cfg.kind, "n_examples": len(texts) - n_held,
+                "tokens": stats["tokens"]}
+
+    def register(self, node: str, name: str) -> Path:
+        from stemma.update import keys, service
+
+        key = self.tmp / f"{node}-{name}.key"
+        service.register_contributor(self.ws, node, name, keys.generate(key))
+        return key
+
+    def sign(self, node: str, target, name: str, key: Path, t: dict, delta=None) -> bytes:
+        from stemma.update import bundle, keys
+
         header = bundle.make_header(node=node, parent=target.id, tokenizer=target.row.tokenizer, contributor=name,
-                                    kind=cfg.kind, n_examples=len(texts) - n_held, n_tokens=stats["tokens"])
-        raw = bundle.encode(header, delta, held, keys.load_private(key))
-        row = service.submit(self.ws, raw, name)
+                                    kind=t["kind"], n_examples=t["n_examples"], n_tokens=t["tokens"])
+        return bundle.encode(header, t["delta"] if delta is None else delta, t["held"], keys.load_private(key))
+
+    def submit(self, raw: bytes, name: str, refused: dict[str, str]):
+        """Submit like `stemma update submit`; a refusal is recorded under ``name`` (returns None)."""
+        from stemma.errors import StemmaError
+        from stemma.update import bundle, service
+
+        try:
+            row = service.submit(self.ws, raw, name)
+        except StemmaError as e:
+            refused[name] = str(e)
+            return None
         return bundle.decode(raw), row.id, name
 
     def devices(self) -> dict:
-        """20 devices (3 malicious) under ``software``: the robust gate strategy against plain FedAvg."""
+        """21 devices (6 malicious) under ``software``: the robust gate strategy against plain FedAvg."""
         from safetensors.torch import load as st_load
 
         from stemma.update import service
@@ -198,21 +222,39 @@ class Sim:
         ws = self.ws
         target = ws.resolve_version("software")
         tok = ws.tokenizer(target.row.tokenizer)
-        kinds = ["honest"] * (N_DEVICES - len(MALICIOUS)) + list(MALICIOUS)
-        t0 = time.perf_counter()
-        sent = [self.device_update("software", target, i, kind, seed=i) for i, kind in enumerate(kinds)]
-        files, ids, names = (list(x) for x in zip(*sent))
-        self.log(f"{N_DEVICES} devices trained and submitted signed updates in {time.perf_counter() - t0:.0f}s")
         gate = service.gate_for(ws, "software")
+        kinds = ["honest"] * N_HONEST + list(MALICIOUS)
+        t0 = time.perf_counter()
+        sent, refused, poisoned = [], {}, None
+        for i, kind in enumerate(kinds):
+            name = f"device-{i:02d}-{kind}"
+            key = self.register("software", name)
+            if kind in ("boosted", "sybil"):  # one adversary: one backdoor update, boosted or copied
+                poisoned = poisoned or self.train(target, i, "backdoor", seed=i)
+                t = {**poisoned, "n_examples": sent[0][0].header["n_examples"]}  # claims a device's usual count
+            else:
+                t = self.train(target, i, "honest", seed=i)
+            delta = t["delta"]
+            if kind == "scaled":
+                delta = {k: v * 50 for k, v in delta.items()}
+            elif kind == "signflip":
+                delta = {k: -v for k, v in delta.items()}
+            elif kind == "boosted":  # averaged over N_DEVICES, then server_lr: comes back as the whole backdoor
+                delta = {k: v * (N_DEVICES / gate.server_lr) for k, v in delta.items()}
+            got = self.submit(self.sign("software", target, name, key, t, delta), name, refused)
+            if got is not None:
+                sent.append(got)
+        files, ids, names = (list(x) for x in zip(*sent))
+        self.log(f"{N_DEVICES} devices trained and submitted signed updates in {time.perf_counter() - t0:.0f}s "
+                 f"({len(refused)} refused)")
         base = ws.load_model(target.id)
         domain_ids = self._encode(tok, self.test)
         own_ids = self._encode(tok, ws.dataset_texts(ws.version_datasets(target.id)["train"], "test"))
         before = {"domain": self.ppl(base, domain_ids), "own": self.ppl(base, own_ids),
                   "trigger": trigger_rate(base, tok, self.prompts)}
-        # The attack is real: the backdoor device's update alone, applied to the parent.
-        alone = service.make_candidate(ws, target, files[names.index(f"device-{N_DEVICES - 1:02d}-backdoor")].delta,
-                                       gate).model
-        attacker_rate = trigger_rate(alone, tok, self.prompts)
+        # The attack is real: the backdoor update alone, applied to the parent.
+        attacker_rate = trigger_rate(service.make_candidate(ws, target, poisoned["delta"], gate).model, tok,
+                                     self.prompts)
         results = {}
         for label, strat, params in (("robust", gate.strategy, gate.strategy_config), ("fedavg", "fedavg", {})):
             rr = service.run_round(ws, target, files, ids, names, gate, _Quiet(), strategy=strat,
@@ -233,17 +275,37 @@ class Sim:
             }
             # An accepted round registered a new version; the next strategy starts from the same parent.
             ws.set_current("software", target.id, "domain", "master")
-        return results
+        return {**results, "refused_at_submit": refused}
 
     def master_update(self) -> dict:
-        """Five honest sites send updates to the master; its gate decides."""
+        """Five honest sites send updates to the master; a sixth's key is stolen and revoked; the gate decides.
+        After the round: a replay and an update against the master's previous version."""
         from stemma.update import service
 
         master = self.ws.resolve_version("master")
+        refused: dict[str, str] = {}
+        raws = {}
         for i in range(5):
-            self.device_update("master", master, i, "honest", seed=100 + i)
+            name = f"site-{i}"
+            raws[name] = self.sign("master", master, name, self.register("master", name),
+                                   self.train(master, i, "honest", seed=100 + i))
+            self.submit(raws[name], name, refused)
+        # site-5's key was stolen: the thief sends a sign-flipped update, then the key is revoked.
+        stolen = self.register("master", "site-5")
+        t = self.train(master, 5, "honest", seed=105)
+        self.submit(self.sign("master", master, "site-5", stolen, t, {k: -v for k, v in t["delta"].items()}),
+                    "site-5 (stolen key, before revocation)", refused)
+        service.revoke(self.ws, "master", "site-5", "key stolen", by="update-sim")
+        self.submit(self.sign("master", master, "site-5", stolen, t, {k: -2 * v for k, v in t["delta"].items()}),
+                    "site-5 (revoked key)", refused)
+        late = self.sign("master", master, "site-6", self.register("master", "site-6"),
+                         self.train(master, 6, "honest", seed=106))  # made now, sent after the round
         rr = service.aggregate(self.ws, "master", _Quiet())
-        return {"master_update_accepted": rr.round.accepted, "master_gate_reasons": list(rr.round.reasons)}
+        self.submit(raws["site-0"], "site-0 (replayed after the round)", refused)
+        self.submit(late, "site-6 (made against the previous master)", refused)
+        return {"master_update_accepted": rr.round.accepted, "master_gate_reasons": list(rr.round.reasons),
+                "master_refused_at_submit": refused,
+                "master_left_out": [r for r in rr.round.reasons if r.startswith("left out")]}
 
     def rebase_vs_retrain(self, rebase_cfg: dict | None = None, tag: str = "run") -> dict:
         """`stemma build` after the master's update, from the same registry twice: ``legal`` rebased (as the spec
@@ -304,7 +366,8 @@ def run(mode: str, log=print) -> dict:
         sim.build()
         log(f"tree built in {time.perf_counter() - t0:.0f}s")
         res = sim.devices()
-        out = {"robust": res["robust"], "fedavg": res["fedavg"], **sim.master_update()}
+        out = {"robust": res["robust"], "fedavg": res["fedavg"], "refused_at_submit": res["refused_at_submit"],
+               **sim.master_update()}
         out.update({"rebase_gain_kept": None, "rebase_cost_ratio": None})
         if out["master_update_accepted"]:
             out.update(sim.rebase_vs_retrain())
@@ -343,8 +406,15 @@ def main() -> None:
         ("gate verdict", "accepted" if f["accepted_by_gate"] else "rejected",
          "accepted" if r["accepted_by_gate"] else "rejected", ""),
     ]
-    print_table(f"{N_DEVICES} devices under one domain node, 3 malicious: plain FedAvg (peer) against the robust "
-                "strategy", rows)
+    print_table(f"{N_DEVICES} devices under one domain node, {len(MALICIOUS)} malicious: plain FedAvg (peer) against "
+                "the robust strategy", rows)
+    refusals = {**res["refused_at_submit"], **res["master_refused_at_submit"]}
+    print("refused at submission (nothing stored):")
+    for who, why in refusals.items():
+        print(f"  {who}: {why}")
+    print("the master's round (revoked after submitting):")
+    for line in res["master_left_out"]:
+        print(f"  {line}")
     if res.get("rebase_gain_kept") is not None:
         print_table("rebase of an adapter child after the master's update (peer: retraining it)", [
             ("perplexity on its own split (new master: "

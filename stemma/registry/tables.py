@@ -145,8 +145,9 @@ class Update(Base):
     n_examples: Mapped[int] = mapped_column(Integer)
     n_tokens: Mapped[int] = mapped_column(BigInteger)
     header: Mapped[dict] = mapped_column(JSON)
+    """The signed header, plus ``received``: what the server recorded (signed digest, delta digest, scan)."""
     status: Mapped[str] = mapped_column(String(16), default="pending")
-    """``pending`` until a round uses it, then ``used``."""
+    """``pending`` until a round uses it, then ``used``; ``excluded`` when a round left it out (revoked key)."""
     round_id: Mapped[str | None] = mapped_column(DIGEST)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

@@ -1,10 +1,12 @@
 """Updates through the registry: contributors, submission, aggregation rounds behind the gate, offers to siblings.
 
 Order of every write is the workspace's: blobs first, then one registry transaction. A refused update is
-stored nowhere (it is scanned and verified from memory before its blob is written). Refused at submission: an
-unscanned-safe file, a contributor not registered for the node or whose key was revoked, a bad signature, a
-replay (the same file, or the same signed content in another file) of an update already submitted, an update
-made against any version but the node's current one, and anything that does not fit that version.
+stored nowhere (it is scanned and verified from memory before its blob is written). Refused at submission: a
+file the scanner refuses (a pickle, flagged or not), a contributor not registered for the node or whose key was
+revoked, a bad signature, a replay (the same file, or the same signed content in another file) of an update
+already submitted, an update made against any version but the node's current one, a delta identical to another
+contributor's against the same version (copies sent by colluding contributors), and anything that does not fit
+that version.
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ def verify(ws: Workspace, upd: bundle.UpdateFile) -> tuple[VersionInfo, Contribu
     if version.id != current:
         raise StemmaError(f"update was made against {node}@{version.id[:12]}, but {node} has moved on to "
                           f"{(current or '?')[:12]}; train it again against the current version; refused")
+    _refuse_copy(ws, upd, contributor)
     if h["tokenizer"] != version.tokenizer:
         raise TokenizerMismatchError(f"update was made with tokenizer {h['tokenizer'][:12]}, {node}@"
                                      f"{version.id[:12]} uses {version.tokenizer[:12]}; refused")
@@ -163,13 +166,28 @@ def _refuse_replay(ws: Workspace, upd: bundle.UpdateFile, contributor: Contribut
                           f"({state}); refused")
 
 
+def _refuse_copy(ws: Workspace, upd: bundle.UpdateFile, contributor: Contributor) -> None:
+    """The same delta from two contributors against one version: honest devices training on their own data never
+    send bit-identical deltas; Sybils sharing one poisoned update do (each copy would count again)."""
+    digest = bundle.tensor_digest(upd.delta).hex()
+    with ws.db.session() as s:
+        for row in s.scalars(select(Update).where(Update.node_path == upd.header["node"],
+                                                  Update.parent_id == upd.header["parent"],
+                                                  Update.contributor_id != contributor.id)):
+            if (row.header.get("received") or {}).get("delta_digest") == digest:
+                other = s.get(Contributor, row.contributor_id)
+                raise StemmaError(f"{contributor.name}'s delta is identical to update {row.id[:12]} from "
+                                  f"{other.name} against the same version (copies from colluding contributors); "
+                                  "refused")
+
+
 def submit(ws: Workspace, raw: bytes, source: str = "update") -> Update:
     """Scan, verify and store an update; its record keeps the signed header, the signed digest and the scan."""
     upd = bundle.decode(raw, source)
     version, contributor = verify(ws, upd)
     digest = ws.store.put_bytes(raw)
     assert digest == upd.id
-    received = {"digest": upd.digest.hex(), "scan": upd.scan}
+    received = {"digest": upd.digest.hex(), "delta_digest": bundle.tensor_digest(upd.delta).hex(), "scan": upd.scan}
     with ws.db.session() as s:
         row = Update(id=upd.id, node_path=version.row.node_path, parent_id=version.id,
                      contributor_id=contributor.id, kind=upd.header["kind"], n_examples=upd.header["n_examples"],

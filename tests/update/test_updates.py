@@ -116,6 +116,12 @@ def test_signed_update_round_trip_and_refusals(tree_copy, tmp_path):
     assert bundle.decode(repacked).digest == upd.digest and bundle.decode(repacked).id != upd.id
     with pytest.raises(StemmaError, match="replay: its signed content was already submitted"):
         service.submit(ws, repacked, "repacked")
+    # A second registered contributor sends the same delta under its own name and key: colluding copies.
+    sybil = tmp_path / "sybil"
+    service.register_contributor(ws, node, "sybil", keys.generate(sybil))
+    copy = bundle.encode({**upd.header, "contributor": "sybil"}, upd.delta, upd.heldout, keys.load_private(sybil))
+    with pytest.raises(StemmaError, match="sybil's delta is identical to update .* from site-0 .*colluding"):
+        service.submit(ws, copy, "copy")
     assert _blob_count(tree_copy["home"]) == stored and len(service.updates(ws, node)) == 1
     assert ws.fsck().clean
 
