@@ -71,8 +71,8 @@ def render(f: Facts, meta: dict) -> str:
               ", not an instruction-following assistant.") +
              " A base for further specialisation within its tree (children, device variants).", "",
              "## Limitations", "",
-             f"- Trained on {docs} documents in all along its lineage: it knows what they contain and repeats their "
-             "biases and errors; it is not a source of facts.",
+             f"- Its lineage was trained on {len(f.datasets)} datasets ({docs} documents, counted per dataset): it "
+             "knows what they contain and repeats their biases and errors; it is not a source of facts.",
              "- Measured only as listed below (perplexity on held-out test splits, the node's evaluation suites);"
              " anything else is unmeasured.",
              f"- Release gate: {'; '.join(f.gate) if f.gate else 'none declared for this node'}.", "",
@@ -94,7 +94,7 @@ def render(f: Facts, meta: dict) -> str:
     if notices:
         lines += ["", f"Attribution: this model derives from material under {', '.join(notices)}; their notices "
                   "are those of the sources listed in the datasets' datasheets."]
-    review = [o.license for o in f.licensing.of_kind(REVIEW)]
+    review = sorted({o.license for o in f.licensing.of_kind(REVIEW)})
     if review:
         lines += ["", f"Not judged (not SPDX or unknown to the licence database): {', '.join(review)}; review them."]
     lines += [f"- {n}" for n in f.licensing.notes]
