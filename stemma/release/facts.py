@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..licenses import Licensing, licensing
+from ..licenses import Licensing
 from ..workspace import VersionInfo, Workspace
 
 # Hugging Face's base_model_relation words (https://huggingface.co/docs/hub/model-cards#specifying-a-base-model).
@@ -80,7 +80,9 @@ class Facts:
         return tuple(d for d in self.datasets if d.version == me and d.role == "train")
 
 
-def gather(ws: Workspace, v: VersionInfo, fmt: str, license: str, gate: list[str], signing_key: str) -> Facts:
+def gather(ws: Workspace, v: VersionInfo, fmt: str, verdict, signing_key: str) -> Facts:
+    """The facts of releasing ``v`` as ``fmt`` with ``verdict`` (`stemma.release.make.Verdict`: licence, gate
+    lines and the obligations already computed for it)."""
     chain = tuple(ws.chain(v.id))
     datasets, names = [], {}
     for c in chain:
@@ -104,6 +106,6 @@ def gather(ws: Workspace, v: VersionInfo, fmt: str, license: str, gate: list[str
         elif m.name.startswith(("task:", "harness:", "pref/")):
             metrics.append(Metric(m.name.removeprefix("task:"), m.value, m.name.split("/")[0]))
     n = ws.node(v.row.node_path)
-    return Facts(version=v, chain=chain, layer=n.layer if n else "?", format=fmt, license=license,
-                 licensing=licensing(ws, v.id), datasets=tuple(datasets), metrics=tuple(metrics), gate=tuple(gate),
+    return Facts(version=v, chain=chain, layer=n.layer if n else "?", format=fmt, license=verdict.license,
+                 licensing=verdict.licensing, datasets=tuple(datasets), metrics=tuple(metrics), gate=verdict.gate,
                  signing_key=signing_key)

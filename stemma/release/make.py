@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import StemmaError
-from ..licenses import licensing, parse_release_license
+from ..licenses import Licensing, licensing, parse_release_license
 from ..store import sha256_file
 from ..workspace import VersionInfo, Workspace
 from . import card
@@ -42,8 +42,20 @@ class Released:
     files: int
 
 
-def refusals(ws: Workspace, v: VersionInfo, fmt: str, license: str | None) -> tuple[str | None, list[str], list[str]]:
-    """(release licence, the gate's lines, reasons to refuse) for releasing ``v`` as ``fmt``."""
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a version may be released, and what its release says."""
+
+    license: str | None
+    """The release licence: the one given (normalised) or the one the obligations imply."""
+    gate: tuple[str, ...]
+    licensing: Licensing
+    reasons: tuple[str, ...]
+    """Why it is refused (empty: it may be released)."""
+
+
+def refusals(ws: Workspace, v: VersionInfo, fmt: str, license: str | None) -> Verdict:
+    """The verdict on releasing ``v`` as ``fmt`` under ``license`` (None: the implied one)."""
     from ..evaluate.gate import judge
     from ..lineage import ADAPTER
     from ..risk import flags_reaching
@@ -72,7 +84,7 @@ def refusals(ws: Workspace, v: VersionInfo, fmt: str, license: str | None) -> tu
     elif lic.implied is None:
         ids = ", ".join(sorted({o.license for o in lic.obligations})) or "none recorded"
         reasons.append(f"licence: the obligations ({ids}) imply no single licence; pass --license SPDX")
-    return license or lic.implied, lines, reasons
+    return Verdict(license or lic.implied, tuple(lines), lic, tuple(reasons))
 
 
 def release(ws: Workspace, ref: str, out: Path, key: Path, fmt: str = "hf", license: str | None = None,
@@ -86,9 +98,10 @@ def release(ws: Workspace, ref: str, out: Path, key: Path, fmt: str = "hf", lice
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise StemmaError(f"{out} exists and is not empty; choose another --out")
     pub = public_key_pem(key)
-    license, gate_lines, reasons = refusals(ws, v, fmt, license)
-    if reasons:
-        raise StemmaError(f"release of {v.row.node_path}@{v.short} refused: {'; '.join(reasons)}")
+    verdict = refusals(ws, v, fmt, license)
+    if verdict.reasons:
+        raise StemmaError(f"release of {v.row.node_path}@{v.short} refused: {'; '.join(verdict.reasons)}")
+    license = verdict.license
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -96,7 +109,7 @@ def release(ws: Workspace, ref: str, out: Path, key: Path, fmt: str = "hf", lice
         raise StemmaError(f"cannot write to {out.parent}: {e.strerror}") from None
     try:
         stage = _write_files(ws, v, fmt, tmp / "release")
-        facts = gather(ws, v, fmt, license, gate_lines, "sha256:" + hashlib.sha256(pub).hexdigest())
+        facts = gather(ws, v, fmt, verdict, "sha256:" + hashlib.sha256(pub).hexdigest())
         meta = card.metadata(facts)
         (stage / "README.md").write_text(card.render(facts, meta))
         (stage / PUBLIC_KEY).write_bytes(pub)
@@ -134,4 +147,4 @@ def _write_files(ws: Workspace, v: VersionInfo, fmt: str, stage: Path) -> Path:
     return pull(ws, v, stage, fmt=fmt)
 
 
-__all__ = ["FORMATS", "Released", "SIGNATURE", "refusals", "release"]
+__all__ = ["FORMATS", "Released", "SIGNATURE", "Verdict", "refusals", "release"]
