@@ -85,7 +85,10 @@ class Decoder:
 
         Adapter slot ``s`` (>= 1) occupies extra columns ``(s-1)*R .. s*R`` of a linear, R being the bank's rank
         for it. A bank change rebuilds (and repacks) the adapted block linears once, at the next mixed batch; a
-        bank with more than FUSED_COLUMNS columns for some linear drops the extra columns.
+        bank with more than FUSED_COLUMNS columns for some linear drops the extra columns. While the fused columns
+        are current they are the only copy of the bank's A's (``bank.a`` holds None for those linears): every
+        batch reads its rows' ``x @ A`` from the fused GEMM's output, and `_restore_a` brings the A's back before
+        the bank changes.
         """
         bank = self.bank
         cols = {n: (bank.n_slots - 1) * r for n, r in bank.rank.items() if r}
@@ -94,6 +97,7 @@ class Decoder:
         version = bank.version if cols else -1
         if (cols, version) == (self._fused, self._fused_version):
             return
+        self._restore_a()
         for layer, lins in enumerate(self.linears):
             for name in LINEARS:
                 d_in, d_out = self.shape.linear_dims(name)
@@ -106,7 +110,30 @@ class Decoder:
                     w = torch.cat([w, bank.a[(layer, name)].reshape(d_in, extra)], dim=1)  # A: [in, slots-1, R]
                     bias = None if bias is None else torch.cat([bias, bias.new_zeros(extra)])
                 lins[name] = Linear(w, bias)
+                del w
+                if extra:
+                    bank.a[(layer, name)] = None  # its one copy is now the fused weight's columns
         self._fused, self._fused_version = cols, version
+        release_free_memory()
+
+    def _restore_a(self) -> None:
+        """Copy the bank's A's back out of the fused columns (before the bank changes or the columns go)."""
+        for (layer, name), a in self.bank.a.items():
+            if a is None:
+                d_in, d_out = self.shape.linear_dims(name)
+                cols, R = self._fused[name], self.bank.rank[name]
+                dense = self.linears[layer][name].dense()  # [in, out + cols]
+                self.bank.a[(layer, name)] = dense[:, d_out : d_out + cols].reshape(d_in, cols // R, R).clone()
+                del dense
+
+    def add_adapter(self, delta) -> int:
+        """Store an adapter in the bank; returns its slot."""
+        self._restore_a()
+        return self.bank.add(delta)
+
+    def remove_adapter(self, slot: int) -> None:
+        self._restore_a()
+        self.bank.remove(slot)
 
     def plan(self, aids: torch.Tensor) -> LoraPlan | None:
         """The LoRA plan of a batch, reused while neither the rows' adapters nor the bank change; a batch mixing
@@ -284,8 +311,14 @@ class Decoder:
             return y
         bank = self.bank
         parts, R = bank.layout[name], bank.rank[name]
-        cols = self._fused.get(name, 0)
-        if cols and plan.uniform is None:
+        cols = self._fused.get(name, 0) if self._fused_version == bank.version else 0
+        if cols and plan.uniform is not None:
+            # The fused GEMM gave every slot's x @ A; the one adapter's columns are a slice of it.
+            j = plan.uniform - 1
+            own_b = tuple(b[j : j + 1] for b in bank.b[key])
+            _add_parts(y2, full[:, d_out + j * R : d_out + (j + 1) * R], parts, own_b, 1, R)
+            return y
+        if cols:
             # A mixed batch over a small bank: the base GEMM also gave [x @ A_1 | ... | x @ A_S]; each row keeps its
             # own adapter's columns (the others zeroed) and one GEMM per part against the stacked B's adds the
             # deltas.

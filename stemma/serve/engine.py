@@ -192,7 +192,7 @@ class Engine:
                 return True
             if e.refs:
                 return False
-            self.decoder.bank.remove(e.slot)
+            self.decoder.remove_adapter(e.slot)
             del self.adapters[adapter]
             return True
 
@@ -205,8 +205,8 @@ class Engine:
             victim = next((k for k, e in self.adapters.items() if e.refs == 0), None)
             if victim is None:
                 return None  # every held adapter is in use: wait for one to finish
-            self.decoder.bank.remove(self.adapters.pop(victim).slot)
-        entry = _AdapterEntry(slot=self.decoder.bank.add(delta), nbytes=delta.nbytes)
+            self.decoder.remove_adapter(self.adapters.pop(victim).slot)
+        entry = _AdapterEntry(slot=self.decoder.add_adapter(delta), nbytes=delta.nbytes)
         self.adapters[key] = entry
         del delta
         release_free_memory()  # the adapter's file, its conversion and the bank's previous stacks
@@ -494,7 +494,16 @@ class Scheduler:
                 self.calls.popleft()[1].set_exception(StemmaError("the server is shutting down"))
 
     def _run(self) -> None:
+        busy = False
         while True:
+            with self.cv:
+                idle = not self.stopping and not self.calls and not any(e.has_work() for e in self.engines)
+            if idle and busy:
+                # Going idle: hand back what the batches' temporaries left in this thread's heap (prefill
+                # activations, fused weight rebuilds), so a server holds what its models need while it waits.
+                # Measured on the serving benchmark's base: 1313 -> 1244 MB after 64 requests; a few ms.
+                release_free_memory()
+            busy = not idle
             with self.cv:
                 while not self.stopping and not self.calls and not any(e.has_work() for e in self.engines):
                     self.cv.wait(timeout=1.0)

@@ -169,8 +169,9 @@ class LoraBank:
         """Decoder linear -> its parts, by column."""
         self.rank: dict[str, int] = {}
         """Decoder linear -> R (its parts' ranks summed)."""
-        self.a: dict[tuple[int, str], torch.Tensor] = {}
-        """(layer, linear) -> [in, n_slots - 1, R]."""
+        self.a: dict[tuple[int, str], torch.Tensor | None] = {}
+        """(layer, linear) -> [in, n_slots - 1, R]; None while the decoder's fused columns hold it (change the bank
+        through `Decoder.add_adapter` / `remove_adapter`, which bring it back first)."""
         self.b: dict[tuple[int, str], tuple[torch.Tensor, ...]] = {}
         """(layer, linear) -> per part [n_slots - 1, r, width]."""
         self.n_slots = 1  # the zero adapter
@@ -180,7 +181,9 @@ class LoraBank:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.a.values(), *(b for bs in self.b.values() for b in bs)])
+        """Bytes of the stacks held here (an A held by the decoder's fused columns is counted there)."""
+        tensors = [*(a for a in self.a.values() if a is not None), *(b for bs in self.b.values() for b in bs)]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @staticmethod
     def _parts(lay: dict[int, tuple[int, int]]) -> tuple[BankPart, ...]:

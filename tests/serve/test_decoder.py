@@ -103,7 +103,7 @@ def test_lora_on_fused_projections_equals_peft(case, form, monkeypatch):
     base = _model(model_type, config)
     dec, family = _decoder(base)
     site = functools.partial(family.lora_site, config=base.config)
-    merged = []
+    merged, deltas = [], []
     for j, target in enumerate(targets):
         peft_model = get_peft_model(_model(model_type, config), LoraConfig(
             r=4, lora_alpha=8, target_modules=target, fan_in_fan_out=model_type == "gpt2"))
@@ -114,7 +114,8 @@ def test_lora_on_fused_projections_equals_peft(case, form, monkeypatch):
                     p.normal_(0, 0.3)
         tensors = {k.replace(".default", ""): v for k, v in peft_model.state_dict().items() if "lora_" in k}
         cfg = {"r": 4, "lora_alpha": 8, "peft_type": "LORA"}
-        slot = dec.bank.add(lora_from_peft(tensors, cfg, dec.shape, site))
+        deltas.append(lora_from_peft(tensors, cfg, dec.shape, site))
+        slot = dec.add_adapter(deltas[-1])
         assert slot == j + 1
         merged.append(peft_model.merge_and_unload().eval())
     probe = torch.arange(12)[None]
@@ -125,3 +126,15 @@ def test_lora_on_fused_projections_equals_peft(case, form, monkeypatch):
     _compare(lambda i: merged[0], dec, torch.tensor([1, 1, 1]))  # one adapter for every row
     refs = [merged[2], base, merged[0]]
     _compare(lambda i: refs[i], dec, torch.tensor([3, 0, 1]))  # slots 1 and 3: not consecutive
+    fused = form[0] > 0
+    assert all((a is None) == fused for a in dec.bank.a.values())  # fused: the A's live in the fused columns only
+    # The bank changes after the fused columns were built: the A's come back out of them unchanged.
+    dec.remove_adapter(2)
+    assert all(a is not None for a in dec.bank.a.values())
+    refs = [merged[0], base, merged[2]]
+    _compare(lambda i: refs[i], dec, torch.tensor([1, 0, 3]))
+    _compare(lambda i: merged[2], dec, torch.tensor([3, 3, 3]))
+    assert dec.add_adapter(deltas[1]) == 2
+    _compare(lambda i: merged[2], dec, torch.tensor([3, 3, 3]))  # a uniform batch right after the change
+    refs = [merged[1], merged[0], base]
+    _compare(lambda i: refs[i], dec, torch.tensor([2, 1, 0]))

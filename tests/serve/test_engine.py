@@ -78,7 +78,7 @@ def test_logits_equal_merged_model(pool, family_ws, references, fused_columns, c
         targets = [pool.resolve(m) for m in group]
         engine = pool._load_engine(targets[0])  # a decoder of its own, outside the scheduler's engines
         dec = engine.decoder
-        aids = torch.tensor([dec.bank.add(engine.load_adapter(t.adapters)) if t.adapters else 0 for t in targets])
+        aids = torch.tensor([dec.add_adapter(engine.load_adapter(t.adapters)) if t.adapters else 0 for t in targets])
         models = [family_ws.load_model(t.version_id) for t in targets]
         rows = [list(prompts[i + 1]) for i in range(len(targets))]
         lengths = torch.tensor([len(r) for r in rows])
