@@ -260,3 +260,34 @@ def test_a_trees_dataset_ids_do_not_depend_on_where_its_spec_lies(tmp_path):
         built = prepare_spec_datasets(parse_spec(raw, root), tmp_path / f"work-{where.replace('/', '-')}")
         manifests.append({name: b.manifest for name, b in built.items()})
     assert manifests[0] == manifests[1]
+
+
+def test_workers_end_when_their_driver_is_killed(tmp_path):
+    """A driver killed by SIGKILL cannot shut its pool down: its workers notice and exit instead of lingering."""
+    import psutil
+
+    script = textwrap.dedent("""
+        import os, time
+        from stemma.data.curate.pipeline import LocalExecutor
+        from stemma.data.curate.pipeline import _worker_pid
+        if __name__ == "__main__":
+            ex = LocalExecutor(2)
+            print(" ".join(map(str, sorted(set(ex.map(_worker_pid, list(range(8))))))), flush=True)
+            time.sleep(600)
+    """)
+    path = tmp_path / "driver.py"
+    path.write_text(script)
+    proc = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert pids and proc.pid not in pids
+        assert all(psutil.pid_exists(p) for p in pids)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.time() + 15
+    alive = pids
+    while alive and time.time() < deadline:
+        alive = [p for p in alive if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.2)
+    assert not alive, f"workers {alive} outlived their killed driver"

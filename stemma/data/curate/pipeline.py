@@ -216,6 +216,25 @@ def run_shard(task: ShardTask) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ executors
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker when its driver is gone. A driver killed by a signal it cannot clean up
+    after (SIGTERM, SIGKILL) would otherwise leave its warm workers waiting forever, each holding its imports."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="stemma-parent-watch", daemon=True).start()
+
+
+def _worker_pid(_: object) -> int:
+    """The pid of the worker that ran it (for tests of the pool)."""
+    return os.getpid()
+
+
 class LocalExecutor:
     """Shards on this machine's cores, one process each (the GIL would serialise threads on Python steps)."""
 
@@ -238,7 +257,8 @@ class LocalExecutor:
             from concurrent.futures import ProcessPoolExecutor
 
             # spawn, not fork: the driver may hold torch's thread pools and open database connections.
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_exit_with_parent, initargs=(os.getpid(),))
         return self._pool
 
     def map(self, fn: Callable, tasks: list) -> list:
