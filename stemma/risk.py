@@ -173,13 +173,15 @@ def flags(ws: Workspace, include_cleared: bool = False) -> list[FlagInfo]:
 def _reach(seed):
     """(seed id, version id, node, relation, is current, direct) for every version reached from ``seed``'s versions.
 
-    ``seed`` selects ``(flag_id, version_id, direct = 1)`` rows; the recursion follows ``versions.parent_id`` down
-    with direct = 0. UNION (not UNION ALL) keeps each (flag, version, direct) row once.
+    ``seed`` selects ``(flag_id, version_id, direct = 1)`` rows; the recursion follows ``versions.parent_id`` and
+    ``versions.derived_from`` (a rebase's previous version) down with direct = 0.
+    UNION (not UNION ALL) keeps each (flag, version, direct) row once.
     """
     v, n = Version.__table__, Node.__table__
     reached = seed.cte("reached", recursive=True)
     child = v.alias("child")
-    step = select(reached.c.flag_id, child.c.id, literal(0)).join(child, child.c.parent_id == reached.c.version_id)
+    below = or_(child.c.parent_id == reached.c.version_id, child.c.derived_from == reached.c.version_id)
+    step = select(reached.c.flag_id, child.c.id, literal(0)).join(child, below)
     reached = reached.union(step)
     return (
         select(reached.c.flag_id, v.c.id, v.c.node_path, v.c.relation, (n.c.current_version == v.c.id).label("cur"),
@@ -245,7 +247,13 @@ def reach(ws: Workspace) -> dict[str, Reach]:
         active = list(s.scalars(select(Flag).where(Flag.cleared_at.is_(None))))
         names = _target_names(s, active)
         infos = {r.id: _info(r, names[r.id]) for r in active}
-    return {a.version_id: Reach(tuple(infos[i] for i in a.flag_ids), a.direct) for a in _collect(rows)}
+    # A flag cleared between the two reads reaches nothing any more: left out, not an error.
+    out = {}
+    for a in _collect(rows):
+        found = tuple(infos[i] for i in a.flag_ids if i in infos)
+        if found:
+            out[a.version_id] = Reach(found, tuple(i for i in a.direct if i in infos))
+    return out
 
 
 def flags_reaching(ws: Workspace, version_id: str) -> list[FlagInfo]:

@@ -222,6 +222,7 @@ class Workspace:
             if row is None:
                 row = Version(
                     id=vid, node_path=manifest["node"], parent_id=manifest.get("parent"),
+                    derived_from=(manifest.get("train") or {}).get("rebased_from"),
                     relation=manifest["relation"], method=manifest["method"], recipe_key=manifest["recipe_key"],
                     tokenizer=manifest["tokenizer"], params=params, own_params=own_params, bytes=nbytes,
                     files=manifest["files"],

@@ -4,7 +4,7 @@ from alembic.runtime.migration import MigrationContext
 from stemma.registry.db import Database, _alembic_config, schema_revision
 from stemma.registry.tables import Base
 
-HEAD = "0004"
+HEAD = "0005"
 
 
 def test_migrations_build_exactly_the_declared_schema(tmp_path):

@@ -70,6 +70,9 @@ class Version(Base):
     """sha256 of the version manifest."""
     node_path: Mapped[str] = mapped_column(String(300), ForeignKey("nodes.path"), index=True)
     parent_id: Mapped[str | None] = mapped_column(DIGEST, ForeignKey("versions.id"), index=True)
+    derived_from: Mapped[str | None] = mapped_column(DIGEST, ForeignKey("versions.id"), index=True)
+    """A version other than the parent whose weights this one was made from (a rebase starts from the child's
+    previous version): risk flags follow this edge as they follow ``parent_id``."""
     relation: Mapped[str] = mapped_column(String(32))
     method: Mapped[str] = mapped_column(String(64))
     recipe_key: Mapped[str] = mapped_column(DIGEST, index=True)

@@ -212,6 +212,13 @@ def test_accepted_round_makes_update_version_and_marks_descendants_stale(tree_co
     again = {e.node: e.action for e in build(ws, load_spec(tree_copy["spec"]))}
     assert again["en/software/python"] == "reused"
     assert ws.fsck().clean
+    # The rebase started from the old child's weights: a flag on the old child reaches the rebased one too.
+    from stemma import risk
+
+    assert child.row.derived_from == child_before.id
+    flag = risk.flag(ws, f"version:en/software/python@{child_before.id[:12]}", reason="backdoor", severity="high")
+    assert [f.id for f in risk.flags_reaching(ws, child.id)] == [flag.id]
+    risk.unflag(ws, f"#{flag.id}", reason="checked")
     # Offered across to the sibling en/legal (a full-weight finetune of the same parent), under its gate.
     _set_gate(tree_copy, "en/legal", {"min_contributors": 1, "max_own_rise": 0.5, "max_child_rise": 0.5})
     off = service.offer(ws, res.round.id[:12], "en/legal")
