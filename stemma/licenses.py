@@ -211,6 +211,22 @@ def _keeps(kind: str, source: str, release: str) -> bool:
     return True  # attribution is carried by the card and the BOM; review is listed, not judged
 
 
+_RESTRICTIVE = (NON_COMMERCIAL, NO_DERIVATIVES, USE_RESTRICTIONS)
+
+
+def _kept(kind: str, source: str, alternative: frozenset[str]) -> bool:
+    """Whether one alternative of a release expression (licences joined by AND) keeps an obligation. A copyleft
+    licence forbids further restrictions: it is dropped when another licence of the same alternative adds
+    non-commercial, no-derivatives or use restrictions (GPL-3.0-only AND CC-BY-NC-4.0 keeps neither whole)."""
+    keepers = [k for k in alternative if _keeps(kind, source, k)]
+    if not keepers:
+        return False
+    if kind == COPYLEFT:
+        restrictive = {k for k in alternative if set(_RESTRICTIVE) & set(kinds_of(k))}
+        return any(not restrictive - {keeper} for keeper in keepers)
+    return True
+
+
 # ------------------------------------------------------------------------------------------------- obligations
 @dataclass(frozen=True)
 class Obligation:
@@ -262,7 +278,7 @@ class Licensing:
         dropped: dict[tuple[str, str], tuple[list[str], frozenset[str]]] = {}
         for o in self.obligations:
             for kind in o.kinds:
-                choice = next((a for a in alts if not any(_keeps(kind, o.license, k) for k in a)), None)
+                choice = next((a for a in alts if not _kept(kind, o.license, a)), None)
                 if choice is not None:
                     dropped.setdefault((o.license, kind), ([], choice))[0].append(o.carried)
         out = []

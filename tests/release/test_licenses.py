@@ -68,6 +68,13 @@ def test_conflicts_name_the_chain_and_the_implied_licence():
     twice = Licensing("v", (_ob("GPL-3.0-only", copyleft), _ob("GPL-3.0-only", copyleft, "dataset e")))
     assert twice.conflicts("MIT") == ["GPL-3.0-only from dataset d (trained into a@1 -> a/b@2) and dataset e (trained "
                                       "into a@1 -> a/b@2) requires a copyleft licence (GPL-3.0); MIT drops it"]
+    # Copyleft forbids further restrictions: adding a non-commercial licence beside it drops it.
+    mixed = Licensing("v", (_ob("GPL-3.0-only", copyleft), _ob("CC-BY-NC-4.0", (NON_COMMERCIAL, ATTRIBUTION))))
+    [c] = mixed.conflicts("GPL-3.0-only AND CC-BY-NC-4.0")
+    assert c.startswith("GPL-3.0-only from dataset d") and mixed.implied is None
+    ncsa = Licensing("v", (_ob("CC-BY-NC-SA-4.0", tuple(kinds_of("CC-BY-NC-SA-4.0"))),))
+    assert COPYLEFT in ncsa.obligations[0].kinds and NON_COMMERCIAL in ncsa.obligations[0].kinds
+    assert ncsa.conflicts("CC-BY-NC-SA-4.0") == []  # a copyleft licence may carry the restriction itself
     both = Licensing("v", (_ob("MIT", (ATTRIBUTION,)), _ob("BSD-3-Clause", (ATTRIBUTION,))))
     assert both.implied is None and both.conflicts("Apache-2.0") == []
 
