@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,7 +24,8 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..apps import render
@@ -37,37 +39,71 @@ log = logging.getLogger("stemma.serve")
 
 StrictInt = Annotated[int, Field(strict=True)]
 Number = Annotated[float, Field(allow_inf_nan=False)]
+Seed = Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)]  # what a torch.Generator takes
+
+
+def _unicode(s: str) -> str:
+    """A JSON string may hold a lone surrogate (``"\\udcff"``), which is no Unicode text: the tokenizer, the
+    registry and the response encoder would all fail on it, so it is refused at the edge (400 naming the field)."""
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise PydanticCustomError("lone_surrogate", "holds a lone surrogate ({code}) at character {at}, which is "
+                                      "not Unicode text", {"code": f"U+{ord(s[e.start]):04X}", "at": e.start}) from None
+    return s
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+
+
+def _unicode_json(value: Any) -> Any:
+    """Every string (and key) in a free-form JSON value is Unicode text."""
+    if isinstance(value, str):
+        _unicode(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _unicode(k)
+            _unicode_json(v)
+    elif isinstance(value, list):
+        for v in value:
+            _unicode_json(v)
+    return value
+
+
+class _Body(BaseModel):
+    """A request body: unknown fields are refused by name, as OpenAI's API does, rather than silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 # ---------------------------------------------------------------------- request bodies
-class StreamOptions(BaseModel):
-    include_usage: bool = False
+class StreamOptions(_Body):
+    include_usage: Annotated[bool, Field(strict=True)] = False
 
 
-class _Common(BaseModel):
+class _Common(_Body):
     """Fields shared by completions and chat completions (OpenAI names and meanings)."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    model: str = Field(min_length=1, max_length=400)
+    model: Text = Field(min_length=1, max_length=400)
     max_tokens: Annotated[int, Field(strict=True, ge=1)] | None = None
     temperature: Annotated[Number, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[Number, Field(gt=0, le=1)] = 1.0
     n: Annotated[int, Field(strict=True, ge=1)] = 1
     stream: Annotated[bool, Field(strict=True)] = False
     stream_options: StreamOptions | None = None
-    stop: str | list[Annotated[str, Field(min_length=1)]] | None = None
-    seed: StrictInt | None = None
+    stop: Text | list[Annotated[Text, Field(min_length=1)]] | None = None
+    seed: Seed | None = None
     presence_penalty: Annotated[Number, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] = 0.0
     logprobs: Any = None
-    user: str | None = None
+    user: Text | None = None
     # stemma extras (OpenAI clients send them with extra_body=...)
     ignore_eos: Annotated[bool, Field(strict=True)] = False
     """Generate exactly max_tokens, past the end-of-text token (benchmarks)."""
-    language: str | None = None
+    language: Text | None = None
     """For ``model: auto``: language code the model must serve."""
-    domain: str | None = None
+    domain: Text | None = None
     """For ``model: auto``: domain or sub-domain."""
     memory_bytes: Annotated[int, Field(strict=True, ge=1)] | None = None
     """For ``model: auto``: the served footprint must fit."""
@@ -91,18 +127,28 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    prompt: Text | list[Text] | list[StrictInt] | list[list[StrictInt]]
     max_tokens: Annotated[int, Field(strict=True, ge=1)] | None = 16
     echo: Annotated[bool, Field(strict=True)] = False
     best_of: StrictInt | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content; only ``text`` parts are served (others are refused by name)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Text
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore")  # tool calls, refusals and the like: not used by a plain-text LM
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict] | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -111,9 +157,9 @@ class ChatMessage(BaseModel):
             return self.content
         parts = []
         for p in self.content:
-            if p.get("type") != "text" or not isinstance(p.get("text"), str):
+            if p.type != "text" or p.text is None:
                 raise BadRequest("only text content parts are supported", param="messages")
-            parts.append(p["text"])
+            parts.append(p.text)
         return "".join(parts)
 
 
@@ -122,15 +168,19 @@ class ChatRequest(_Common):
     max_completion_tokens: Annotated[int, Field(strict=True, ge=1)] | None = None
 
 
-class AdminRequest(BaseModel):
-    model: str = Field(min_length=1, max_length=400)
+class AdminRequest(_Body):
+    model: Text = Field(min_length=1, max_length=400)
 
 
-class AggregateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    node: str = Field(min_length=1, max_length=300)
-    strategy: str | None = None
+class AggregateRequest(_Body):
+    node: Text = Field(min_length=1, max_length=300)
+    strategy: Text | None = None
     strategy_config: dict[str, Any] | None = None
+
+    @field_validator("strategy_config")
+    @classmethod
+    def _config_is_text(cls, v):
+        return _unicode_json(v)
 
 
 # ---------------------------------------------------------------------- errors
@@ -154,8 +204,17 @@ class Flagged(ApiError):
     status = 403
 
 
+def _printable(s: str | None, limit: int = 300) -> str | None:
+    """Text safe to send back: one line, bounded, lone surrogates (from a hostile body) escaped."""
+    if s is None:
+        return None
+    s = " ".join(s.split())
+    s = s if len(s) <= limit else s[: limit - 3] + "..."
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return {"error": {"message": _printable(message, 1000), "type": type_, "param": _printable(param), "code": code}}
 
 
 def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None):
@@ -252,12 +311,20 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         errs = exc.errors()
-        e = errs[0] if errs else {}
-        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        # A value no member of a union takes fails once per member; the member's own complaint (a lone surrogate,
+        # a bound) says more than "should be a valid list".
+        e = next((x for x in errs if x.get("type") not in ("list_type", "int_type", "string_type", "dict_type",
+                                                              "model_type")), errs[0] if errs else {})
         if e.get("type") == "json_invalid":
             return _error(400, "the request body is not valid JSON", "invalid_request_error")
+        # The path into the body, without pydantic's union member tags ("function-after[...]", "list[int]", "str").
+        loc = [str(x) for x in e.get("loc", ()) if x != "body" and not (isinstance(x, str) and _TAG.match(x))]
         param = loc[0] if loc else None
-        return _error(400, f"{param or 'body'}: {e.get('msg', 'invalid value')}", "invalid_request_error", param)
+        where = ".".join(loc) or "body"
+        msg = e.get("msg", "invalid value").removeprefix("Value error, ")
+        if e.get("type") == "extra_forbidden":
+            msg = "unknown field"
+        return _error(400, f"{where}: {msg}", "invalid_request_error", param)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -274,13 +341,14 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
     async def _http_error(request: Request, exc: StarletteHTTPException):
         return _error(exc.status_code, str(exc.detail), "invalid_request_error")
 
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return _error(500, "internal server error", "server_error")
+    class Guard:
+        """Plain ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the endpoints): counts
+        responses, refuses bodies beyond ``max_body_bytes`` (413) and answers a bug with a 500 body itself.
 
-    class CountResponses:
-        """Plain ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the endpoints)."""
+        A bug must not reach uvicorn: it would close the keep-alive connection, failing the client's next request
+        too. Only a bug after the response started (mid-stream) still ends its connection: nothing else can tell
+        the client the response is incomplete.
+        """
 
         def __init__(self, app):
             self.app = app
@@ -288,16 +356,61 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
         async def __call__(self, scope, receive, send):
             if scope["type"] != "http":
                 return await self.app(scope, receive, send)
+            started = False
 
             async def counting_send(message):
+                nonlocal started
                 if message["type"] == "http.response.start":
+                    started = True
                     route = scope.get("route")
                     metrics.http.labels(getattr(route, "path", "other"), str(message["status"])).inc()
                 await send(message)
 
-            await self.app(scope, receive, counting_send)
+            raw_receive = receive
+            limit = None if scope["path"] == "/admin/updates" else cfg.max_body_bytes  # update files are large
+            if limit is not None:
+                length = dict(scope["headers"]).get(b"content-length", b"0")
+                if not length.isdigit() or int(length) > limit:
+                    return await self._too_large(scope, raw_receive, counting_send, limit, drain=True)
+                receive = self._bounded(receive, limit)
+            try:
+                await self.app(scope, receive, counting_send)
+            except _BodyTooLarge as e:
+                if started:
+                    raise
+                await self._too_large(scope, raw_receive, counting_send, limit, drain=e.more)
+            except Exception:
+                if started:
+                    raise
+                log.exception("unhandled error on %s", scope["path"])
+                await _error(500, "internal server error", "server_error")(scope, receive, counting_send)
 
-    app.add_middleware(CountResponses)
+        @staticmethod
+        def _bounded(receive, limit: int):
+            seen = 0
+
+            async def bounded():
+                nonlocal seen
+                message = await receive()
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge(message.get("more_body", False))
+                return message
+
+            return bounded
+
+        @staticmethod
+        async def _too_large(scope, receive, send, limit: int, drain: bool):
+            """413, after reading the rest of the body (``drain``: some is left), since a body left unread would end
+            the keep-alive connection."""
+            more = drain
+            while more:
+                message = await receive()
+                more = message["type"] == "http.request" and message.get("more_body", False)
+            await _error(413, f"the request body is larger than {limit} bytes", "invalid_request_error",
+                         code="request_too_large")(scope, receive, send)
+
+    app.add_middleware(Guard)
 
     # ------------------------------------------------------------------ plain endpoints
     @app.get("/health")
@@ -591,6 +704,15 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
                 s.cancel()
 
     return app
+
+
+_TAG = re.compile(r"^(?:str|int|float|bool|none|.*[\[(].*)$")
+
+
+class _BodyTooLarge(Exception):
+    def __init__(self, more: bool):
+        super().__init__("request body too large")
+        self.more = more  # is some of the body still unread?
 
 
 class _Unauthorized(ApiError):

@@ -36,6 +36,8 @@ class ServeConfig:
     """Largest ``n`` (choices per prompt) a request may ask for."""
     max_prompts: int = 64
     """Largest number of prompts in one completions request."""
+    max_body_bytes: int = 4 << 20
+    """Largest request body (bytes) outside ``/admin/updates``; larger ones answer 413 before any parsing."""
     max_queue: int = 4096
     """Sequences waiting or running per engine before new requests get 429."""
     resolve_ttl_s: float = 2.0
