@@ -51,6 +51,46 @@ def test_golden_path(tree_copy, capsys, monkeypatch, tmp_path):
     assert code == 0 and "0 corrupt, 0 missing, 0 orphan" in out
 
 
+def test_tree_json_has_every_row_and_column(tree_copy, capsys, monkeypatch):
+    ws = tree_copy["ws"]
+    code, out, _ = run(capsys, monkeypatch, "tree", "--json")
+    assert code == 0
+    doc = json.loads(out)  # one document, nothing else on stdout
+    rows = {r["node"]: r for r in doc["rows"]}
+    assert set(rows) == {n.path for n in ws.nodes()}
+    py = rows["en/software/python"]
+    assert (py["parent"], py["layer"], py["relation"], py["status"]) == ("en/software", "subdomain", "adapter", "ok")
+    assert py["version"] == ws.resolve_version("en/software/python").id and py["depth"] == 3
+    assert {"params", "own_params", "bytes", "perplexity", "gain", "forgetting", "flags", "flag_mark",
+            "licence"} <= set(py)
+    v = ws.resolve_version("en/software/python")
+    own = ws.version_datasets(v.id)["train"]
+    assert py["perplexity"]["own_split"] == ws.get_metric(v.id, "perplexity", own, "test")
+    assert py["gain"] == py["perplexity"]["own_split"] / py["perplexity"]["parent_on_own_split"] - 1
+    assert isinstance(py["licence"]["summary"], str) and rows["master"]["parent"] is None
+    assert run(capsys, monkeypatch, "flag", "version:en/software", "--reason", "backdoor",
+               "--severity", "high")[0] == 0
+    code, out, _ = run(capsys, monkeypatch, "tree", "--json", "--metric", "accuracy")
+    rows = {r["node"]: r for r in json.loads(out)["rows"]}
+    assert [f["id"] for f in rows["en/software/python"]["flags"]] == [1]
+    assert rows["en/software/python"]["flag_mark"] == "affected" and rows["en/software"]["flag_mark"] == "flagged"
+    assert rows["en"]["metric"] == {"name": "accuracy", "own_tasks": [], "parent_tasks": []}
+
+
+@pytest.mark.parametrize("width", [200, 50])
+def test_tree_names_nodes_under_their_parents_whole(tree_copy, capsys, monkeypatch, width):
+    from stemma.cli.console import out as console
+
+    monkeypatch.setattr(console, "width", width)
+    code, out, _ = run(capsys, monkeypatch, "tree")
+    assert code == 0
+    names = [line.split("│")[1].rstrip() for line in out.splitlines()
+             if line.count("│") > 3 and line.split("│")[1].strip()]
+    names = [n for n in names if n.strip() not in ("node", "")]
+    assert names[:5] == [" master", "   en", "     legal", "     software", "       python"], names
+    assert "…" not in out.split("│")[1] and "en/software/python" not in out
+
+
 def test_ingest_from_the_command_line(home, capsys, monkeypatch, tmp_path):
     assert run(capsys, monkeypatch, "init")[0] == 0
     (tmp_path / "d").mkdir()

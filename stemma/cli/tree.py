@@ -54,41 +54,114 @@ def build(
 
 
 @app.command()
-def tree(metric: str = typer.Option(None, "--metric", help="A task metric (chrf, accuracy, ...): each node's "
-                                    "score on its own tasks against its parent, and on its parent's tasks.")) -> None:
+def tree(
+    metric: str = typer.Option(None, "--metric", help="A task metric (chrf, accuracy, ...): each node's score on its "
+                               "own tasks against its parent, and on its parent's tasks."),
+    as_json: bool = typer.Option(False, "--json", help="Every row with every column (and --metric's scores) as one "
+                                 "JSON document on stdout."),
+) -> None:
     """The tree: node, layer, relation, size, perplexity on its own and its parent's split, status."""
     from ..licenses import licensing
     from ..lineage import tree_rows
     from ..risk import reach
 
     if metric is not None:
+        _check_metric(metric)
+    if metric is not None and not as_json:
         _task_tree(metric)
         return
     ws = open_ws()
     rows = tree_rows(ws)
     flags = reach(ws)  # one query for every node
+    sources: dict = {}  # each version's own licence sources, read once for the whole tree
+    licences = [licensing(ws, r.version.id, sources) if r.version else None for r in rows]
+    if as_json:
+        _tree_json(ws, rows, flags, licences, metric)
+        return
     if not rows:
         out.print("the registry is empty; run `stemma build`")
         return
+    names = _names(rows)
     t = Table("node", "layer", "relation", "version", "params", "bytes", "ppl own split (vs parent)",
               "parent on own split", "ppl parent split (forgetting)", "parent on its split", "licence", "status",
               title="stemma tree", caption="perplexity on held-out test splits; lower is better; licence: the one "
               "the licence obligations of the lineage imply, or ? and the kinds that need --license to release")
-    t.columns[0].no_wrap = True  # node paths stay whole (and searchable); the numeric columns wrap instead
-    sources: dict = {}  # each version's own licence sources, read once for the whole tree
-    for r in rows:
+    _keep_whole(t.columns[0], names)
+    for r, name, lic in zip(rows, names, licences):
         fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
         gain = "" if r.gain is None else f" ({r.gain:+.0%})"
         forg = "" if r.forgetting is None else f" ({r.forgetting:+.1%})"
         t.add_row(
-            "  " * r.depth + r.path, r.layer, r.relation or "-", r.version.short if r.version else "-",
+            name, r.layer, r.relation or "-", r.version.short if r.version else "-",
             human_params(r.params), human_bytes(r.bytes), fmt(r.ppl_own) + gain, fmt(r.parent_ppl_own),
-            fmt(r.ppl_parent_split) + forg, fmt(r.parent_ppl_parent_split),
-            licensing(ws, r.version.id, sources).summary if r.version else "-",
+            fmt(r.ppl_parent_split) + forg, fmt(r.parent_ppl_parent_split), lic.summary if lic else "-",
             {"ok": "[green]ok[/green]", "stale": "[yellow]stale[/yellow]"}.get(r.status, f"[red]{r.status}[/red]")
             + _risk_mark(flags.get(r.version.id) if r.version else None),
         )
     out.print(t)
+
+
+def _parents(rows) -> list[str | None]:
+    """Each row's parent row's path (rows are depth-first: a row's parent is the last row one level up)."""
+    last: dict[int, str] = {}
+    parents = []
+    for r in rows:
+        parents.append(last.get(r.depth - 1) if r.depth else None)
+        last[r.depth] = r.path
+    return parents
+
+
+def _names(rows) -> list[str]:
+    """The node column: each node's own name indented under its parent (``python`` under ``en/software``), or its
+    full path where the name alone would not say it (a root, or a path that does not extend its parent's)."""
+    out = []
+    for r, parent in zip(rows, _parents(rows)):
+        own = r.path[len(parent) + 1:] if parent and r.path.startswith(parent + "/") else r.path
+        out.append("  " * r.depth + own)
+    return out
+
+
+def _keep_whole(column, cells: list[str]) -> None:
+    """A node name is never wrapped nor cut to an ellipsis (``en/so…`` could be several nodes): the other columns
+    give way; on a console too narrow even for it, it folds rather than loses characters."""
+    column.no_wrap = True
+    column.min_width = max(map(len, cells))
+    column.overflow = "fold"
+
+
+def _tree_json(ws, rows, flags, licences, metric: str | None) -> None:
+    """`stemma tree --json`: one document, every row with every column, numbers unrounded."""
+    tasks = {}
+    if metric is not None:
+        from ..evaluate.suites import task_rows
+
+        tasks = {t.path: t for t in task_rows(ws, metric)}
+
+    def cell(c) -> dict:
+        return {"task": c.task, "value": c.value, "parent_value": c.parent_value, "change": c.change,
+                "better": c.better}
+
+    doc_rows = []
+    for r, parent, lic in zip(rows, _parents(rows), licences):
+        reached = flags.get(r.version.id) if r.version else None
+        row = {
+            "node": r.path, "parent": parent, "depth": r.depth, "layer": r.layer, "relation": r.relation,
+            "version": r.version.id if r.version else None, "params": r.params, "own_params": r.own_params,
+            "bytes": r.bytes,
+            "perplexity": {"own_split": r.ppl_own, "parent_on_own_split": r.parent_ppl_own,
+                           "parent_split": r.ppl_parent_split, "parent_on_parent_split": r.parent_ppl_parent_split},
+            "gain": r.gain, "forgetting": r.forgetting, "status": r.status,
+            "flags": [] if reached is None else [{"id": f.id, "severity": f.severity, "reason": f.reason,
+                                                  "direct": f.id in reached.direct} for f in reached.flags],
+            "flag_mark": reached.mark if reached else None,
+            "licence": None if lic is None else {"summary": lic.summary, **lic.as_dict()},
+        }
+        if metric is not None:
+            t = tasks.get(r.path)
+            row["metric"] = {"name": metric, "own_tasks": [cell(c) for c in t.own] if t else [],
+                             "parent_tasks": [cell(c) for c in t.parents] if t else []}
+        doc_rows.append(row)
+    typer.echo(json.dumps({"metric": metric, "rows": doc_rows}, indent=2, default=str))
 
 
 def _risk_mark(r) -> str:
@@ -99,14 +172,20 @@ def _risk_mark(r) -> str:
     return f"\n[bold red]{r.mark} {','.join(f'#{f.id}' for f in r.flags)}[/bold red]"
 
 
-def _task_tree(metric: str) -> None:
-    """`stemma tree --metric M`: the task scores of M, like the perplexity columns (gain and forgetting)."""
+def _check_metric(metric: str) -> None:
     from ..errors import StemmaError
-    from ..evaluate.suites import known_metric, task_rows
+    from ..evaluate.suites import known_metric
     from ..evaluate.tasks import all_metrics
 
     if not known_metric(metric):
         raise StemmaError(f"unknown metric {metric!r} (task metrics: {', '.join(sorted(all_metrics()))})")
+
+
+def _task_tree(metric: str) -> None:
+    """`stemma tree --metric M`: the task scores of M, like the perplexity columns (gain and forgetting)."""
+    from ..evaluate.suites import task_rows
+    from ..evaluate.tasks import all_metrics
+
     rows = task_rows(open_ws(), metric)
     if not rows:
         out.print("the registry is empty; run `stemma build`")
@@ -128,10 +207,12 @@ def _task_tree(metric: str) -> None:
     t = Table("node", "version", f"{metric} on own tasks (vs parent)", "parent on own tasks",
               f"{metric} on parent's tasks (vs parent)", "parent on its tasks", title=f"stemma tree: {metric}",
               caption=f"{'higher' if higher else 'lower'} is better; green: better than the parent, red: worse")
-    for r in rows:
+    names = _names(rows)
+    _keep_whole(t.columns[0], names)
+    for r, name in zip(rows, names):
         own, pown = cells(r.own)
         par, ppar = cells(r.parents)
-        t.add_row("  " * r.depth + r.path, r.version or "-", own, pown, par, ppar)
+        t.add_row(name, r.version or "-", own, pown, par, ppar)
     out.print(t)
 
 

@@ -44,13 +44,13 @@ def test_tree_metric_shows_gain_and_forgetting(eval_copy, capsys, monkeypatch):
     ws = eval_copy["ws"]
     code, out, _ = run(capsys, monkeypatch, "tree", "--metric", "accuracy")
     assert code == 0 and "accuracy on own tasks (vs parent)" in out
-    legal_line = next(line for line in out.splitlines() if "en/legal" in line)
+    legal_line = next(line for line in out.splitlines() if "│     legal " in line)
     legal, en = ws.resolve_version("en/legal"), ws.resolve_version("en")
     mine = ws.get_metric(legal.id, "task:choice/accuracy", None, next(
         m.split for m in ws.metrics_of(legal.id) if m.name == "task:choice/accuracy"))
     assert f"choice {mine:.4g}" in legal_line
     code, out, _ = run(capsys, monkeypatch, "tree", "--metric", "chrf")
-    legal_line = next(line for line in out.splitlines() if "en/legal" in line)
+    legal_line = next(line for line in out.splitlines() if "│     legal " in line)
     gen = next(m for m in ws.metrics_of(legal.id) if m.name == "task:gen/chrf")
     parent = ws.get_metric(en.id, "task:gen/chrf", None, gen.split)
     assert f"gen {gen.value:.4g} ({gen.value - parent:+.3g})" in legal_line  # forgetting on the parent's task

@@ -34,8 +34,8 @@ def _rows(table: str, nodes) -> dict[str, str]:
         if len(cells) < 3:
             node = None
             continue
-        if cells[1] in nodes:
-            node = cells[1]
+        if cells[4]:  # the version column: a row's first line (the node column shows its own name only)
+            node = next((p for p, v in nodes.items() if v and v.startswith(cells[4])), None)
         if node:
             rows[node] = rows.get(node, "") + line
     return rows
