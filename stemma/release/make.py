@@ -25,7 +25,7 @@ from ..workspace import VersionInfo, Workspace
 from . import card
 from .bom import BOM_FILE, make_bom
 from .facts import gather
-from .signing import PUBLIC_KEY, SIGNATURE, public_key_pem, sign
+from .signing import PUBLIC_KEY, SIGNATURE, key_fingerprint, public_key_pem, sign
 
 FORMATS = ("hf", "adapter", "gguf")
 
@@ -109,7 +109,7 @@ def release(ws: Workspace, ref: str, out: Path, key: Path, fmt: str = "hf", lice
         raise StemmaError(f"cannot write to {out.parent}: {e.strerror}") from None
     try:
         stage = _write_files(ws, v, fmt, tmp / "release")
-        facts = gather(ws, v, fmt, verdict, "sha256:" + hashlib.sha256(pub).hexdigest())
+        facts = gather(ws, v, fmt, verdict, key_fingerprint(pub))
         meta = card.metadata(facts)
         (stage / "README.md").write_text(card.render(facts, meta))
         (stage / PUBLIC_KEY).write_bytes(pub)

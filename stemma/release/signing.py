@@ -40,6 +40,21 @@ def public_key_pem(key: Path) -> bytes:
                                              serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+def key_fingerprint(public_pem: bytes, where: Path | str = "public key") -> str:
+    """``sha256:`` of the key's DER SubjectPublicKeyInfo: the same key gives the same fingerprint whatever its PEM
+    file's line ends or comments."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        key = serialization.load_pem_public_key(public_pem)
+    except (ValueError, TypeError) as e:
+        raise StemmaError(f"{where}: not a PEM public key ({str(e).splitlines()[0]})") from None
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
 def sign(directory: Path, key: Path) -> None:
     """Write ``directory/model.sig`` over every other file of ``directory``."""
     from model_signing import signing
@@ -63,7 +78,9 @@ def verify_signature(directory: Path, public_key: Path) -> None:
         msg = str(e).removeprefix("Signature mismatch: ")
         if msg.startswith("[") and msg.endswith("]"):  # model-signing formats its list of differences
             msg = msg[1:-1].replace("', '", "; ").strip("'\"")
+        else:  # the key itself (unreadable, or not the signer's)
+            msg = f"{msg} (key {public_key})"
         raise StemmaError(f"{directory}: signature check failed: {msg}") from None
     except Exception as e:  # a bundle the key did not sign, or no bundle at all
         raise StemmaError(f"{directory}: signature check failed: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else 'invalid signature'}") from None
+                          f"{str(e).splitlines()[0] if str(e) else 'invalid signature'} (key {public_key})") from None

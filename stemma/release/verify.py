@@ -5,8 +5,10 @@
    (integrity), not who signed them (origin).
 2. Every file against the signed manifest: a changed byte, a missing or an added file is named.
 3. The ML-BOM is valid CycloneDX 1.6 and lists every other file (all but itself and the signature) with its sha256.
-4. Given a workspace, the `releases` row with this ML-BOM's sha256, if there is one: the release was signed with
-   the key recorded there (its sha256 is in the row's card metadata), else it is refused.
+4. Given a workspace, the `releases` rows of this ML-BOM's version: the directory must be one of them (its ML-BOM's
+   sha256 recorded) and signed with the key recorded there (the key's fingerprint is in the row's card metadata),
+   else it is refused. A directory whose files, BOM and key were all replaced and re-signed passes steps 1-3 with
+   its own key; the registry's record is what catches it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from ..errors import StemmaError
 from ..store import sha256_file
 from .bom import BOM_FILE, bom_files, validate
-from .signing import PUBLIC_KEY, SIGNATURE, verify_signature
+from .signing import PUBLIC_KEY, SIGNATURE, key_fingerprint, verify_signature
 
 
 @dataclass(frozen=True)
@@ -59,24 +61,33 @@ def verify(directory: Path, public_key: Path | None = None, ws=None) -> Verified
         raise StemmaError(f"{d}: the ML-BOM does not match the files: {'; '.join(problems)}")
     model = doc.get("metadata", {}).get("component", {})
     props = {p["name"]: p["value"] for p in model.get("properties", [])}
-    recorded = _recorded(ws, d, hashlib.sha256(text.encode()).hexdigest(), key) if ws is not None else None
+    recorded = (_recorded(ws, d, hashlib.sha256(text.encode()).hexdigest(), key, props.get("stemma:version"))
+                if ws is not None else None)
     return Verified(d, props.get("stemma:node", model.get("name", "?")), props.get("stemma:version", "?"),
                     len(actual) + 2, public_key is not None, recorded)
 
 
-def _recorded(ws, d: Path, bom_digest: str, key: Path) -> str | None:
-    """The workspace's record of this release, refusing it when another key signed it."""
-    from sqlalchemy import select
+def _recorded(ws, d: Path, bom_digest: str, key: Path, version: str | None) -> str | None:
+    """The workspace's record of this release; refused when the workspace released this version but never this
+    ML-BOM, or under another key."""
+    from sqlalchemy import or_, select
 
     from ..registry.tables import Release
 
     with ws.db.session() as s:
-        row = s.scalar(select(Release).where(Release.bom_digest == bom_digest).order_by(Release.id.desc()))
-        if row is None:
-            return None
-        recorded_key = ((row.card or {}).get("stemma") or {}).get("signing_key")
-        used = "sha256:" + hashlib.sha256(key.read_bytes()).hexdigest()
-        if recorded_key != used:
-            raise StemmaError(f"{d}: signed with key {used[:19]}, not the key {str(recorded_key)[:19]} recorded "
-                              f"for release #{row.id}")
-        return f"release #{row.id} by {row.created_by} at {row.created_at:%Y-%m-%d %H:%M} UTC"
+        mine = or_(Release.bom_digest == bom_digest, Release.version_id == version)
+        rows = list(s.scalars(select(Release).where(mine).order_by(Release.id.desc())))
+    if not rows:
+        return None
+    used = key_fingerprint(key.read_bytes(), key)
+    same = [r for r in rows if r.bom_digest == bom_digest]
+    if not same:
+        listed = ", ".join(f"#{r.id}" for r in rows[:5])
+        raise StemmaError(f"{d}: this registry released version {str(version)[:12]} as {listed}, never with this "
+                          f"ML-BOM: the release was changed and signed again")
+    row = same[0]
+    recorded_key = ((row.card or {}).get("stemma") or {}).get("signing_key")
+    if recorded_key != used:
+        raise StemmaError(f"{d}: signed with key {used[:19]}, not the key {str(recorded_key)[:19]} recorded "
+                          f"for release #{row.id}")
+    return f"release #{row.id} by {row.created_by} at {row.created_at:%Y-%m-%d %H:%M} UTC"

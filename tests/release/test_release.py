@@ -114,7 +114,9 @@ def test_a_release_signed_again_with_another_key_is_not_the_recorded_one(release
 
 
 def _tampered(src, tmp_path, name):
-    d = tmp_path / f"t-{name.replace('/', '_')}"
+    """A copy of the release in a folder whose name says nothing (so an error naming the file is not met by the
+    folder's path)."""
+    d = tmp_path / f"copy{len(list(tmp_path.glob('copy*')))}"
     shutil.copytree(src, d)
     return d
 
@@ -129,7 +131,7 @@ def test_verify_names_a_file_with_one_flipped_byte(released, tmp_path, name):
     data = bytearray(p.read_bytes())
     data[len(data) // 2] ^= 0x01
     p.write_bytes(bytes(data))
-    with pytest.raises(StemmaError, match=name.replace(".", r"\.")):
+    with pytest.raises(StemmaError, match="signature check failed: .*" + name.replace(".", r"\.")):
         verify(d, released["pub"] if name != "signing-key.pub" else None)
 
 
@@ -153,6 +155,45 @@ def test_verify_names_added_and_missing_files_and_an_edited_bom(released, tmp_pa
         verify(d)
     with pytest.raises(StemmaError, match="signature"):
         verify(released["dir"], released["other_pub"])  # another key did not sign it
+
+
+def test_files_and_bom_changed_and_signed_again_are_caught(released, tree_copy, tmp_path):
+    """Whoever re-signs a changed release with a key of their own passes the signature (the key it carries made
+    it); the ML-BOM, also signed, still names the change, and a registry that recorded the release refuses even a
+    consistent forgery."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from stemma.release import verify
+    from stemma.release.signing import PUBLIC_KEY, SIGNATURE, public_key_pem, sign
+    from stemma.store import sha256_file
+
+    forger = tmp_path / "forger.pem"
+    forger.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+    def resign(d):
+        (d / SIGNATURE).unlink()
+        (d / PUBLIC_KEY).write_bytes(public_key_pem(forger))
+        sign(d, forger)
+
+    d = _tampered(released["dir"], tmp_path, "readme")
+    (d / "README.md").write_text((d / "README.md").read_text() + "\nUse it for anything.\n")
+    bom = json.loads((d / "bom.cdx.json").read_text())
+    key_entry = next(c for c in bom["components"] if c["type"] == "file" and c["name"] == PUBLIC_KEY)
+    key_entry["hashes"][0]["content"] = "0" * 64  # left stale on purpose below
+    resign(d)
+    with pytest.raises(StemmaError, match=r"ML-BOM does not match the files: README\.md: sha256 differs"):
+        verify(d)
+    # A consistent forgery: the ML-BOM rewritten to the new files, then signed.
+    for c in bom["components"]:
+        if c["type"] == "file" and (d / c["name"]).is_file():
+            c["hashes"][0]["content"] = sha256_file(d / c["name"])
+    (d / "bom.cdx.json").write_text(json.dumps(bom, indent=2))
+    resign(d)
+    assert verify(d).origin is False  # integrity only: nothing says who signed it
+    with pytest.raises(StemmaError, match="never with this ML-BOM"):
+        verify(d, ws=tree_copy["ws"])
 
 
 @pytest.fixture
