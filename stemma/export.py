@@ -13,13 +13,12 @@ written beside its destination and renamed into place, so a failed export leaves
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from .errors import StemmaError
 from .models.tokenizer import hf_tokenizer
+from .store import check_out_dir, staged_dir
 from .workspace import Workspace
 
 FORMATS = ("merged", "adapter")
@@ -38,19 +37,11 @@ def export(ws: Workspace, ref: str, out: Path, fmt: str = "merged", force: bool 
     if fmt not in FORMATS:
         raise StemmaError(f"unknown export format {fmt!r} (one of {', '.join(FORMATS)})")
     v = ws.resolve_version(ref)
-    out = Path(out).absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise StemmaError(f"{out} exists and is not empty; choose another --out or pass --force")
+    out = check_out_dir(out, force)
     plan = ws.plan(v.id)
     if fmt == "adapter" and plan.kind != ADAPTER:
         raise StemmaError(f"{v.row.node_path} is a {v.row.relation} version, not an adapter; export it merged")
-    parent_dir = out.parent
-    try:
-        parent_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent_dir))
-    except OSError as e:
-        raise StemmaError(f"cannot write to {parent_dir}: {e.strerror}") from None
-    try:
+    with staged_dir(out, force) as tmp:
         tok = hf_tokenizer(ws.tokenizer(v.row.tokenizer))
         chain = ws.chain(v.id)
         if fmt == "merged":
@@ -76,10 +67,4 @@ def export(ws: Workspace, ref: str, out: Path, fmt: str = "merged", force: bool 
             "adapters": [a.id for a in plan.adapters],
         }
         (tmp / "stemma.json").write_text(json.dumps(lineage, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

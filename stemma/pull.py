@@ -19,15 +19,14 @@ The directory is written beside its destination and renamed into place: on any e
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import StemmaError
+from .store import check_out_dir, staged_dir
 from .workspace import VersionInfo, Workspace
 
 FORMATS = ("hf", "safetensors", "gguf")
@@ -231,15 +230,8 @@ def pull(ws: Workspace, version: VersionInfo, out: Path, fmt: str = "hf", gguf_t
         raise StemmaError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
     if gguf_type not in GGUF_TYPES:
         raise StemmaError(f"unknown GGUF type {gguf_type!r} (one of {', '.join(GGUF_TYPES)})")
-    out = Path(out).absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise StemmaError(f"{out} exists and is not empty; choose another --out or pass --force")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as e:
-        raise StemmaError(f"cannot write to {out.parent}: {e.strerror}") from None
-    try:
+    out = check_out_dir(out, force)
+    with staged_dir(out, force) as tmp:
         tok = ws.tokenizer(v_tok := version.row.tokenizer)
         model = ws.load_model(version.id)
         variant = version.manifest.get("architecture", {}).get("variant") or {}
@@ -268,10 +260,4 @@ def pull(ws: Workspace, version: VersionInfo, out: Path, fmt: str = "hf", gguf_t
                    **({"selected_because": why} if why else {}), **files}
         (tmp / "stemma.json").write_text(json.dumps(lineage, indent=2))
         (tmp / "README.md").write_text(model_card(ws, version, fmt, {"Selected because": why} if why else None))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

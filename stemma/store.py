@@ -11,13 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import StoreError
+from .errors import StemmaError, StoreError
 
 _CHUNK = 1 << 20
 
@@ -37,6 +39,35 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_out_dir(out: Path, force: bool = False, can_force: bool = True) -> Path:
+    """``out`` as an absolute path, refused when it holds something (unless ``force``: then it is replaced)."""
+    out = Path(out).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise StemmaError(f"{out} exists and is not empty; choose another --out" + (" or pass --force" if can_force
+                                                                                      else ""))
+    return out
+
+
+@contextmanager
+def staged_dir(out: Path, force: bool = False) -> Iterator[Path]:
+    """A directory written beside ``out`` (same file system) and renamed to it only once the block finishes: an
+    error or an interruption leaves neither ``out`` nor the stage behind."""
+    out = check_out_dir(out, force)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise StemmaError(f"cannot write to {out.parent}: {e.strerror}") from None
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -12,15 +12,13 @@ place; the `releases` row follows. Any failure leaves no DIR and no row.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import StemmaError
 from ..licenses import Licensing, licensing, parse_release_license
-from ..store import sha256_file
+from ..store import check_out_dir, sha256_file, staged_dir
 from ..workspace import VersionInfo, Workspace
 from . import card
 from .bom import BOM_FILE, make_bom
@@ -94,21 +92,14 @@ def release(ws: Workspace, ref: str, out: Path, key: Path, fmt: str = "hf", lice
     from ..risk import actor
 
     v = ws.resolve_version(ref)
-    out = Path(out).absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise StemmaError(f"{out} exists and is not empty; choose another --out")
+    out = check_out_dir(out, can_force=False)
     pub = public_key_pem(key)
     verdict = refusals(ws, v, fmt, license)
     if verdict.reasons:
         raise StemmaError(f"release of {v.row.node_path}@{v.short} refused: {'; '.join(verdict.reasons)}")
     license = verdict.license
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as e:
-        raise StemmaError(f"cannot write to {out.parent}: {e.strerror}") from None
-    try:
-        stage = _write_files(ws, v, fmt, tmp / "release")
+    with staged_dir(out) as stage:
+        _write_files(ws, v, fmt, stage)
         facts = gather(ws, v, fmt, verdict, key_fingerprint(pub))
         meta = card.metadata(facts)
         (stage / "README.md").write_text(card.render(facts, meta))
@@ -117,11 +108,6 @@ def release(ws: Workspace, ref: str, out: Path, key: Path, fmt: str = "hf", lice
         bom_text = make_bom(facts, files)
         (stage / BOM_FILE).write_text(bom_text)
         sign(stage, key)
-        if out.exists():
-            out.rmdir()
-        os.replace(stage, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     bom_digest = hashlib.sha256(bom_text.encode()).hexdigest()
     try:
         with ws.db.session() as s:
