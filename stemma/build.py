@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from .data.ingest import BuiltDataset, built_from, curation_for
-from .errors import StemmaError
+from .errors import SpecError, StemmaError
 from .evaluate.evaluator import Evaluator
 from .evaluate.runner import evaluate_version as evaluate_tasks
 from .evaluate.suites import record as record_tasks
@@ -24,6 +24,7 @@ from .progress import NullReporter, Reporter
 from .spec import NodeSpec, TreeSpec
 from .store import canonical_json, sha256_bytes
 from .train import BuildContext
+from .train.registry import Planned
 from .workspace import VersionInfo, Workspace
 
 
@@ -101,6 +102,7 @@ def build(ws: Workspace, spec: TreeSpec, reporter: Reporter | None = None, only:
             if path in targets:
                 node = spec.nodes[path]
                 inputs[path] = get(node.method).recipe_inputs(node.config, spec.root_dir)
+        preflight_shapes(spec, targets)
         curate_dir = ws.settings.work_dir / "curate"
         prepared = prepare_spec_datasets(spec, curate_dir, executor=executor, reporter=reporter)
         for path in spec.order:
@@ -162,6 +164,24 @@ def build(ws: Workspace, spec: TreeSpec, reporter: Reporter | None = None, only:
                                  f"{fp.tokens_per_s:.0f} tokens/s")
             events.append(BuildEvent(path, action, v.id, time.perf_counter() - t0))
     return events
+
+
+def preflight_shapes(spec: TreeSpec, targets: set[str]) -> dict[str, Planned]:
+    """What each node will build, from the spec alone, parents first (`BuildMethod.plan`): a student larger than
+    its teacher allows, a LoRA rank beyond the layers' width or targets the model lacks, an adapter on a compressed
+    variant... are refused here with one line, before any dataset is curated or any node trained."""
+    planned: dict[str, Planned] = {}
+    for path in spec.order:
+        if path not in targets:
+            continue
+        node = spec.nodes[path]
+        method = get(node.method)
+        parent = planned.get(node.parent) if node.parent else None
+        if parent is not None and parent.kind == "variant" and method.relation_for(node.config) == "adapter":
+            raise SpecError(f"node {path}: an adapter cannot be trained on the compressed variant {node.parent}; "
+                            "give it a full-weight parent")
+        planned[path] = method.plan(node.config, parent, spec, node)
+    return planned
 
 
 def _rebase_source(ws: Workspace, node: NodeSpec, recipe: dict, parent: VersionInfo | None) -> VersionInfo | None:

@@ -9,6 +9,7 @@ import yaml
 from stemma.build import build
 from stemma.lineage import tree_rows
 from stemma.spec import load_spec
+from tests.conftest import tiny_spec
 
 
 def test_every_node_is_built_with_lineage_and_metrics(built_tree, tree_copy):
@@ -131,3 +132,29 @@ def test_tokenizer_mismatch_is_refused(tree_copy):
         s.execute(update(Version).where(Version.id == v.id).values(tokenizer="0" * 64))
     with pytest.raises(TokenizerMismatchError, match="differs from its base"):
         ws.load_model(ws.resolve_version("en/software/python").id)
+
+
+@pytest.mark.parametrize("node,config,message", [
+    ("en", {"n_layer": 5}, "node en: student has"),  # 5 of the teacher's 6 blocks
+    ("en", {"n_layer": 2, "max_param_ratio": 0.1}, "node en: student has"),
+    ("en", {"n_layer": 2, "n_head": 3}, "node en: "),
+    ("en/software", {"r": 100}, "node en/software: LoRA rank r=100 is beyond the width"),
+    ("en/software", {"target_modules": ["q_proj"]}, "node en/software: target module 'q_proj' is no linear layer"),
+    ("en/software/q/ft", {}, "node en/software/q/ft: an adapter cannot be trained on the compressed variant"),
+])
+def test_config_errors_fail_preflight_before_anything_trains(ws, tmp_path, node, config, message):
+    from stemma.errors import SpecError
+
+    path = tiny_spec(tmp_path / "spec")
+    spec = yaml.safe_load(path.read_text())
+    spec["nodes"]["en/software/q"] = {"method": "quantized", "parent": "en/software"}
+    spec["nodes"]["en/software/q/ft"] = {"method": "lora", "dataset": "en-python", "parent": "en/software/q",
+                                         "config": {"steps": 2}}
+    spec["nodes"][node]["config"] = {**spec["nodes"][node].get("config", {}), **config}
+    path.write_text(yaml.safe_dump(spec))
+    t0 = time.perf_counter()
+    with pytest.raises(SpecError) as e:
+        build(ws, load_spec(path))
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+    assert time.perf_counter() - t0 < 20  # pre-flight: no curation, no training
+    assert not ws.nodes() and not list(ws.store.iter_digests())  # nothing trained, nothing registered

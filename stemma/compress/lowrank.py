@@ -16,7 +16,7 @@ import torch
 
 from ..errors import SpecError
 from ..models.arch import count_params
-from ..train.registry import BuildContext, BuildMethod, BuildOutput, register
+from ..train.registry import BuildContext, BuildMethod, BuildOutput, Planned, register
 from .layers import (
     LowRankLinear,
     base_architecture,
@@ -85,6 +85,9 @@ class LowRank(BuildMethod):
         if cfg.energy is not None and not 0 < cfg.energy <= 1:
             raise SpecError(f"{where}: lowrank energy must be in (0, 1]")
         return cfg
+
+    def plan(self, cfg, parent, spec, node) -> Planned:
+        return Planned(parent.config if parent is not None else None, "variant")
 
     def run(self, ctx: BuildContext, cfg: LowRankConfig) -> BuildOutput:
         model = ctx.load_parent()

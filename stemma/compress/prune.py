@@ -24,7 +24,7 @@ from ..errors import SpecError
 from ..models.arch import count_params, model_context
 from ..models.io import save_model_files
 from ..train.base import TokenStream, Trainer, kl_to_teacher, lm_loss
-from ..train.registry import BuildContext, BuildMethod, BuildOutput, register
+from ..train.registry import BuildContext, BuildMethod, BuildOutput, Planned, register
 from .layers import base_architecture, is_linear, output_name, pack_sparse, save_variant
 
 
@@ -93,6 +93,14 @@ class Prune(BuildMethod):
         if cfg.mode == "unstructured" and cfg.recovery_steps:
             raise SpecError(f"{where}: recovery_steps applies to structured pruning only")
         return cfg
+
+    def plan(self, cfg: PruneConfig, parent, spec, node) -> Planned:
+        parent_data = spec.nodes[node.parent].dataset if node.parent in spec.nodes else None
+        if cfg.mode == "structured" and cfg.recovery_steps and not (node.dataset or parent_data):
+            raise SpecError(f"node {node.path}: recovery fine-tuning needs data; the parent has no dataset")
+        if cfg.mode == "structured":  # plain weights of a smaller shape than the parent's
+            return Planned(None)
+        return Planned(parent.config if parent is not None else None, "variant")
 
     def run(self, ctx: BuildContext, cfg: PruneConfig) -> BuildOutput:
         model = ctx.load_parent()

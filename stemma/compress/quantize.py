@@ -17,7 +17,7 @@ from typing import Literal
 from torch import nn
 
 from ..models.arch import count_params
-from ..train.registry import BuildContext, BuildMethod, BuildOutput, register
+from ..train.registry import BuildContext, BuildMethod, BuildOutput, Planned, register
 from .layers import (
     QuantEmbedding,
     QuantLinear,
@@ -86,6 +86,9 @@ class Quantize(BuildMethod):
     relation = "quantized"
     config_cls = QuantizeConfig
     needs_dataset = False
+
+    def plan(self, cfg, parent, spec, node) -> Planned:
+        return Planned(parent.config if parent is not None else None, "variant")
 
     def run(self, ctx: BuildContext, cfg: QuantizeConfig) -> BuildOutput:
         model = ctx.load_parent()

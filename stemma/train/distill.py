@@ -23,7 +23,7 @@ from ..models.io import save_model_files
 from ..models.tokenizer import eos_id
 from .base import TrainConfig, Trainer, kl_to_teacher, lm_loss
 from .forgetting import draw, split_batch
-from .registry import BuildContext, BuildMethod, BuildOutput, register
+from .registry import BuildContext, BuildMethod, BuildOutput, Planned, meta_params, register
 
 
 @dataclass(frozen=True)
@@ -54,22 +54,38 @@ class DistillConfig(TrainConfig):
     """Refuse a student larger than this fraction of the teacher's parameters."""
 
 
-def make_student(teacher, cfg: DistillConfig, eos_token_id: int):
-    """(student, its family): the teacher's family with the student's shape, or a fresh model of ``cfg.arch``."""
-    t_family = families.of(teacher.config)
+def student_config(teacher_config, cfg: DistillConfig, eos_token_id: int):
+    """(the student's Hugging Face config, its family): the teacher's family with the student's shape, or a fresh
+    model of ``cfg.arch``; refuses (one line) a shape the family does not implement."""
+    t_family = families.of(teacher_config)
     family = families.get(cfg.arch) if cfg.arch else t_family
     if family is t_family:
-        student_cfg = family.student_config(teacher.config, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head,
+        student_cfg = family.student_config(teacher_config, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head,
                                             cfg.n_inner)
-        family.check(student_cfg)
-        from transformers import AutoModelForCausalLM
+    else:
+        t = t_family.describe(teacher_config)
+        shape = ArchConfig(arch=family.name, n_layer=cfg.n_layer, n_embd=cfg.n_embd or t["n_embd"],
+                           n_head=cfg.n_head or t["n_head"], n_kv_head=cfg.n_kv_head, n_inner=cfg.n_inner,
+                           context=t["context"], tie_embeddings=t.get("tie_embeddings", True))
+        shape.check()
+        student_cfg = family.hf_config(shape, teacher_config.vocab_size, eos_token_id)
+    family.check(student_cfg)
+    return student_cfg, family
 
-        return AutoModelForCausalLM.from_config(student_cfg), family
-    t = t_family.describe(teacher.config)
-    shape = ArchConfig(arch=family.name, n_layer=cfg.n_layer, n_embd=cfg.n_embd or t["n_embd"],
-                       n_head=cfg.n_head or t["n_head"], n_kv_head=cfg.n_kv_head, n_inner=cfg.n_inner,
-                       context=t["context"], tie_embeddings=t.get("tie_embeddings", True))
-    return family.build(shape, vocab_size=teacher.config.vocab_size, eos_token_id=eos_token_id), family
+
+def make_student(teacher, cfg: DistillConfig, eos_token_id: int):
+    """(student, its family), initialised at random (`init_student` copies teacher weights in)."""
+    from transformers import AutoModelForCausalLM
+
+    student_cfg, family = student_config(teacher.config, cfg, eos_token_id)
+    return AutoModelForCausalLM.from_config(student_cfg), family
+
+
+def too_large(n_student: int, n_teacher: int, cfg: DistillConfig) -> str | None:
+    if n_student <= cfg.max_param_ratio * n_teacher:
+        return None
+    return (f"student has {n_student:,} parameters, more than {cfg.max_param_ratio:g} of the teacher's "
+            f"{n_teacher:,}; shrink n_layer/n_embd or raise max_param_ratio")
 
 
 @register
@@ -87,7 +103,23 @@ class Distill(BuildMethod):
                 raise SpecError(f"{where}: {e}") from None
         if cfg.n_layer < 1:
             raise SpecError(f"{where}: n_layer must be at least 1")
+        if not 0 < cfg.max_param_ratio <= 1:
+            raise SpecError(f"{where}: max_param_ratio must be in (0, 1]: a student is smaller than its teacher")
         return cfg
+
+    def plan(self, cfg: DistillConfig, parent: Planned | None, spec, node) -> Planned:
+        """The student's config from the teacher's, refused here when its family cannot build it or it is too
+        large: before the teacher (or anything) trains."""
+        if parent is None or parent.config is None:
+            return Planned(None)
+        try:
+            student, _ = student_config(parent.config, cfg, getattr(parent.config, "eos_token_id", None) or 0)
+        except StemmaError as e:
+            raise SpecError(f"node {node.path}: {e}") from None
+        problem = too_large(meta_params(student), meta_params(parent.config), cfg)
+        if problem:
+            raise SpecError(f"node {node.path}: {problem}")
+        return Planned(student)
 
     def run(self, ctx: BuildContext, cfg: DistillConfig) -> BuildOutput:
         tok = ctx.parent_tokenizer()
@@ -98,9 +130,8 @@ class Distill(BuildMethod):
         torch.manual_seed(cfg.seed)
         student, family = make_student(teacher, cfg, eos_id(tok))
         n_s, n_t = count_params(student), count_params(teacher)
-        if n_s > cfg.max_param_ratio * n_t:
-            raise StemmaError(f"node {ctx.node}: student has {n_s:,} parameters, more than {cfg.max_param_ratio:g} of "
-                              f"the teacher's {n_t:,}; shrink n_layer/n_embd or raise max_param_ratio")
+        if too_large(n_s, n_t, cfg):  # pre-flight checked it on the planned shapes; this is the trained teacher
+            raise StemmaError(f"node {ctx.node}: {too_large(n_s, n_t, cfg)}")
         same = family is families.of(teacher.config)
         picks = family.init_student(student, teacher) if cfg.init_from_teacher and same else []
         own, replay = ctx.streams(tok, context, cfg.seed)

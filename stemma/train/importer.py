@@ -19,7 +19,7 @@ from ..models.io import check_safe_checkpoint, load_hf_dir, save_model_files
 from ..models.tokenizer import tokenizer_to_bytes
 from ..scan import ScanReport, check_dir
 from ..store import sha256_file
-from .registry import BuildContext, BuildMethod, BuildOutput, register
+from .registry import BuildContext, BuildMethod, BuildOutput, Planned, register
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,13 @@ class Import(BuildMethod):
                 raise StemmaError(f"import config license: {e}") from None
         stated = checkpoint_license(path)
         return {"checkpoint": {f.name: sha256_file(f) for f in files}, **({"license": stated} if stated else {})}
+
+    def plan(self, cfg: ImportConfig, parent, spec, node) -> Planned:
+        """The checkpoint's own config (`recipe_inputs` has read and checked it already)."""
+        from transformers import AutoConfig
+
+        path = _resolve(cfg, spec.root_dir)
+        return Planned(AutoConfig.from_pretrained(str(path), trust_remote_code=False, local_files_only=True))
 
     def run(self, ctx: BuildContext, cfg: ImportConfig) -> BuildOutput:
         from tokenizers import Tokenizer

@@ -12,12 +12,39 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import SpecError
 from ..models import families
 from ..models.arch import count_params, model_context
 from ..models.io import save_model_files
 from .base import TrainConfig, Trainer, kl_to_teacher, lm_loss
 from .forgetting import draw, split_batch
-from .registry import BuildContext, BuildMethod, BuildOutput, register
+from .registry import BuildContext, BuildMethod, BuildOutput, Planned, register
+
+
+def check_lora(config, r: int, target_modules, where: str) -> None:
+    """Refuse (one line) a LoRA the parent's architecture cannot take: target modules that name none of its linear
+    layers, or a rank beyond the width of a layer it adapts. Reads the config alone (a model on ``meta``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    family = families.of(config)
+    targets = list(target_modules or family.lora_targets)
+    if r < 1:
+        raise SpecError(f"{where}: LoRA rank r must be at least 1")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    names = sorted({n.rsplit(".", 1)[-1] for n in linears if n.startswith(("model.", "transformer."))})
+    widths = []
+    for t in targets:
+        hit = [m for n, m in linears.items() if n == t or n.endswith("." + t)]
+        if not hit:
+            raise SpecError(f"{where}: target module {t!r} is no linear layer of this {family.name} model "
+                            f"(its linear layers: {', '.join(names)})")
+        widths += [min(m.weight.shape) for m in hit]
+    if r > min(widths):
+        raise SpecError(f"{where}: LoRA rank r={r} is beyond the width of the layers it adapts ({min(widths)})")
 
 
 @dataclass(frozen=True)
@@ -45,6 +72,11 @@ class Lora(BuildMethod):
     name = "lora"
     relation = "adapter"
     config_cls = LoraConfig
+
+    def plan(self, cfg: LoraConfig, parent: Planned | None, spec, node) -> Planned:
+        if parent is not None and parent.config is not None:
+            check_lora(parent.config, cfg.r, cfg.target_modules, f"node {node.path}")
+        return super().plan(cfg, parent, spec, node)
 
     def run(self, ctx: BuildContext, cfg: LoraConfig) -> BuildOutput:
         from peft import LoraConfig as PeftLoraConfig

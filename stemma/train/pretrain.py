@@ -15,7 +15,7 @@ from ..models.families import ArchConfig
 from ..models.io import save_model_files
 from ..models.tokenizer import TokenizerConfig, eos_id, tokenizer_to_bytes, train_tokenizer
 from .base import TokenStream, TrainConfig, Trainer, lm_loss
-from .registry import BuildContext, BuildMethod, BuildOutput, register
+from .registry import BuildContext, BuildMethod, BuildOutput, Planned, register
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,9 @@ class Pretrain(BuildMethod):
         except StemmaError as e:
             raise SpecError(f"{where}: {e}") from None
         return cfg
+
+    def plan(self, cfg: PretrainConfig, parent, spec, node) -> Planned:
+        return Planned(families.get(cfg.arch).hf_config(cfg.shape, cfg.vocab_size, 0))
 
     def run(self, ctx: BuildContext, cfg: PretrainConfig) -> BuildOutput:
         texts = ctx.texts("train")

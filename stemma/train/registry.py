@@ -76,6 +76,28 @@ class BuildOutput:
     """The scan of files taken from outside (`stemma.scan.ScanReport.record`), kept in the manifest as ``scan``."""
 
 
+@dataclass(frozen=True)
+class Planned:
+    """What a node's build will produce, known from the spec alone (pre-flight): nothing trained, nothing loaded."""
+
+    config: Any | None
+    """The Hugging Face config of the model its version loads as (None: not knowable before building)."""
+    kind: str = "full"
+    """``full`` (plain weights), ``adapter`` (a delta on the parent) or ``variant`` (compressed storage, which
+    nothing can train an adapter on)."""
+
+
+def meta_params(config) -> int:
+    """Parameters of a model of ``config``, counted on the ``meta`` device (no memory, no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..models.arch import count_params
+
+    with torch.device("meta"):
+        return count_params(AutoModelForCausalLM.from_config(config))
+
+
 class BuildMethod:
     name: ClassVar[str]
     relation: ClassVar[str]
@@ -111,6 +133,13 @@ class BuildMethod:
     def recipe_inputs(self, cfg: Any, spec_dir: Path) -> dict[str, Any]:
         """Extra content that identifies the build beyond config, parent and data (e.g. checkpoint hashes)."""
         return {}
+
+    def plan(self, cfg: Any, parent: Planned | None, spec: Any, node: Any) -> Planned:
+        """Pre-flight: what this config builds from ``parent`` (the parent's own plan), or a `SpecError` of one line
+        for what cannot build (checked before any dataset is curated or any node trained). ``spec`` is the
+        `TreeSpec`, ``node`` the `NodeSpec`. Default: the parent's architecture, kept, as a delta or whole."""
+        kind = "adapter" if self.relation_for(cfg) == "adapter" else "full"
+        return Planned(parent.config if parent is not None else None, kind)
 
     def run(self, ctx: BuildContext, cfg: Any) -> BuildOutput:
         raise NotImplementedError
