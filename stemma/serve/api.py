@@ -96,7 +96,12 @@ class _Common(_Body):
     seed: Seed | None = None
     presence_penalty: Annotated[Number, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] = 0.0
-    logprobs: Any = None
+    logit_bias: dict[Text, Annotated[Number, Field(ge=-100, le=100)]] | None = None
+    """Token id (as a string, OpenAI's form) -> bias added to its logit."""
+    # vLLM's sampling extras, same names and ranges (OpenAI clients send them with extra_body=...)
+    repetition_penalty: Annotated[Number, Field(gt=0, le=10)] = 1.0
+    top_k: Annotated[int, Field(strict=True, ge=-1, le=1 << 20)] = -1
+    min_p: Annotated[Number, Field(ge=0, le=1)] = 0.0
     user: Text | None = None
     # stemma extras (OpenAI clients send them with extra_body=...)
     ignore_eos: Annotated[bool, Field(strict=True)] = False
@@ -128,6 +133,8 @@ class _Common(_Body):
 
 class CompletionRequest(_Common):
     prompt: Text | list[Text] | list[StrictInt] | list[list[StrictInt]]
+    logprobs: Annotated[int, Field(strict=True, ge=0, le=5)] | None = None
+    """The legacy form: each token's log-probability and this many alternatives."""
     max_tokens: Annotated[int, Field(strict=True, ge=1)] | None = 16
     echo: Annotated[bool, Field(strict=True)] = False
     best_of: StrictInt | None = None
@@ -165,6 +172,8 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: Annotated[bool, Field(strict=True)] | None = None
+    top_logprobs: Annotated[int, Field(strict=True, ge=0, le=20)] | None = None
     max_completion_tokens: Annotated[int, Field(strict=True, ge=1)] | None = None
 
 
@@ -507,10 +516,8 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
     async def _prepare(body: _Common):
         if body.n > cfg.max_n:
             raise BadRequest(f"n is {body.n}; at most {cfg.max_n} choices per request", param="n")
-        if body.logprobs not in (None, False, 0):
-            raise BadRequest("logprobs are not supported", param="logprobs")
-        if body.presence_penalty or body.frequency_penalty:
-            raise BadRequest("presence_penalty and frequency_penalty are not supported")
+        if isinstance(body, ChatRequest) and body.top_logprobs and not body.logprobs:
+            raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
         reqs = body.requirements()
         if reqs and body.model != "auto":
             raise BadRequest("language/domain/memory_bytes/latency_ms apply to model 'auto' only", param="model")
@@ -585,6 +592,8 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
             raise BadRequest(f"the prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds the context "
                              f"of {t.node} ({ctx} tokens)", param="max_tokens", code="context_length_exceeded")
         stop = body.stops() + extra_stop
+        bias = _logit_bias(body, engine)
+        want = (body.top_logprobs or 0 if body.logprobs else None) if chat else body.logprobs
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         seqs: list[Sequence] = []
@@ -593,7 +602,9 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
                 params = SamplingParams(
                     max_tokens=max_tokens if max_tokens is not None else ctx - len(p), temperature=body.temperature,
                     top_p=body.top_p, seed=None if body.seed is None else body.seed + j, stop=stop,
-                    ignore_eos=body.ignore_eos)
+                    ignore_eos=body.ignore_eos, top_k=max(body.top_k, 0), min_p=body.min_p,
+                    presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                    repetition_penalty=body.repetition_penalty, logit_bias=bias, logprobs=want)
                 i = len(seqs)
 
                 def sink(ev: Event, i: int = i) -> None:
@@ -611,10 +622,12 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
         model_name = t.node if body.model == "auto" else body.model
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(seqs, queue, t, rid, created, model_name, chat, include_usage),
+            return StreamingResponse(_stream(seqs, queue, t, rid, created, model_name, chat, include_usage,
+                                             engine if want is not None else None),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             texts = [""] * len(seqs)
+            lps: list[list] = [[] for _ in seqs]
             finals: list[Event | None] = [None] * len(seqs)
             while any(f is None for f in finals):
                 try:
@@ -624,6 +637,7 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
                         return Response(status_code=499)
                     continue
                 texts[i] += ev.text
+                lps[i] += ev.logprobs
                 if ev.done:
                     finals[i] = ev
                     _observe(t, seqs[i], ev)
@@ -636,11 +650,13 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
         prompt_tokens = sum(len(p) for p in prompts)  # each prompt counted once, as OpenAI does for n > 1
         completion_tokens = sum(f.completion_tokens for f in finals)
         if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
+            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                        "logprobs": None if want is None else _logprobs_doc(engine, lps[i], chat),
                         "finish_reason": finals[i].finish_reason} for i in range(len(seqs))]
         else:
-            choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": finals[i].finish_reason}
-                       for i in range(len(seqs))]
+            choices = [{"index": i, "text": texts[i],
+                        "logprobs": None if want is None else _logprobs_doc(engine, lps[i], chat),
+                        "finish_reason": finals[i].finish_reason} for i in range(len(seqs))]
         doc = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                "model": model_name, "system_fingerprint": t.version_id[:12], "choices": choices,
                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -648,6 +664,20 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
         if t.reason:
             doc["selection"] = {"model": t.node, "version": t.version_id, "reason": t.reason}
         return doc
+
+    def _logit_bias(body: _Common, engine) -> tuple[tuple[int, float], ...]:
+        if not body.logit_bias:
+            return ()
+        vocab = engine.decoder.shape.vocab_size
+        out = []
+        for k, v in body.logit_bias.items():
+            if not (k.isascii() and k.strip().lstrip("-").isdigit()) or not 0 <= int(k) < vocab:
+                raise BadRequest(f"logit_bias keys must be token ids in [0, {vocab}), not {k[:40]!r}",
+                                 param="logit_bias")
+            out.append((int(k), float(v)))
+        if len(out) > 300:
+            raise BadRequest("logit_bias holds at most 300 tokens", param="logit_bias")
+        return tuple(out)
 
     def _observe(t: Target, s: Sequence, ev: Event) -> None:
         now = time.perf_counter()
@@ -657,7 +687,8 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
         if s.t_first is not None:
             metrics.ttft.labels(t.node).observe(s.t_first - s.t_submit)
 
-    async def _stream(seqs, queue, t: Target, rid, created, model_name, chat, include_usage) -> AsyncIterator[str]:
+    async def _stream(seqs, queue, t: Target, rid, created, model_name, chat, include_usage,
+                      lp_engine=None) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         fp = t.version_id[:12]
 
@@ -668,11 +699,18 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
                 doc["usage"] = usage
             return f"data: {json.dumps(doc)}\n\n"
 
-        def choice(i, text, finish):
+        offsets = [0] * len(seqs)
+
+        def choice(i, text, finish, entries=()):
+            lp = None
+            if lp_engine is not None and entries:
+                lp = _logprobs_doc(lp_engine, list(entries), chat, offsets[i])
+                if not chat:
+                    offsets[i] += sum(map(len, lp["tokens"]))
             if chat:
-                return {"index": i, "delta": {"content": text} if text or finish is None else {}, "logprobs": None,
+                return {"index": i, "delta": {"content": text} if text or finish is None else {}, "logprobs": lp,
                         "finish_reason": finish}
-            return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+            return {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
 
         try:
             if chat:
@@ -687,8 +725,8 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
                     yield f"data: {json.dumps(error_body(f'generation failed: {ev.error}', 'server_error'))}\n\n"
                     done += 1
                     continue
-                if ev.text:
-                    yield chunk([choice(i, ev.text, None)])
+                if ev.text or ev.logprobs:
+                    yield chunk([choice(i, ev.text, None, ev.logprobs)])
                 if ev.done:
                     done += 1
                     completion_tokens += ev.completion_tokens
@@ -713,6 +751,26 @@ class _BodyTooLarge(Exception):
     def __init__(self, more: bool):
         super().__init__("request body too large")
         self.more = more  # is some of the body still unread?
+
+
+def _logprobs_doc(engine, entries: list, chat: bool, offset: int = 0) -> dict:
+    """Log-probabilities in OpenAI's shapes: chat's ``content`` list, or the completions' legacy columns (whose
+    ``top_logprobs`` also hold the chosen token, as vLLM's do)."""
+    def text(i: int) -> str:
+        return engine.tokenizer.decode([i], skip_special_tokens=False)
+
+    if chat:
+        return {"content": [{"token": text(e.token), "logprob": e.logprob, "bytes": list(text(e.token).encode()),
+                             "top_logprobs": [{"token": text(t), "logprob": v, "bytes": list(text(t).encode())}
+                                              for t, v in e.top]} for e in entries]}
+    tokens = [text(e.token) for e in entries]
+    offsets = []
+    for tok in tokens:
+        offsets.append(offset)
+        offset += len(tok)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{**{text(t): v for t, v in e.top}, tokens[j]: e.logprob} for j, e in enumerate(entries)],
+            "text_offset": offsets}
 
 
 class _Unauthorized(ApiError):

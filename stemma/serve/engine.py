@@ -52,6 +52,42 @@ class SamplingParams:
     """Strings that end generation; the text is cut before the first one and never contains it."""
     ignore_eos: bool = False
     """Keep generating past the end-of-text token (benchmarks want a fixed length)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only; 0 or -1: every token."""
+    min_p: float = 0.0
+    """Drop tokens less likely than this fraction of the most likely one's probability."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token the completion already holds (OpenAI and vLLM semantics)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time the completion already holds it."""
+    repetition_penalty: float = 1.0
+    """Tokens of the prompt or the completion: positive logits divided by it, negative ones multiplied (CTRL,
+    Keskar et al., 2019, as vLLM and transformers apply it); 1: off."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits before anything else."""
+    logprobs: int | None = None
+    """Report each generated token's log-probability and this many most likely alternatives (None: nothing). The
+    log-probabilities are the model's own (before penalties, temperature and truncation), as vLLM's default."""
+
+    @property
+    def shaped(self) -> bool:
+        """Whether the logits are changed before choosing (bias or penalties)."""
+        return bool(self.logit_bias) or bool(self.presence_penalty) or bool(self.frequency_penalty) \
+            or self.repetition_penalty != 1.0
+
+    @property
+    def truncated(self) -> bool:
+        """Whether sampling keeps only some tokens (top-k, top-p, min-p)."""
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the most likely alternatives (token id, log-probability)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -65,6 +101,8 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """For the tokens generated since the previous event, when the request asked for them."""
 
 
 @dataclass(eq=False)
@@ -95,6 +133,10 @@ class Sequence:
     t_submit: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
     generator: torch.Generator | None = None
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    """Log-probabilities of tokens not yet reported."""
+    prompt_seen: torch.Tensor | None = None
+    """The prompt's tokens as a [vocab] mask (repetition penalty), made once."""
 
     def cancel(self) -> None:
         """Ask the engine to drop this sequence (safe from any thread; takes effect before the next step)."""
@@ -319,18 +361,20 @@ class Engine:
         return len(seqs)
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        nxt = sample(logits, seqs)
-        for s, t in zip(seqs, nxt):
+        nxt, lps = sample(logits, seqs)
+        for i, (s, t) in enumerate(zip(seqs, nxt)):
             if s.finished:
                 continue
-            self._append(s, t)
+            self._append(s, t, lps.get(i) if lps else None)
 
-    def _append(self, s: Sequence, token: int) -> None:
+    def _append(self, s: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         p = s.params
         if token == self.eos_id and not p.ignore_eos:
             self._finish(s, "stop", self._text(s))
             return
         s.generated.append(token)
+        if logprob is not None:
+            s.pending_logprobs.append(logprob)
         full = len(s.generated) >= p.max_tokens or len(s.prompt) + len(s.generated) >= self.context
         if not s.stream and not p.stop:  # nobody reads partial text: detokenise once, at the end
             if full:
@@ -394,6 +438,8 @@ class Engine:
 
 def _emit(s: Sequence, ev: Event) -> None:
     """Hand an event to the consumer; a consumer that is gone (closed event loop) cancels the sequence."""
+    if s.pending_logprobs:
+        ev.logprobs, s.pending_logprobs = s.pending_logprobs, []
     try:
         s.sink(ev)
     except Exception:
@@ -413,22 +459,110 @@ def _safe_prefix(text: str, stop: tuple[str, ...]) -> int:
     return end
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """Next token per row: argmax for greedy rows, temperature + top-p sampling with the row's own generator."""
-    out = logits.max(dim=-1).indices.tolist()  # max() is several times faster than argmax() on CPU
-    for i, s in enumerate(seqs):
-        p = s.params
-        if p.temperature <= 0:
-            continue
-        probs = torch.softmax(logits[i].float() / p.temperature, dim=-1)
-        if p.top_p < 1.0:
-            sp, idx = probs.sort(descending=True)
-            keep = sp.cumsum(0) - sp < p.top_p  # tokens before the mass reached top_p, and the one reaching it
-            sp = sp * keep
-            out[i] = int(idx[torch.multinomial(sp, 1, generator=s.generator)])
-        else:
-            out[i] = int(torch.multinomial(probs, 1, generator=s.generator))
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], dict[int, TokenLogprob] | None]:
+    """Next token per row, and the log-probabilities asked for (row -> `TokenLogprob`).
+
+    Work is on tensors over the batch's rows: logit bias, then presence / frequency / repetition penalties, then
+    argmax for greedy rows; sampled rows are divided by their temperature and, where asked, truncated (top-k,
+    top-p, min-p) in one sort, then each draws one uniform number from its own generator and takes the token
+    where the cumulative probability passes it. A row's token depends only on its own logits, parameters and
+    generator, so a seed gives the same text whatever the row is batched with.
+    """
+    ps = [s.params for s in seqs]
+    if all(p.temperature <= 0 and not p.shaped and p.logprobs is None for p in ps):
+        return logits.max(dim=-1).indices.tolist(), None  # max() is several times faster than argmax() on CPU
+    raw = logits.float()
+    x = _shape(raw, seqs)
+    out = x.max(dim=-1).indices
+    sampled = [i for i, p in enumerate(ps) if p.temperature > 0]
+    for truncated in (False, True):  # rows that truncate sort their vocabulary; the others need not
+        rows = [i for i in sampled if ps[i].truncated == truncated]
+        if rows:
+            out[rows] = _draw(x[rows], [seqs[i] for i in rows], truncated)
+    tokens = out.tolist()
+    return tokens, _logprobs(raw, tokens, ps)
+
+
+def _shape(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """The logits after each row's logit bias and penalties (a copy where any row has them)."""
+    ps = [s.params for s in seqs]
+    shaped = [i for i, p in enumerate(ps) if p.shaped]
+    if not shaped:
+        return x
+    x = x.clone()
+    V = x.shape[1]
+    bias = [(i, t, b) for i in shaped for t, b in ps[i].logit_bias]
+    if bias:
+        r, t, b = zip(*bias)
+        x.index_put_((torch.tensor(r), torch.tensor(t)), torch.tensor(b, dtype=x.dtype), accumulate=True)
+    pen = [i for i in shaped if ps[i].presence_penalty or ps[i].frequency_penalty or ps[i].repetition_penalty != 1]
+    if not pen:
+        return x
+    counts = _counts([seqs[i].generated for i in pen], V)  # [R, V] occurrences in each completion
+    sub = x[pen]
+    rep = torch.tensor([ps[i].repetition_penalty for i in pen])[:, None]
+    if bool((rep != 1).any()):
+        for i in pen:
+            if seqs[i].prompt_seen is None:
+                seqs[i].prompt_seen = _counts([seqs[i].prompt], V)[0] > 0
+        seen = torch.stack([seqs[i].prompt_seen for i in pen]) | (counts > 0)
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    freq = torch.tensor([ps[i].frequency_penalty for i in pen])[:, None]
+    pres = torch.tensor([ps[i].presence_penalty for i in pen])[:, None]
+    x[pen] = sub - freq * counts - pres * (counts > 0)
+    return x
+
+
+def _counts(ids: list[list[int]], V: int) -> torch.Tensor:
+    """[rows, V] how often each token occurs in each list."""
+    L = max((len(x) for x in ids), default=0)
+    out = torch.zeros(len(ids), V)
+    if L:
+        idx = torch.zeros(len(ids), L, dtype=torch.long)
+        w = torch.zeros(len(ids), L)
+        for r, x in enumerate(ids):
+            idx[r, : len(x)] = torch.tensor(x, dtype=torch.long)
+            w[r, : len(x)] = 1
+        out.scatter_add_(1, idx, w)
     return out
+
+
+def _draw(x: torch.Tensor, seqs: list[Sequence], truncated: bool) -> torch.Tensor:
+    """One token per row of ``x`` [R, V] (shaped logits): temperature, optional truncation, inverse-CDF sampling."""
+    ps = [s.params for s in seqs]
+    z = x / torch.tensor([p.temperature for p in ps])[:, None]
+    order = None
+    if truncated:
+        z, order = z.sort(dim=-1, descending=True)
+    probs = torch.softmax(z, dim=-1)
+    if truncated:
+        V = probs.shape[1]
+        k = torch.tensor([p.top_k if p.top_k > 0 else V for p in ps])[:, None]
+        top_p = torch.tensor([p.top_p for p in ps])[:, None]
+        min_p = torch.tensor([p.min_p for p in ps])[:, None]
+        keep = torch.arange(V)[None, :] < k
+        keep &= probs.cumsum(-1) - probs < top_p  # tokens before the mass reached top_p, and the one reaching it
+        keep &= probs >= min_p * probs[:, :1]
+        keep[:, 0] = True  # the most likely token always stays
+        probs = probs * keep
+    cdf = probs.cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=s.generator) for s in seqs]) * cdf[:, -1]
+    pick = torch.searchsorted(cdf, u[:, None], right=True).clamp_(max=cdf.shape[1] - 1)
+    return pick[:, 0] if order is None else order.gather(1, pick)[:, 0]
+
+
+def _logprobs(raw: torch.Tensor, tokens: list[int], ps: list[SamplingParams]) -> dict[int, TokenLogprob] | None:
+    """The model's log-probability of each chosen token and the ``logprobs`` most likely ones, for rows asking."""
+    rows = [i for i, p in enumerate(ps) if p.logprobs is not None]
+    if not rows:
+        return None
+    lp = torch.log_softmax(raw[rows], dim=-1)
+    chosen = lp.gather(1, torch.tensor([tokens[i] for i in rows])[:, None])[:, 0].tolist()
+    k = max(ps[i].logprobs for i in rows)
+    top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    return {i: TokenLogprob(tokens[i], chosen[j], tuple(zip(top_i[j][: ps[i].logprobs], top_v[j][: ps[i].logprobs])))
+            for j, i in enumerate(rows)}
 
 
 class Scheduler:

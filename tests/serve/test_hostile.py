@@ -22,14 +22,14 @@ COMPLETION = {"model": "en", "prompt": "x", "max_tokens": 2, "temperature": 0}
 CHAT = {"model": "en", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "temperature": 0}
 COMMON_FIELDS = ["model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
                  "presence_penalty", "frequency_penalty", "logprobs", "user", "ignore_eos", "language", "domain",
-                 "memory_bytes", "latency_ms"]
+                 "memory_bytes", "latency_ms", "logit_bias", "repetition_penalty", "top_k", "min_p"]
 NUMERIC = ["max_tokens", "temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty", "logprobs",
-           "memory_bytes", "latency_ms"]
+           "memory_bytes", "latency_ms", "repetition_penalty", "top_k", "min_p"]
 ENDPOINTS = {
     "/v1/completions": (COMPLETION, COMMON_FIELDS + ["prompt", "echo", "best_of", "suffix"],
                         NUMERIC + ["best_of"]),
-    "/v1/chat/completions": (CHAT, COMMON_FIELDS + ["messages", "max_completion_tokens"],
-                             NUMERIC + ["max_completion_tokens"]),
+    "/v1/chat/completions": (CHAT, COMMON_FIELDS + ["messages", "max_completion_tokens", "top_logprobs"],
+                             NUMERIC + ["max_completion_tokens", "top_logprobs"]),
     "/admin/load": ({"model": "nope"}, ["model"], []),
     "/admin/unload": ({"model": "nope"}, ["model"], []),
     "/admin/aggregate": ({"node": "en"}, ["node", "strategy", "strategy_config"], []),
@@ -37,7 +37,7 @@ ENDPOINTS = {
 # Where a string lies in each body (a path of keys and indices), beyond its top-level string fields.
 STRING_PATHS = {
     "/v1/completions": [("model",), ("prompt",), ("prompt", 0), ("stop",), ("stop", 0), ("user",), ("suffix",),
-                        ("language",), ("domain",)],
+                        ("language",), ("domain",), ("logit_bias", "k")],
     "/v1/chat/completions": [("model",), ("messages", 0, "content"), ("messages", 0, "content", 0, "text"),
                              ("messages", 0, "role"), ("messages", 0, "name"), ("stop",), ("stop", 0), ("user",)],
     "/admin/load": [("model",)],
