@@ -166,10 +166,13 @@ def build(ws: Workspace, spec: TreeSpec, reporter: Reporter | None = None, only:
     return events
 
 
+COMPRESSIONS = ("quantized", "lowrank", "pruned")
+
+
 def preflight_shapes(spec: TreeSpec, targets: set[str]) -> dict[str, Planned]:
     """What each node will build, from the spec alone, parents first (`BuildMethod.plan`): a student larger than
-    its teacher allows, a LoRA rank beyond the layers' width or targets the model lacks, an adapter on a compressed
-    variant... are refused here with one line, before any dataset is curated or any node trained."""
+    its teacher allows, a LoRA rank beyond the layers' width or targets the model lacks, an adapter or a variant of a
+    compressed variant... are refused here with one line, before any dataset is curated or any node trained."""
     planned: dict[str, Planned] = {}
     for path in spec.order:
         if path not in targets:
@@ -177,9 +180,14 @@ def preflight_shapes(spec: TreeSpec, targets: set[str]) -> dict[str, Planned]:
         node = spec.nodes[path]
         method = get(node.method)
         parent = planned.get(node.parent) if node.parent else None
-        if parent is not None and parent.kind == "variant" and method.relation_for(node.config) == "adapter":
+        relation = method.relation_for(node.config)
+        if parent is not None and parent.kind == "variant" and relation == "adapter":
             raise SpecError(f"node {path}: an adapter cannot be trained on the compressed variant {node.parent}; "
                             "give it a full-weight parent")
+        if parent is not None and parent.kind == "variant" and relation in COMPRESSIONS:
+            # its layers are stored compressed: a second method finds no plain linear layer and compresses nothing
+            raise SpecError(f"node {path}: {node.parent} is a compressed variant with no plain weights to compress; "
+                            f"make {path} a variant of {spec.nodes[node.parent].parent} instead")
         planned[path] = method.plan(node.config, parent, spec, node)
     return planned
 

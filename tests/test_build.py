@@ -141,6 +141,7 @@ def test_tokenizer_mismatch_is_refused(tree_copy):
     ("en/software", {"r": 100}, "node en/software: LoRA rank r=100 is beyond the width"),
     ("en/software", {"target_modules": ["q_proj"]}, "node en/software: target module 'q_proj' is no linear layer"),
     ("en/software/q/ft", {}, "node en/software/q/ft: an adapter cannot be trained on the compressed variant"),
+    ("en/software/q/q4", {}, "node en/software/q/q4: en/software/q is a compressed variant with no plain weights"),
 ])
 def test_config_errors_fail_preflight_before_anything_trains(ws, tmp_path, node, config, message):
     from stemma.errors import SpecError
@@ -148,8 +149,11 @@ def test_config_errors_fail_preflight_before_anything_trains(ws, tmp_path, node,
     path = tiny_spec(tmp_path / "spec")
     spec = yaml.safe_load(path.read_text())
     spec["nodes"]["en/software/q"] = {"method": "quantized", "parent": "en/software"}
-    spec["nodes"]["en/software/q/ft"] = {"method": "lora", "dataset": "en-python", "parent": "en/software/q",
-                                         "config": {"steps": 2}}
+    if node == "en/software/q/ft":
+        spec["nodes"][node] = {"method": "lora", "dataset": "en-python", "parent": "en/software/q",
+                               "config": {"steps": 2}}
+    if node == "en/software/q/q4":
+        spec["nodes"][node] = {"method": "quantized", "parent": "en/software/q", "config": {"bits": 4}}
     spec["nodes"][node]["config"] = {**spec["nodes"][node].get("config", {}), **config}
     path.write_text(yaml.safe_dump(spec))
     t0 = time.perf_counter()
