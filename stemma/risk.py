@@ -121,11 +121,21 @@ def _version_target(ws: Workspace, ref: str) -> Target:
     return Target("version", v.id, f"{v.row.node_path}@{v.short}")
 
 
+MAX_REASON = Flag.__table__.c.reason.type.length
+
+
+def _fits(reason: str) -> None:
+    """A reason the registry stores whole on every database (PostgreSQL refuses a longer one, SQLite would not)."""
+    if len(reason.strip()) > MAX_REASON:
+        raise StemmaError(f"the reason has {len(reason.strip())} characters; at most {MAX_REASON}")
+
+
 def flag(ws: Workspace, ref: str, reason: str, severity: str, by: str | None = None) -> FlagInfo:
     if severity not in SEVERITIES:
         raise StemmaError(f"severity must be one of {', '.join(SEVERITIES)}, not {severity!r}")
     if not reason.strip():
         raise StemmaError("a flag needs a reason (--reason TEXT)")
+    _fits(reason)
     target = resolve_target(ws, ref)
     with ws.db.session() as s:
         row = Flag(target_kind=target.kind, target_id=target.id, severity=severity, reason=reason.strip(),
@@ -140,15 +150,19 @@ def unflag(ws: Workspace, ref: str, reason: str, by: str | None = None) -> list[
     """Clear a flag by its number (``#3`` or ``3``), or every active flag on a dataset or version."""
     if not reason.strip():
         raise StemmaError("clearing a flag needs a reason (--reason TEXT)")
+    _fits(reason)
     with ws.db.session() as s:
+        # FOR UPDATE (PostgreSQL): a second writer clearing the same flag waits, then sees it cleared and fails
+        # instead of overwriting who cleared it.
         num = ref.removeprefix("#")
         if num.isdigit() and len(num) < 4:  # ids of 4+ hex digits are prefixes of datasets or versions
-            rows = [r for r in [s.get(Flag, int(num))] if r is not None]
+            rows = [r for r in [s.get(Flag, int(num), with_for_update=True)] if r is not None]
             if not rows:
                 raise StemmaError(f"no flag #{num}; see `stemma flags`")
         else:
             target = resolve_target(ws, ref)
-            rows = list(s.scalars(select(Flag).where(Flag.target_id == target.id)))
+            rows = list(s.scalars(select(Flag).where(Flag.target_id == target.id).order_by(Flag.id)
+                                  .with_for_update()))
         active = [r for r in rows if r.cleared_at is None]
         if not active:
             raise StemmaError(f"{ref!r} has no active flag")

@@ -101,7 +101,8 @@ class Workspace:
         if self.store.put_file(built.test_path) != built.manifest["test"]:
             raise StemmaError(f"dataset {built.manifest['name']}: test split changed while it was stored")
         ds_id = self.store.put_json(built.manifest)
-        with self.db.session() as s:
+
+        def register(s) -> tuple[Dataset, bool]:
             row = s.get(Dataset, ds_id)
             if row is not None:
                 return row, False
@@ -114,7 +115,11 @@ class Workspace:
                 n_train=sheet["counts"]["train_documents"], n_test=sheet["counts"]["test_documents"], datasheet=sheet,
             )
             s.add(row)
-        return row, True
+            s.flush()
+            return row, True
+
+        # Another writer may take the next sequence number (or register the same dataset) meanwhile: read again.
+        return self.db.retrying(register)
 
     def resolve_dataset(self, ref: str) -> Dataset:
         """``name`` (newest), ``name@seq``, ``name@idprefix`` or an id prefix."""
@@ -211,7 +216,8 @@ class Workspace:
                 raise StemmaError(f"cannot register {manifest['node']}: blob {digest[:12]} is not in the store")
         vid = self.store.put_json(manifest)
         nbytes = sum(self.store.size(d) for d in manifest["files"].values())
-        with self.db.session() as s:
+
+        def register(s) -> None:
             node = s.get(Node, manifest["node"])
             if node is None:
                 node = Node(path=manifest["node"], layer=layer, parent_path=parent_path)
@@ -233,15 +239,19 @@ class Workspace:
                     s.add(VersionDataset(version_id=vid, dataset_id=ds, role=role))
             if make_current:
                 node.current_version = vid
+
+        self.db.retrying(register)  # another writer may register the node or the same version meanwhile
         return self.version(vid)
 
     def set_current(self, node: str, version_id: str, layer: str, parent_path: str | None) -> None:
-        with self.db.session() as s:
+        def point(s) -> None:
             n = s.get(Node, node)
             if n is None:
                 s.add(Node(path=node, layer=layer, parent_path=parent_path, current_version=version_id))
             else:
                 n.current_version, n.layer, n.parent_path = version_id, layer, parent_path
+
+        self.db.retrying(point)
 
     def update_head(self, node: str, version_id: str) -> str:
         """The node's current version if it descends from ``version_id`` by accepted updates only, else the id."""

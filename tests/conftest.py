@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.pg import pg_cluster, pg_tree, pg_tree_copy, pg_url, registry_tree, registry_url  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "examples" / "demo" / "corpus"
 
@@ -90,7 +92,8 @@ def tiny_spec(dirpath: Path, arch: str = "gpt2", **overrides) -> Path:
     return path
 
 
-def _build_tree(tmp_path_factory, arch: str) -> dict:
+def _build_tree(tmp_path_factory, arch: str, url: str | None = None) -> dict:
+    """Build the tiny tree in a new home; its registry is the home's SQLite file, or the database at ``url``."""
     from stemma.build import build
     from stemma.spec import load_spec
     from stemma.workspace import Workspace
@@ -98,17 +101,24 @@ def _build_tree(tmp_path_factory, arch: str) -> dict:
     d = tmp_path_factory.mktemp(f"tree-{arch}")
     spec_path = tiny_spec(d, arch=arch)
     home = d / "home"
-    old = os.environ.get("STEMMA_HOME")
-    os.environ["STEMMA_HOME"] = str(home)
+    env = {"STEMMA_HOME": str(home), "STEMMA_REGISTRY_URL": url}
+    old = {k: os.environ.get(k) for k in env}
+    _setenv(env)
     try:
         ws = Workspace.init(home)
         events = build(ws, load_spec(spec_path), footprint=True)  # as `stemma build` does by default
+        ws.db.engine.dispose()
     finally:
-        if old is None:
-            os.environ.pop("STEMMA_HOME", None)
+        _setenv(old)
+    return {"home": home, "spec": spec_path, "dir": d, "events": events, "arch": arch, "registry_url": url}
+
+
+def _setenv(values: dict[str, str | None]) -> None:
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
         else:
-            os.environ["STEMMA_HOME"] = old
-    return {"home": home, "spec": spec_path, "dir": d, "events": events, "arch": arch}
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

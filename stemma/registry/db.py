@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import random
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -12,9 +15,26 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import StemmaError
+
+T = TypeVar("T")
+
+_CONFLICT_STATES = {"23505", "40001", "40P01"}
+"""PostgreSQL SQLSTATEs a concurrent writer causes: unique violation, serialization failure, deadlock."""
+
+
+def is_conflict(e: BaseException) -> bool:
+    """Whether a failed transaction lost a race with another writer (so running it again on fresh reads is right)."""
+    if not isinstance(e, DBAPIError):
+        return False
+    orig = e.orig
+    if getattr(orig, "sqlstate", None) in _CONFLICT_STATES:
+        return True
+    msg = str(orig)
+    return "UNIQUE constraint failed" in msg or "database is locked" in msg  # SQLite
 
 
 def _alembic_config(url: str) -> Config:
@@ -84,3 +104,17 @@ class Database:
             raise
         finally:
             s.close()
+
+    def retrying(self, work: Callable[[Session], T], attempts: int = 10) -> T:
+        """Run ``work(session)`` in one transaction; when it lost a race with another writer (a unique key taken
+        meanwhile: a dataset's next sequence number, a node or a version registered by another process; a
+        serialization failure or deadlock) the transaction is rolled back and ``work`` runs again on fresh reads."""
+        for attempt in range(attempts):
+            try:
+                with self.session() as s:
+                    return work(s)
+            except DBAPIError as e:
+                if attempt == attempts - 1 or not is_conflict(e):
+                    raise
+            time.sleep(random.uniform(0, 0.02 * (attempt + 1)))
+        raise AssertionError("unreachable")

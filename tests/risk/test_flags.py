@@ -30,8 +30,8 @@ def _trained_on(ws, dataset_id: str) -> set[str]:
 
 
 @pytest.mark.parametrize("dataset", ["en-software", "en", "all"])
-def test_impact_of_a_dataset_is_every_version_trained_on_it_and_their_descendants(tree_copy, dataset):
-    ws = tree_copy["ws"]
+def test_impact_of_a_dataset_is_every_version_trained_on_it_and_their_descendants(registry_tree, dataset):
+    ws = registry_tree["ws"]
     ds = ws.resolve_dataset(dataset)
     target, reached = risk.impact(ws, f"dataset:{dataset}")
     assert target.id == ds.id
@@ -41,8 +41,8 @@ def test_impact_of_a_dataset_is_every_version_trained_on_it_and_their_descendant
     assert len(reached) == len(expected)  # each version once
 
 
-def test_a_flagged_version_reaches_its_subtree_only(tree_copy):
-    ws = tree_copy["ws"]
+def test_a_flagged_version_reaches_its_subtree_only(registry_tree):
+    ws = registry_tree["ws"]
     sw = ws.resolve_version("en/software")
     info = risk.flag(ws, "en/software", reason="backdoor found", severity="critical", by="alice")
     reached = risk.affected(ws)
@@ -53,8 +53,8 @@ def test_a_flagged_version_reaches_its_subtree_only(tree_copy):
     assert risk.flags_reaching(ws, ws.resolve_version("en/legal").id) == []
 
 
-def test_unflag_clears_and_keeps_the_record(tree_copy):
-    ws = tree_copy["ws"]
+def test_unflag_clears_and_keeps_the_record(registry_tree):
+    ws = registry_tree["ws"]
     first = risk.flag(ws, "dataset:en-python", reason="poisoned", severity="high", by="alice")
     assert risk.affected(ws)
     cleared = risk.unflag(ws, f"#{first.id}", reason="false alarm", by="bob")
@@ -67,12 +67,14 @@ def test_unflag_clears_and_keeps_the_record(tree_copy):
         risk.unflag(ws, "dataset:en-python", reason="again")
 
 
-def test_bad_flags_are_refused_and_store_nothing(tree_copy):
-    ws = tree_copy["ws"]
+def test_bad_flags_are_refused_and_store_nothing(registry_tree):
+    ws = registry_tree["ws"]
     with pytest.raises(StemmaError, match="severity"):
         risk.flag(ws, "en", reason="x", severity="medium")
     with pytest.raises(StemmaError, match="reason"):
         risk.flag(ws, "en", reason="  ", severity="low")
+    with pytest.raises(StemmaError, match="at most 2000"):  # PostgreSQL would refuse it; SQLite would not
+        risk.flag(ws, "version:en", reason="x" * 2001, severity="low")
     with pytest.raises(StemmaError, match="names no dataset"):
         risk.flag(ws, "no-such-thing", reason="x", severity="low")
     # `en` is both a dataset and a node of the tiny tree
