@@ -75,9 +75,9 @@ def prepare_spec_datasets(spec: TreeSpec, work_dir, executor=None, reporter: Rep
 
 def build(ws: Workspace, spec: TreeSpec, reporter: Reporter | None = None, only: list[str] | None = None,
           evaluate: bool = True, footprint: bool = False, executor=None) -> list[BuildEvent]:
-    """Reconcile the registry to ``spec``; with ``footprint``, measure each version's footprint once (a child process
-    per version: disk, peak memory, tokens/s; see `stemma.footprint`). ``executor`` runs the datasets' curation
-    (`stemma.data.curate.pipeline.make_executor`; one local process by default)."""
+    """Reconcile the registry to ``spec``; with ``footprint``, measure each version's footprint once per runtime
+    (a child process per version and format: disk, peak memory, tokens/s; see `stemma.footprint`). ``executor``
+    runs the datasets' curation (`stemma.data.curate.pipeline.make_executor`; one local process by default)."""
     reporter = reporter or NullReporter()
     events: list[BuildEvent] = []
     with ws.build_lock():
@@ -156,12 +156,16 @@ def build(ws: Workspace, spec: TreeSpec, reporter: Reporter | None = None, only:
                 evaluator.evaluate_version(v)
                 evaluate_tasks(ws, v, reporter)  # the node's tasks, its parent on them, it on the parent's
             if footprint:
-                from .footprint import ensure
+                from .footprint import ensure, ensure_llamacpp
 
                 fp = ensure(ws, v.id)
+                gg = ensure_llamacpp(ws, v.id)  # each GGUF type in llama.cpp, where llama-cpp-python imports
                 if action == "built":
+                    q8 = gg.get("q8_0") if isinstance(gg, dict) else None
                     reporter.log(f"{path}: {fp.rss_generate_bytes / 2**20:.0f} MiB peak to generate, "
-                                 f"{fp.tokens_per_s:.0f} tokens/s")
+                                 f"{fp.tokens_per_s:.0f} tokens/s" + (
+                                     f"; llama.cpp q8_0: {q8.rss_generate_bytes / 2**20:.0f} MiB, "
+                                     f"{q8.tokens_per_s:.0f} tokens/s" if q8 else ""))
             events.append(BuildEvent(path, action, v.id, time.perf_counter() - t0))
     return events
 

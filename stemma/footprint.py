@@ -1,13 +1,25 @@
-"""Footprints: what a version costs on a machine, measured, never estimated.
+"""Footprints: what a version costs on a machine, measured, never estimated, per runtime.
 
-For each version: bytes on disk (everything loading it reads: for an adapter, its chain down from the nearest
-full model), peak resident memory to load it and to generate at its full context length, and decode
-tokens/s, single-stream and batched. Each measurement runs in a fresh child process, so the resident memory
-is that of a real process that imported the runtime and loaded only this model (Python + torch included: that
-is what a device must hold). The numbers are stored as metrics of the version (``footprint.*``) together with a
-description of the machine, whose GEMM speed lets the selector scale tokens/s to another machine.
+A device runs a runtime: ``torch`` (stemma itself, PyTorch) or ``llamacpp`` (llama.cpp on a GGUF pull). For each
+version and runtime: bytes on disk, peak resident memory to load it and to generate at its full context length,
+and decode tokens/s. Each measurement runs in a fresh child process, so the resident memory is that of a real
+process that imported only that runtime and loaded only this model (Python + torch, or Python + llama.cpp: that is
+what a device must hold).
 
-    python -m stemma.footprint VERSION_ID [--context N] [--new-tokens N] [--batch N]   (the child; prints JSON)
+- ``torch``: everything loading the version reads (for an adapter, its chain down from the nearest full model);
+  decode single-stream and batched. Metrics ``footprint.<name>`` (`METRICS`).
+- ``llamacpp``: the version's GGUF at each of `GGUF_FORMATS` (``f32``, ``f16``, and ``q8_0`` from llama.cpp's own
+  quantizer; llama.cpp has no type holding stemma's int4 layout, so an int4 variant is measured at those three
+  too, never as int4), loaded by llama-cpp-python with this machine's threads and the model's context. Metrics
+  ``footprint.llamacpp.<format>.<name>`` (`LLAMACPP_METRICS`, disk = the GGUF file). A version llama.cpp cannot
+  run (the GGUF writer refuses its family or tokenizer) gets ``footprint.llamacpp.refused`` (value 0) whose
+  details hold the reason, and no numbers.
+
+The numbers are stored as metrics of the version together with a description of the machine, whose GEMM speed
+lets the selector scale tokens/s to another machine.
+
+    python -m stemma.footprint VERSION_ID [--context N] [--new-tokens N] [--batch N]   (torch; prints JSON)
+    python -m stemma.footprint --gguf FILE --context N [--new-tokens N] [--threads N]  (llama.cpp; prints JSON)
 """
 
 from __future__ import annotations
@@ -27,6 +39,11 @@ from .errors import StemmaError
 
 METRICS = ("disk_bytes", "rss_load_bytes", "rss_generate_bytes", "tokens_per_s", "tokens_per_s_batched")
 PREFIX = "footprint."
+RUNTIMES = ("torch", "llamacpp")
+GGUF_FORMATS = ("f32", "f16", "q8_0")
+LLAMACPP_METRICS = ("disk_bytes", "rss_load_bytes", "rss_generate_bytes", "tokens_per_s")
+LLAMACPP_PREFIX = PREFIX + "llamacpp."
+REFUSED = LLAMACPP_PREFIX + "refused"
 
 
 @dataclass(frozen=True)
@@ -51,6 +68,38 @@ class Footprint:
     """Streams in the batched measurement."""
     machine: dict[str, Any]
     """The machine measured on (`machine_profile`)."""
+
+    runtime = "torch"
+    fmt = "stemma"
+    """What the runtime loads: the version's own stored form."""
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1000.0 / self.tokens_per_s if self.tokens_per_s > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class LlamaFootprint:
+    """One version's measured cost in llama.cpp, as a GGUF of one type, on one machine."""
+
+    fmt: str
+    """GGUF type: ``f32``, ``f16`` or ``q8_0``."""
+    disk_bytes: int
+    """Size of the GGUF file."""
+    rss_load_bytes: int
+    """Peak resident memory of a process that imported llama-cpp-python and loaded the file."""
+    rss_generate_bytes: int
+    """Peak resident memory after also generating at ``context`` tokens."""
+    tokens_per_s: float
+    """Greedy decode speed, one stream."""
+    context: int
+    new_tokens: int
+    threads: int
+    machine: dict[str, Any]
+    note: str = ""
+    """What the file is not (e.g. an int4 variant's q8_0 is not its own precision)."""
+
+    runtime = "llamacpp"
 
     @property
     def ms_per_token(self) -> float:
@@ -113,14 +162,7 @@ def measure(ws, version_id: str, new_tokens: int = 32, batch: int = 8, timeout: 
            "--batch", str(batch)]
     if context:
         cmd += ["--context", str(context)]
-    try:
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise StemmaError(f"measuring {v.row.node_path}@{v.short} took longer than {timeout:.0f}s") from None
-    if p.returncode != 0:
-        tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
-        raise StemmaError(f"measuring {v.row.node_path}@{v.short} failed: {tail}")
-    got = json.loads(p.stdout.strip().splitlines()[-1])
+    got = _run_child(cmd, env, f"{v.row.node_path}@{v.short}", timeout)
     return Footprint(disk_bytes=disk_bytes(ws, version_id), machine=machine_profile(), **got)
 
 
@@ -152,14 +194,160 @@ def stored(ws, version_id: str) -> Footprint | None:
                      machine=d.get("machine", {}))
 
 
-# ---------------------------------------------------------------------------------------------- the child
+# ---------------------------------------------------------------------------------------------- llama.cpp
+def llamacpp_available() -> bool:
+    """Whether llama-cpp-python imports here (it measures the ``llamacpp`` runtime)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _run_child(cmd: list[str], env: dict, label: str, timeout: float) -> dict[str, Any]:
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise StemmaError(f"measuring {label} took longer than {timeout:.0f}s") from None
+    if p.returncode != 0:
+        tail = (p.stderr.strip().splitlines() or [f"exit code {p.returncode}"])[-1]
+        raise StemmaError(f"measuring {label} failed: {tail}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _gguf_note(v, fmt: str) -> str:
+    variant = (v.manifest.get("architecture") or {}).get("variant") or {}
+    bits = variant.get("bits") if variant.get("method") == "quantized" else None
+    if bits == 4:
+        return (f"int4 variant as {fmt}: llama.cpp has no type holding stemma's int4 layout" +
+                (" (q8_0 re-quantises its int4 values)" if fmt == "q8_0" else " (its int4 values expanded)"))
+    if bits == 8 and fmt != "q8_0":
+        return f"int8 variant as {fmt}: its int8 values expanded (q8_0 is its own precision)"
+    return ""
+
+
+def measure_llamacpp(ws, version_id: str, new_tokens: int = 32, threads: int | None = None,
+                     timeout: float = 600) -> dict[str, LlamaFootprint] | str:
+    """Write the version's GGUF at each of `GGUF_FORMATS` into a temporary directory and measure each in a fresh
+    llama.cpp child process; returns the footprints by format, or why llama.cpp cannot run the version."""
+    import tempfile
+    from pathlib import Path
+
+    from .pull import write_gguf_types
+
+    v = ws.version(version_id)
+    arch = v.manifest.get("architecture") or {}
+    label = f"{v.row.node_path}@{v.short} in llama.cpp"
+    machine = machine_profile()
+    threads = threads or int(machine.get("threads") or os.cpu_count() or 1)
+    out: dict[str, LlamaFootprint] = {}
+    with tempfile.TemporaryDirectory(prefix="stemma-gguf-") as d:
+        try:
+            files = write_gguf_types(ws, v, Path(d), GGUF_FORMATS)
+        except StemmaError as e:
+            return str(e)
+        for fmt, path in files.items():
+            cmd = [sys.executable, "-m", "stemma.footprint", "--gguf", str(path), "--new-tokens", str(new_tokens),
+                   "--threads", str(threads)]
+            if arch.get("context"):
+                cmd += ["--context", str(int(arch["context"]))]
+            got = _run_child(cmd, dict(os.environ), f"{label} ({fmt})", timeout)
+            out[fmt] = LlamaFootprint(fmt=fmt, disk_bytes=path.stat().st_size, machine=machine,
+                                      note=_gguf_note(v, fmt), **got)
+    return out
+
+
+def record_llamacpp(ws, version_id: str, fps: dict[str, LlamaFootprint] | str) -> None:
+    """Store llama.cpp footprints (or the reason there are none) as metrics of the version."""
+    if isinstance(fps, str):
+        ws.put_metric(version_id, REFUSED, None, None, 0.0, details={"reason": fps})
+        return
+    for fmt, fp in fps.items():
+        details = {k: v for k, v in asdict(fp).items() if k not in LLAMACPP_METRICS}
+        for name in LLAMACPP_METRICS:
+            ws.put_metric(version_id, f"{LLAMACPP_PREFIX}{fmt}.{name}", None, None, float(getattr(fp, name)),
+                          details=details)
+
+
+def stored_llamacpp(ws, version_id: str) -> dict[str, LlamaFootprint] | str | None:
+    """The stored llama.cpp footprints by format, the stored reason llama.cpp cannot run the version, or None."""
+    rows = {m.name: m for m in ws.metrics_of(version_id) if m.name.startswith(LLAMACPP_PREFIX)}
+    if REFUSED in rows:
+        return str((rows[REFUSED].details or {}).get("reason", "llama.cpp cannot run it"))
+    out: dict[str, LlamaFootprint] = {}
+    for fmt in GGUF_FORMATS:
+        names = [f"{LLAMACPP_PREFIX}{fmt}.{n}" for n in LLAMACPP_METRICS]
+        if any(n not in rows for n in names):
+            continue
+        d = rows[names[0]].details or {}
+        vals = {n: rows[f"{LLAMACPP_PREFIX}{fmt}.{n}"].value for n in LLAMACPP_METRICS}
+        for n in ("disk_bytes", "rss_load_bytes", "rss_generate_bytes"):
+            vals[n] = int(vals[n])
+        out[fmt] = LlamaFootprint(fmt=fmt, **vals, context=d.get("context", 0), new_tokens=d.get("new_tokens", 0),
+                                  threads=d.get("threads", 0), machine=d.get("machine", {}), note=d.get("note", ""))
+    return out or None
+
+
+def ensure_llamacpp(ws, version_id: str, **kwargs) -> dict[str, LlamaFootprint] | str | None:
+    """The stored llama.cpp footprints (or refusal), measuring and storing them first if there are none and
+    llama-cpp-python imports here (None when it does not)."""
+    got = stored_llamacpp(ws, version_id)
+    if got is None and llamacpp_available():
+        got = measure_llamacpp(ws, version_id, **kwargs)
+        record_llamacpp(ws, version_id, got)
+    return got
+
+
+# ---------------------------------------------------------------------------------------------- the children
+def _llamacpp_child(args) -> dict[str, Any]:
+    """Load a GGUF in llama.cpp, generate at the full context; only llama-cpp-python is imported."""
+    import random
+
+    import llama_cpp
+    from llama_cpp import llama as runtime
+
+    # The CPU backend's extra (repacked) weight buffers are off: on AMX CPUs llama-cpp-python 0.3.36 repacks q8_0
+    # matrices for AMX and segfaults at the first decode (llama.cpp issue #20824).
+    default = runtime.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    runtime.llama_cpp.llama_model_default_params = params
+    llm = llama_cpp.Llama(args.gguf, n_ctx=args.context or 0, n_threads=args.threads or None,
+                          n_threads_batch=args.threads or None, verbose=False, seed=0)
+    rss_load = _proc_status("VmHWM")
+    context = args.context or llm.n_ctx()  # llama.cpp may pad n_ctx: positions stay within the model's
+    new = max(2, min(args.new_tokens, context // 2))
+    rnd = random.Random(0)
+    prompt = [rnd.randrange(llm.n_vocab()) for _ in range(context - new)]
+    llm.eval(prompt[: max(1, len(prompt) // 4)])  # warm-up
+    llm.reset()
+    n, t0 = 0, 0.0
+    for _ in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        n += 1
+        if n == 1:
+            t0 = time.perf_counter()  # the prompt is in: time the decoding only
+        if n == new:
+            break
+    tps = (n - 1) / (time.perf_counter() - t0)
+    return {"rss_load_bytes": rss_load, "rss_generate_bytes": _proc_status("VmHWM"), "tokens_per_s": tps,
+            "context": context, "new_tokens": new, "threads": args.threads or llm.n_threads}
+
+
 def _child(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser()
-    ap.add_argument("version")
+    ap.add_argument("version", nargs="?")
+    ap.add_argument("--gguf")
+    ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--context", type=int, default=0)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, default=8)
     args = ap.parse_args(argv)
+    if args.gguf:
+        return _llamacpp_child(args)
     import torch
 
     from .models.arch import model_context
@@ -192,7 +380,8 @@ def _child(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":  # pragma: no cover - exercised through `measure`
-    from .models import quiet_transformers
+    if "--gguf" not in sys.argv:
+        from .models import quiet_transformers
 
-    quiet_transformers()
+        quiet_transformers()
     print(json.dumps(_child()))

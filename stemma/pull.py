@@ -216,9 +216,32 @@ def quantize_gguf(src: Path, dst: Path, kind: str = "q8_0") -> None:
     ftypes = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftypes[kind]
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    with suppress_stdout_stderr(disable=False):  # its per-tensor log; the code below says whether it failed
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0 or not dst.is_file():
         raise StemmaError(f"llama.cpp could not quantise the GGUF to {kind} (code {rc})")
+
+
+def write_gguf_types(ws: Workspace, version: VersionInfo, dirpath: Path, kinds=("f32",)) -> dict[str, Path]:
+    """Write the version as ``model-<kind>.gguf`` in ``dirpath`` for each of ``kinds`` (f32, f16, q8_0; q8_0 by
+    llama.cpp's quantizer from the f32 file); the model is loaded once. Returns the files by kind."""
+    unknown = sorted(set(kinds) - {"f32", "f16", "q8_0"})
+    if unknown:
+        raise StemmaError(f"unknown GGUF type {unknown[0]!r} (one of f32, f16, q8_0)")
+    plain = dense_model(ws.load_model(version.id))
+    tok = ws.tokenizer(version.row.tokenizer)
+    files: dict[str, Path] = {}
+    for kind in ("f32", "f16", "q8_0"):
+        if kind in kinds or (kind == "f32" and "q8_0" in kinds):
+            path = dirpath / f"model-{kind}.gguf"
+            if kind == "q8_0":
+                quantize_gguf(files["f32"], path, kind)
+            else:
+                write_gguf(plain, tok, path, kind)
+            files[kind] = path
+    return {k: files[k] for k in kinds}
 
 
 def pull(ws: Workspace, version: VersionInfo, out: Path, fmt: str = "hf", gguf_type: str = "auto",

@@ -2,10 +2,14 @@
 
 Candidates are the node asked for, its ancestors (a parent is a valid fallback: less specialised, maybe smaller)
 and every variant of each (compressed children: int8, int4, low-rank, pruned, or any device-layer child).
-Quality is the perplexity on the requested node's own test split (computed once and memoised). Memory and speed
-are the measured footprints (`stemma.footprint`), never estimates: a candidate fits when its measured peak
+A candidate is one of those versions in one runtime the device has (`Profile.runtimes`): ``torch`` (stemma
+itself, the version's own form) or ``llamacpp`` (its GGUF at f32, f16 or q8_0).
+Quality is the perplexity on the requested node's own test split (computed once and memoised), the version's own in
+stemma: a f16 or q8_0 GGUF's is not measured, and its reason says so. Memory and speed are the measured footprints
+of that runtime and format (`stemma.footprint`), never estimates: a candidate fits when its measured peak
 resident memory while generating is within the memory budget and its measured ms/token, scaled from the machine
-it was measured on to the target machine by their GEMM throughput, is within the latency budget.
+it was measured on to the target machine by their GEMM throughput, is within the latency budget. Among equally good
+candidates the more precise format ranks first (stemma or f32, then f16, then q8_0), then the smaller one.
 
 With ``measure=False`` (the server's ``model: auto``) nothing is measured or evaluated: a candidate whose
 perplexity (or, when memory or latency is asked, footprint) is not stored yet is left out with that reason, and
@@ -23,7 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StemmaError
-from .footprint import Footprint, ensure, stored
+from .footprint import (
+    GGUF_FORMATS,
+    RUNTIMES,
+    Footprint,
+    LlamaFootprint,
+    ensure,
+    ensure_llamacpp,
+    stored,
+    stored_llamacpp,
+)
 from .workspace import VersionInfo, Workspace
 
 VARIANT_RELATIONS = ("quantized", "lowrank", "pruned")
@@ -68,6 +81,9 @@ class Profile:
     """Domain below the language (e.g. ``software/python``)."""
     machine: dict[str, Any] = field(default_factory=dict)
     """The device's description; its ``gemm_gflops`` scales measured tokens/s."""
+    runtimes: list[str] | None = None
+    """Runtimes the device has (`stemma.footprint.RUNTIMES`); None: every one. A profile file without the field
+    means ``torch`` only."""
 
     @classmethod
     def load(cls, path: Path) -> Profile:
@@ -75,15 +91,27 @@ class Profile:
             d = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             raise StemmaError(f"cannot read profile {path}: {e}") from None
-        known = {"memory_bytes", "latency_ms", "min_quality", "language", "domain", "machine", "memory", "latency"}
+        known = {"memory_bytes", "latency_ms", "min_quality", "language", "domain", "machine", "memory", "latency",
+                 "runtimes"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise StemmaError(f"profile {path}: unknown field(s) {', '.join(unknown)}")
         mem = d.get("memory_bytes", d.get("memory"))
         lat = d.get("latency_ms", d.get("latency"))
+        runtimes = d.get("runtimes", ["torch"])  # profiles written before runtimes were recorded: stemma only
+        if not isinstance(runtimes, list) or not runtimes:
+            raise StemmaError(f"profile {path}: runtimes must be a non-empty list (of {', '.join(RUNTIMES)})")
         return cls(memory_bytes=None if mem is None else parse_bytes(mem), latency_ms=None if lat is None else
                    parse_ms(lat), min_quality=d.get("min_quality"), language=d.get("language"),
-                   domain=d.get("domain"), machine=d.get("machine") or {})
+                   domain=d.get("domain"), machine=d.get("machine") or {}, runtimes=check_runtimes(runtimes))
+
+
+def check_runtimes(runtimes) -> list[str]:
+    """The runtimes, each one of `RUNTIMES` (an unknown one refused in one line)."""
+    bad = [r for r in runtimes if r not in RUNTIMES]
+    if bad:
+        raise StemmaError(f"unknown runtime {bad[0]!r} (one of {', '.join(RUNTIMES)})")
+    return list(dict.fromkeys(runtimes))
 
 
 @dataclass
@@ -93,13 +121,28 @@ class Candidate:
     kind: str
     """``target``, ``ancestor`` or ``variant``."""
     perplexity: float
-    footprint: Footprint | None
-    """None only when nothing asks about memory or speed and none is stored (``measure=False``)."""
+    footprint: Footprint | LlamaFootprint | None
+    """That runtime's (and format's) footprint. None only when nothing asks about memory or speed and no torch
+    footprint is stored (``measure=False``)."""
     ms_per_token: float
     """Measured, scaled to the target machine."""
     misses: list[tuple[str, float, str]] = field(default_factory=list)
     """Violated constraints: (what, relative excess, sentence)."""
     reason: str = ""
+    runtime: str = "torch"
+    """``torch`` (stemma) or ``llamacpp``."""
+    fmt: str = "stemma"
+    """What the runtime loads: ``stemma`` (the version's own form) or a GGUF type (f32, f16, q8_0)."""
+
+    @property
+    def where(self) -> str:
+        """The runtime and format, as a reason says them."""
+        return "with stemma (PyTorch)" if self.runtime == "torch" else f"in llama.cpp as a {self.fmt} GGUF"
+
+    @property
+    def precision(self) -> int:
+        """0 for the version's own weights (stemma, f32 GGUF), 1 for f16, 2 for q8_0."""
+        return {"f16": 1, "q8_0": 2}.get(self.fmt, 0)
 
     @property
     def fits(self) -> bool:
@@ -130,7 +173,8 @@ class Selection:
 
     def nothing_fits(self) -> str:
         c = self.ranked[0]
-        return f"nothing fits: closest is {c.node} ({c.version.short}), which {'; '.join(m[2] for m in c.misses)}"
+        return (f"nothing fits: closest is {c.node} ({c.version.short}) {c.where}, which "
+                f"{'; '.join(m[2] for m in c.misses)}")
 
     def require(self) -> Candidate:
         """The choice, or a `StemmaError` saying what comes closest and by how much it misses."""
@@ -167,11 +211,12 @@ def candidates_for(ws: Workspace, target: str) -> list[tuple[str, VersionInfo, s
 def select(ws: Workspace, language: str, domain: str | None = None, memory_bytes: int | None = None,
            latency_ms: float | None = None, min_quality: float | None = None,
            machine: dict[str, Any] | None = None, measure: bool = True,
-           flags: dict[str, list] | None = None) -> Selection:
+           flags: dict[str, list] | None = None, runtimes=None, gguf_types=None) -> Selection:
     """Rank every candidate for (language, domain) under the constraints; see the module docstring.
 
     A candidate reached by an active risk flag is left out with the flag as the reason; ``flags`` is
-    `stemma.risk.affected`'s answer (read here when None; ``{}`` considers every candidate).
+    `stemma.risk.affected`'s answer (read here when None; ``{}`` considers every candidate). ``runtimes``: the
+    device's (None: every one in `RUNTIMES`); ``gguf_types``: the llama.cpp formats considered (None: all).
     """
     from .evaluate.evaluator import Evaluator
     from .progress import NullReporter
@@ -189,6 +234,10 @@ def select(ws: Workspace, language: str, domain: str | None = None, memory_bytes
     if ds is None:
         raise StemmaError(f"{target} has no dataset of its own to measure quality on")
     evaluator = Evaluator(ws, NullReporter())
+    runtimes = check_runtimes(RUNTIMES if runtimes is None else runtimes)
+    if not runtimes:
+        raise StemmaError("the device has no runtime to select for")
+    gguf_types = GGUF_FORMATS if gguf_types is None else tuple(gguf_types)
     target_gflops = (machine or {}).get("gemm_gflops")
     out: list[Candidate] = []
     skipped: list[str] = []
@@ -196,55 +245,89 @@ def select(ws: Workspace, language: str, domain: str | None = None, memory_bytes
         if flags.get(v.id):
             skipped.append(f"{node} ({v.short}): {'; '.join(f.label for f in flags[v.id])}")
             continue
-        if measure:
-            fp, ppl = ensure(ws, v.id), evaluator.ppl(v, ds)
-        else:
-            fp, ppl = stored(ws, v.id), evaluator.stored(v, ds)
+        fps: list[Footprint | LlamaFootprint | None] = []
+        ppl = evaluator.ppl(v, ds) if measure else evaluator.stored(v, ds)
+        later = "run `stemma build` to measure it"
+        if "torch" in runtimes:
+            fp = ensure(ws, v.id) if measure else stored(ws, v.id)
             needs_fp = memory_bytes is not None or latency_ms is not None
             if (fp is None and needs_fp) or ppl is None:
                 what = " and ".join(w for w, x in (("footprint", fp if needs_fp else 1), ("perplexity", ppl))
                                     if x is None)
-                skipped.append(f"{node} ({v.short}): no stored {what}; run `stemma build` to measure it")
-                continue
-        gemm = fp.machine.get("gemm_gflops") if fp is not None else None
-        scale = target_gflops / gemm if target_gflops and gemm else 1.0
-        c = Candidate(node=node, version=v, kind=kind, perplexity=ppl, footprint=fp,
-                      ms_per_token=fp.ms_per_token / scale if fp is not None else float("nan"))
-        if memory_bytes is not None and c.memory > memory_bytes:
-            over = c.memory - memory_bytes
-            c.misses.append(("memory", over / memory_bytes, f"needs {_mb(c.memory)} peak memory, {_mb(over)} "
-                             f"({over / memory_bytes:.0%}) over the {_mb(memory_bytes)} budget"))
-        if latency_ms is not None and c.ms_per_token > latency_ms:
-            over = c.ms_per_token - latency_ms
-            c.misses.append(("latency", over / latency_ms, f"takes {c.ms_per_token:.1f} ms/token, {over:.1f} ms "
-                             f"({over / latency_ms:.0%}) over the {latency_ms:g} ms budget"))
-        if min_quality is not None and ppl > min_quality:
-            over = ppl - min_quality
-            c.misses.append(("quality", over / min_quality, f"has perplexity {ppl:.2f}, {over / min_quality:.0%} "
-                             f"above the floor of {min_quality:g}"))
-        out.append(c)
-    fitting = sorted((c for c in out if c.fits), key=lambda c: (round(c.perplexity, 6), c.memory))
-    missing = sorted((c for c in out if not c.fits), key=lambda c: (c.worst_miss, c.perplexity))
+                skipped.append(f"{node} ({v.short}): no stored {what}; {later}")
+            else:
+                fps.append(fp)
+        if "llamacpp" in runtimes:
+            gg = ensure_llamacpp(ws, v.id) if measure else stored_llamacpp(ws, v.id)
+            if isinstance(gg, str):
+                skipped.append(f"{node} ({v.short}) in llama.cpp: {gg}")
+            elif gg is None or ppl is None:
+                what = " and ".join(w for w, x in (("llama.cpp footprint", gg), ("perplexity", ppl)) if x is None)
+                skipped.append(f"{node} ({v.short}) in llama.cpp: no stored {what}; " + (
+                    later if not measure else "llama-cpp-python is not installed here to measure it"))
+            else:
+                fps += [gg[t] for t in gguf_types if t in gg]
+        for fp in fps:
+            out.append(_candidate(node, v, kind, ppl, fp, target_gflops, memory_bytes, latency_ms, min_quality))
+    fitting = sorted((c for c in out if c.fits), key=lambda c: (round(c.perplexity, 6), c.precision, c.memory))
+    missing = sorted((c for c in out if not c.fits), key=lambda c: (c.worst_miss, c.perplexity, c.precision))
     if fitting:
         best = fitting[0]
-        cost = (f", {_mb(best.memory)} peak, {best.ms_per_token:.1f} ms/token" if best.footprint is not None
+        cost = (f": {_mb(best.memory)} peak, {best.ms_per_token:.1f} ms/token" if best.footprint is not None
                 else " (no memory or latency asked)")
-        best.reason = f"best perplexity ({best.perplexity:.2f}) of the {len(fitting)} that fit{cost}"
+        best.reason = f"best perplexity ({best.perplexity:.2f}) of the {len(fitting)} that fit, {best.where}{cost}" \
+            + _approx(best)
         for c in fitting[1:]:
-            worse = c.perplexity / best.perplexity - 1
-            c.reason = f"fits, perplexity {worse:.1%} worse than {best.node}, which also fits"
+            if round(c.perplexity, 6) == round(best.perplexity, 6):
+                why = "more precise" if best.precision < c.precision else "smaller"
+                c.reason = (f"fits {c.where}, perplexity as good as {best.node} {best.where}, which is {why}"
+                            + _approx(c))
+            else:
+                worse = c.perplexity / best.perplexity - 1
+                c.reason = f"fits {c.where}, perplexity {worse:.1%} worse than {best.node}, which also fits"
     for c in missing:
-        c.reason = "; ".join(m[2] for m in c.misses)
+        c.reason = f"{c.where}: " + "; ".join(m[2] for m in c.misses)
     if not fitting and not missing:
         why = "has stored measurements" if not any(flags.get(v.id) for _, v, _ in cands) else "can be chosen"
         raise StemmaError(f"no candidate for {target} {why}: {'; '.join(skipped)}")
     return Selection(target=target, dataset_id=ds, ranked=fitting + missing, skipped=skipped)
 
 
+def _approx(c: Candidate) -> str:
+    """What the candidate's perplexity is not: a f16 or q8_0 GGUF's own (and what the file does not hold)."""
+    note = getattr(c.footprint, "note", "")
+    approx = f"; its perplexity is the version's own in stemma, not measured on the {c.fmt} GGUF" \
+        if c.precision else ""
+    return approx + (f"; {note}" if note else "")
+
+
+def _candidate(node, v, kind, ppl, fp, target_gflops, memory_bytes, latency_ms, min_quality) -> Candidate:
+    """One (version, runtime, format) candidate with every constraint it misses."""
+    gemm = fp.machine.get("gemm_gflops") if fp is not None else None
+    scale = target_gflops / gemm if target_gflops and gemm else 1.0
+    c = Candidate(node=node, version=v, kind=kind, perplexity=ppl, footprint=fp,
+                  ms_per_token=fp.ms_per_token / scale if fp is not None else float("nan"),
+                  runtime=getattr(fp, "runtime", "torch"), fmt=getattr(fp, "fmt", "stemma"))
+    if memory_bytes is not None and c.memory > memory_bytes:
+        over = c.memory - memory_bytes
+        c.misses.append(("memory", over / memory_bytes, f"needs {_mb(c.memory)} peak memory, {_mb(over)} "
+                         f"({over / memory_bytes:.0%}) over the {_mb(memory_bytes)} budget"))
+    if latency_ms is not None and c.ms_per_token > latency_ms:
+        over = c.ms_per_token - latency_ms
+        c.misses.append(("latency", over / latency_ms, f"takes {c.ms_per_token:.1f} ms/token, {over:.1f} ms "
+                         f"({over / latency_ms:.0%}) over the {latency_ms:g} ms budget"))
+    if min_quality is not None and ppl > min_quality:
+        over = ppl - min_quality
+        c.misses.append(("quality", over / min_quality, f"has perplexity {ppl:.2f}, {over / min_quality:.0%} "
+                         f"above the floor of {min_quality:g}"))
+    return c
+
+
 def select_profile(ws: Workspace, profile: Profile, **override) -> Selection:
     """`select` with a `Profile`'s fields (keyword arguments override them)."""
     args = {"language": profile.language, "domain": profile.domain, "memory_bytes": profile.memory_bytes,
-            "latency_ms": profile.latency_ms, "min_quality": profile.min_quality, "machine": profile.machine}
+            "latency_ms": profile.latency_ms, "min_quality": profile.min_quality, "machine": profile.machine,
+            "runtimes": profile.runtimes}
     args.update({k: v for k, v in override.items() if v is not None})
     if not args["language"]:
         raise StemmaError("say which language (and domain) the device needs: --language or the profile's language")

@@ -37,7 +37,7 @@ def test_select_never_picks_a_version_over_the_memory_budget(variants):
         assert s.choice is not None and s.choice.memory <= budget
         assert s.choice.perplexity == min(c.perplexity for c in fitting)
         for c in s.ranked[1:]:
-            assert c.reason and ("worse than" in c.reason or "over the" in c.reason)
+            assert c.reason and ("worse than" in c.reason or "as good as" in c.reason or "over the" in c.reason)
 
 
 def test_select_explains_latency_and_quality_misses_and_scales_to_the_target_machine(variants):
@@ -162,3 +162,109 @@ def test_cli_select_pull_auto_and_nothing_fits(variants, tmp_path):
                                  "10GB", "--out", str(tmp_path / "auto"), "--format", "safetensors"])
     assert r.exit_code == 0, r.output
     assert "selected_because" in json.loads((tmp_path / "auto" / "stemma.json").read_text())
+
+
+def _gguf_file_type(path) -> int:
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).fields["general.file_type"]
+    return int(field.parts[field.data[0]][0])
+
+
+def test_footprints_per_runtime_and_selection_in_llamacpp(variants, tmp_path):
+    """The int8 variant in llama.cpp needs a fraction of what a PyTorch process holds: a budget between the two
+    picks a llama.cpp candidate and says so; a torch-only device finds nothing; pull auto writes that GGUF."""
+    from typer.testing import CliRunner
+
+    from stemma.cli import app
+    from stemma.footprint import GGUF_FORMATS, stored_llamacpp
+    from stemma.select import select_profile
+    from stemma.serve.selector import NoModelError
+    from stemma.serve.selector import select as serve_select
+
+    ws = variants["ws"]
+    int8, int4 = ws.resolve_version(f"{SP}/int8"), ws.resolve_version(f"{SP}/int4")
+    names = {m.name for m in ws.metrics_of(int8.id)}
+    assert {"footprint.rss_generate_bytes", "footprint.llamacpp.q8_0.rss_generate_bytes",
+            "footprint.llamacpp.f16.disk_bytes", "footprint.llamacpp.f32.tokens_per_s"} <= names
+    torch_fp, gg = stored(ws, int8.id), stored_llamacpp(ws, int8.id)
+    assert set(gg) == set(GGUF_FORMATS)
+    assert gg["q8_0"].disk_bytes < gg["f16"].disk_bytes < gg["f32"].disk_bytes
+    assert all(0 < fp.rss_generate_bytes < torch_fp.rss_generate_bytes and fp.tokens_per_s > 0 for fp in gg.values())
+    assert "no type holding stemma's int4" in stored_llamacpp(ws, int4.id)["q8_0"].note
+    budget = (max(fp.rss_generate_bytes for fp in gg.values()) + torch_fp.rss_generate_bytes) // 2
+
+    sel = select(ws, "en", "software/python", memory_bytes=budget)
+    c = sel.require()
+    assert c.runtime == "llamacpp" and c.fmt in GGUF_FORMATS and c.memory <= budget
+    assert f"in llama.cpp as a {c.fmt} GGUF" in c.reason
+    assert c.perplexity == min(x.perplexity for x in sel.ranked if x.fits)
+    for x in sel.ranked:
+        assert ("with stemma (PyTorch)" if x.runtime == "torch" else "in llama.cpp as a") in x.reason
+        if x.runtime == "torch":
+            assert not x.fits and "over the" in x.reason
+        if x.fmt == "q8_0":
+            assert "not measured on the q8_0 GGUF" in x.reason or "worse than" in x.reason
+
+    # A profile written before runtimes were recorded means stemma (PyTorch) only: nothing fits that budget.
+    p = tmp_path / "torch-only.json"
+    p.write_text(json.dumps({"language": "en", "domain": "software/python", "memory_bytes": budget}))
+    prof = Profile.load(p)
+    assert prof.runtimes == ["torch"]
+    only = select_profile(ws, prof)
+    assert only.choice is None and {x.runtime for x in only.ranked} == {"torch"}
+    assert "with stemma (PyTorch), which needs" in only.nothing_fits()
+    with pytest.raises(NoModelError, match="nothing fits"):  # the server runs versions with stemma
+        serve_select(ws, language="en", domain="python", memory_bytes=budget)
+    r = CliRunner().invoke(app, ["select", "--profile", str(p)])
+    assert r.exit_code != 0 and "nothing fits" in str(r.exception)
+    p.write_text(json.dumps({"language": "en", "domain": "software/python", "memory_bytes": budget,
+                             "runtimes": ["torch", "llamacpp"]}))
+    r = CliRunner().invoke(app, ["select", "--profile", str(p)])
+    assert r.exit_code == 0 and "llama.cpp" in r.output, r.output
+
+    r = CliRunner().invoke(app, ["pull", "auto", "--language", "en", "--domain", "software/python", "--memory",
+                                 f"{budget}B", "--out", str(tmp_path / "auto")])
+    assert r.exit_code == 0, r.output
+    lineage = json.loads((tmp_path / "auto" / "stemma.json").read_text())
+    assert lineage["format"] == "gguf" and lineage["gguf_type"] == c.fmt and lineage["version"] == c.version.id
+    assert "llama.cpp" in lineage["selected_because"]
+    assert _gguf_file_type(tmp_path / "auto" / "model.gguf") == {"f32": 0, "f16": 1, "q8_0": 7}[c.fmt]
+    # An explicit type narrows the llama.cpp formats considered.
+    r = CliRunner().invoke(app, ["pull", "auto", "--language", "en", "--domain", "software/python", "--memory",
+                                 f"{budget}B", "--out", str(tmp_path / "q8"), "--gguf-type", "q8_0"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "q8" / "stemma.json").read_text())["gguf_type"] == "q8_0"
+    assert _gguf_file_type(tmp_path / "q8" / "model.gguf") == 7
+    r = CliRunner().invoke(app, ["profile", "--runtime", "tpu"])
+    assert r.exit_code != 0 and "unknown runtime 'tpu'" in str(r.exception)
+    r = CliRunner().invoke(app, ["profile", "--out", str(tmp_path / "me.json")])
+    assert r.exit_code == 0, r.output
+    assert Profile.load(tmp_path / "me.json").runtimes == ["torch", "llamacpp"]  # llama-cpp-python imports here
+    r = CliRunner().invoke(app, ["profile", "--runtime", "llamacpp", "--out", str(tmp_path / "me.json")])
+    assert Profile.load(tmp_path / "me.json").runtimes == ["llamacpp"]
+
+
+def test_a_version_llamacpp_cannot_run_records_why_and_no_numbers(variants, monkeypatch):
+    from sqlalchemy import delete
+
+    from stemma import pull as pull_mod
+    from stemma.footprint import ensure_llamacpp, stored_llamacpp
+    from stemma.registry.tables import Metric
+
+    ws = variants["ws"]
+    v = ws.resolve_version(f"{SP}/lowrank")
+    with ws.db.session() as s:
+        s.execute(delete(Metric).where(Metric.version_id == v.id, Metric.name.like("footprint.llamacpp.%")))
+
+    def refuse(*a, **k):
+        raise StemmaError("GGUF export needs a byte-level BPE tokenizer with GPT-2's split")
+
+    monkeypatch.setattr(pull_mod, "write_gguf_types", refuse)
+    assert ensure_llamacpp(ws, v.id).startswith("GGUF export needs")
+    assert stored_llamacpp(ws, v.id).startswith("GGUF export needs")
+    rows = [m for m in ws.metrics_of(v.id) if m.name.startswith("footprint.llamacpp.")]
+    assert [m.name for m in rows] == ["footprint.llamacpp.refused"]
+    sel = select(ws, "en", "software/python")
+    assert any(s.startswith(f"{SP}/lowrank") and "in llama.cpp: GGUF export needs" in s for s in sel.skipped)
+    assert {c.runtime for c in sel.ranked if c.node == f"{SP}/lowrank"} == {"torch"}

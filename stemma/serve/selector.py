@@ -67,9 +67,10 @@ def select(ws, *, language: str | None = None, domain: str | None = None, memory
         raise NoModelError(f"no model for language {language!r}")
     dom, note = _domain_path(ws, language, domain)
     try:
-        # Stored measurements only: a request never starts a footprint process or an evaluation.
+        # Stored measurements only: a request never starts a footprint process or an evaluation. The server runs
+        # versions with stemma, so only the torch footprints count.
         ranked = rank(ws, language, dom, memory_bytes=memory_bytes, latency_ms=latency_ms, measure=False,
-                      flags=flags)
+                      flags=flags, runtimes=["torch"])
     except StemmaError as e:
         raise NoModelError(str(e)) from None
     unservable = []
