@@ -59,3 +59,45 @@ def test_a_registry_at_an_older_revision_is_upgraded_in_place(registry_url):
         assert s.get(Node, "master").gate is None
         s.add(Contributor(node_path="master", name="a", public_key="0" * 64))
     db.engine.dispose()
+
+
+def test_a_populated_registry_of_an_older_schema_upgrades_keeping_its_rows(registry_url):
+    """Rows that reference the tables a migration rebuilds (versions, contributors) survive the upgrade."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from stemma.registry.db import make_engine
+
+    engine = make_engine(registry_url)
+    cfg = _alembic_config(registry_url)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+    now = "2026-01-01 00:00:00"
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO nodes (path, layer, updated_at) VALUES ('m', 'master', :t)"), {"t": now})
+        conn.execute(text("INSERT INTO datasets (id, name, seq, manifest, n_docs, n_train, n_test, datasheet, "
+                          "created_at) VALUES ('d', 'd', 1, 'd', 1, 1, 0, '{}', :t)"), {"t": now})
+        for vid, parent in (("v1", None), ("v2", "v1")):
+            conn.execute(text("INSERT INTO versions (id, node_path, parent_id, relation, method, recipe_key, "
+                              "tokenizer, params, own_params, bytes, files, created_at) VALUES (:v, 'm', :p, "
+                              "'pretrain', 'pretrain', 'k', 't', 1, 1, 1, '{}', :t)"),
+                         {"v": vid, "p": parent, "t": now})
+        conn.execute(text("INSERT INTO version_datasets (version_id, dataset_id, role) VALUES ('v2', 'd', 'train')"))
+        conn.execute(text("INSERT INTO metrics (version_id, name, value, created_at) VALUES ('v2', 'ppl', 3.0, :t)"),
+                     {"t": now})
+        conn.execute(text("INSERT INTO contributors (node_path, name, public_key, created_at) VALUES "
+                          "('m', 'alice', 'ab', :t)"), {"t": now})
+        conn.execute(text("INSERT INTO updates (id, node_path, parent_id, contributor_id, kind, n_examples, n_tokens, "
+                          "header, status, created_at) VALUES ('u', 'm', 'v2', 1, 'lora', 1, 1, '{}', 'pending', :t)"),
+                     {"t": now})
+    engine.dispose()
+    db = Database(registry_url)
+    assert schema_revision(db.engine) == HEAD
+    with db.engine.connect() as conn:
+        assert conn.execute(text("SELECT id, parent_id, derived_from FROM versions ORDER BY id")).all() == [
+            ("v1", None, None), ("v2", "v1", None)]
+        assert conn.execute(text("SELECT count(*) FROM metrics")).scalar() == 1
+        assert conn.execute(text("SELECT name, revoked_at FROM contributors")).all() == [("alice", None)]
+        assert conn.execute(text("SELECT contributor_id FROM updates")).scalar() == 1
+    db.engine.dispose()

@@ -71,9 +71,27 @@ def upgrade(engine: Engine) -> None:
         current = MigrationContext.configure(conn).get_current_revision()
     if current == head:
         return
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.connect() as conn:
+        if sqlite:
+            # A batch migration rebuilds a SQLite table (a copy, the rows moved, the old one dropped); with foreign
+            # keys enforced, dropping a table that other rows refer to fails. Alembic's documented remedy: keys
+            # off for the migration (the pragma does nothing inside a transaction, so it comes first), then every
+            # reference checked once at the end.
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            conn.commit()
+        try:
+            with conn.begin():
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+                broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall() if sqlite else []
+                if broken:
+                    raise StemmaError(f"migrating the registry would break {len(broken)} reference(s), e.g. "
+                                      f"{broken[0]}; nothing was changed")
+        finally:
+            if sqlite:
+                conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                conn.commit()
 
 
 def schema_revision(engine: Engine) -> str | None:
