@@ -101,3 +101,22 @@ def test_a_populated_registry_of_an_older_schema_upgrades_keeping_its_rows(regis
         assert conn.execute(text("SELECT name, revoked_at FROM contributors")).all() == [("alice", None)]
         assert conn.execute(text("SELECT contributor_id FROM updates")).scalar() == 1
     db.engine.dispose()
+
+
+def test_the_copy_an_interrupted_sqlite_migration_left_is_cleared(tmp_path):
+    from alembic import command
+    from sqlalchemy import text
+
+    from stemma.registry.db import make_engine
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    engine = make_engine(url)
+    cfg = _alembic_config(url)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0004")
+        conn.execute(text("CREATE TABLE _alembic_tmp_versions (id VARCHAR(64))"))  # as a failed batch step leaves it
+    engine.dispose()
+    db = Database(url)
+    assert schema_revision(db.engine) == HEAD
+    db.engine.dispose()

@@ -79,6 +79,16 @@ def upgrade(engine: Engine) -> None:
             # off for the migration (the pragma does nothing inside a transaction, so it comes first), then every
             # reference checked once at the end.
             conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            # pysqlite runs DDL outside the transaction: a batch migration interrupted before this one can have
+            # left its copy of a table behind, which would stop the next attempt. While the original table is
+            # there the copy holds nothing else and goes; without it, the copy is all there is, and nothing is
+            # touched.
+            tables = {n for (n,) in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            for name in sorted(t for t in tables if t.startswith("_alembic_tmp_")):
+                if name.removeprefix("_alembic_tmp_") not in tables:
+                    raise StemmaError(f"the registry holds {name} but not {name.removeprefix('_alembic_tmp_')}: "
+                                      "an upgrade was interrupted mid-table; restore registry.db from a copy")
+                conn.exec_driver_sql(f'DROP TABLE "{name}"')
             conn.commit()
         try:
             with conn.begin():
