@@ -102,6 +102,11 @@ class LlamaFootprint:
     runtime = "llamacpp"
 
     @property
+    def precision(self) -> int:
+        """0 for f32 (the version's weights), 1 for f16, 2 for q8_0."""
+        return GGUF_FORMATS.index(self.fmt)
+
+    @property
     def ms_per_token(self) -> float:
         return 1000.0 / self.tokens_per_s if self.tokens_per_s > 0 else float("inf")
 
@@ -299,15 +304,13 @@ def ensure_llamacpp(ws, version_id: str, **kwargs) -> dict[str, LlamaFootprint] 
 
 
 # ---------------------------------------------------------------------------------------------- the children
-def _llamacpp_child(args) -> dict[str, Any]:
-    """Load a GGUF in llama.cpp, generate at the full context; only llama-cpp-python is imported."""
-    import random
-
+def open_gguf(path, **kwargs):
+    """A ``llama_cpp.Llama`` on a GGUF file with the CPU backend's extra (repacked) weight buffers off: on AMX CPUs
+    llama-cpp-python 0.3.36 repacks q8_0 matrices for AMX and segfaults at the first decode (llama.cpp issue
+    #20824)."""
     import llama_cpp
     from llama_cpp import llama as runtime
 
-    # The CPU backend's extra (repacked) weight buffers are off: on AMX CPUs llama-cpp-python 0.3.36 repacks q8_0
-    # matrices for AMX and segfaults at the first decode (llama.cpp issue #20824).
     default = runtime.llama_cpp.llama_model_default_params
 
     def params():
@@ -316,8 +319,18 @@ def _llamacpp_child(args) -> dict[str, Any]:
         return p
 
     runtime.llama_cpp.llama_model_default_params = params
-    llm = llama_cpp.Llama(args.gguf, n_ctx=args.context or 0, n_threads=args.threads or None,
-                          n_threads_batch=args.threads or None, verbose=False, seed=0)
+    try:
+        return llama_cpp.Llama(str(path), verbose=False, seed=0, **kwargs)
+    finally:
+        runtime.llama_cpp.llama_model_default_params = default
+
+
+def _llamacpp_child(args) -> dict[str, Any]:
+    """Load a GGUF in llama.cpp, generate at the full context; only llama-cpp-python is imported."""
+    import random
+
+    llm = open_gguf(args.gguf, n_ctx=args.context or 0, n_threads=args.threads or None,
+                    n_threads_batch=args.threads or None)
     rss_load = _proc_status("VmHWM")
     context = args.context or llm.n_ctx()  # llama.cpp may pad n_ctx: positions stay within the model's
     new = max(2, min(args.new_tokens, context // 2))

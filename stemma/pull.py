@@ -91,7 +91,8 @@ def model_card(ws: Workspace, v: VersionInfo, fmt: str, extra: dict | None = Non
             metrics.append({"name": m.name, "type": m.name, "value": round(m.value, 4)})
         else:
             name = ds_rows[m.dataset_id].name if m.dataset_id in ds_rows else m.dataset_id[:12]
-            metrics.append({"name": f"perplexity on {name} ({m.split})", "type": m.name, "value": round(m.value, 4),
+            label = m.name.replace(".", " ")  # perplexity, or a GGUF's in llama.cpp (perplexity llamacpp q8_0)
+            metrics.append({"name": f"{label} on {name} ({m.split})", "type": m.name, "value": round(m.value, 4),
                             "dataset": {"name": name, "type": f"stemma:{m.dataset_id}", "split": m.split}})
     meta = {
         "library_name": "gguf" if fmt == "gguf" else "transformers",

@@ -4,12 +4,14 @@ Candidates are the node asked for, its ancestors (a parent is a valid fallback: 
 and every variant of each (compressed children: int8, int4, low-rank, pruned, or any device-layer child).
 A candidate is one of those versions in one runtime the device has (`Profile.runtimes`): ``torch`` (stemma
 itself, the version's own form) or ``llamacpp`` (its GGUF at f32, f16 or q8_0).
-Quality is the perplexity on the requested node's own test split (computed once and memoised), the version's own in
-stemma: a f16 or q8_0 GGUF's is not measured, and its reason says so. Memory and speed are the measured footprints
-of that runtime and format (`stemma.footprint`), never estimates: a candidate fits when its measured peak
-resident memory while generating is within the memory budget and its measured ms/token, scaled from the machine
-it was measured on to the target machine by their GEMM throughput, is within the latency budget. Among equally good
-candidates the more precise format ranks first (stemma or f32, then f16, then q8_0), then the smaller one.
+Quality is the perplexity on the requested node's own test split (computed once and memoised): in stemma for
+``torch``, and for ``llamacpp`` the GGUF's own in llama.cpp on the same windows of the same tokens (with
+``measure=False`` and none stored, the version's own stands in, and the reason says so). Memory and speed are
+the measured footprints of that runtime and format (`stemma.footprint`), never estimates: a candidate fits when
+its measured peak resident memory while generating is within the memory budget and its measured ms/token, scaled
+from the machine it was measured on to the target machine by their GEMM throughput, is within the latency budget.
+Among equally good candidates the more precise format ranks first (stemma or f32, then f16, then q8_0), then the
+smaller one.
 
 With ``measure=False`` (the server's ``model: auto``) nothing is measured or evaluated: a candidate whose
 perplexity (or, when memory or latency is asked, footprint) is not stored yet is left out with that reason, and
@@ -131,6 +133,8 @@ class Candidate:
     reason: str = ""
     runtime: str = "torch"
     """``torch`` (stemma) or ``llamacpp``."""
+    ppl_own: bool = False
+    """The perplexity is the version's own in stemma, standing in for the GGUF's (not measured in llama.cpp)."""
     fmt: str = "stemma"
     """What the runtime loads: ``stemma`` (the version's own form) or a GGUF type (f32, f16, q8_0)."""
 
@@ -267,8 +271,18 @@ def select(ws: Workspace, language: str, domain: str | None = None, memory_bytes
                     later if not measure else "llama-cpp-python is not installed here to measure it"))
             else:
                 fps += [gg[t] for t in gguf_types if t in gg]
+        # Each GGUF's own perplexity in llama.cpp (same windows, same tokens), measured once; where it is not stored
+        # and nothing is measured, the version's own in stemma stands in and the reason says so.
+        ggufs = [fp.fmt for fp in fps if isinstance(fp, LlamaFootprint)]
+        gguf_ppl = {f: evaluator.stored_gguf(v, ds, f) for f in ggufs}
+        if measure and any(x is None for x in gguf_ppl.values()):
+            gguf_ppl = evaluator.gguf_ppls(v, ds, ggufs)
         for fp in fps:
-            out.append(_candidate(node, v, kind, ppl, fp, target_gflops, memory_bytes, latency_ms, min_quality))
+            q = gguf_ppl.get(fp.fmt) if isinstance(fp, LlamaFootprint) else None
+            c = _candidate(node, v, kind, ppl if q is None else q, fp, target_gflops, memory_bytes, latency_ms,
+                           min_quality)
+            c.ppl_own = q is None and c.runtime == "llamacpp"
+            out.append(c)
     fitting = sorted((c for c in out if c.fits), key=lambda c: (round(c.perplexity, 6), c.precision, c.memory))
     missing = sorted((c for c in out if not c.fits), key=lambda c: (c.worst_miss, c.perplexity, c.precision))
     if fitting:
@@ -284,7 +298,8 @@ def select(ws: Workspace, language: str, domain: str | None = None, memory_bytes
                             + _approx(c))
             else:
                 worse = c.perplexity / best.perplexity - 1
-                c.reason = f"fits {c.where}, perplexity {worse:.1%} worse than {best.node}, which also fits"
+                c.reason = f"fits {c.where}, perplexity {worse:.1%} worse than {best.node}, which also fits" \
+                    + _approx(c)
     for c in missing:
         c.reason = f"{c.where}: " + "; ".join(m[2] for m in c.misses)
     if not fitting and not missing:
@@ -294,10 +309,13 @@ def select(ws: Workspace, language: str, domain: str | None = None, memory_bytes
 
 
 def _approx(c: Candidate) -> str:
-    """What the candidate's perplexity is not: a f16 or q8_0 GGUF's own (and what the file does not hold)."""
+    """Whose perplexity the candidate's is (a GGUF's in llama.cpp, or the version's own), and what the file does
+    not hold."""
     note = getattr(c.footprint, "note", "")
-    approx = f"; its perplexity is the version's own in stemma, not measured on the {c.fmt} GGUF" \
-        if c.precision else ""
+    if c.runtime != "llamacpp":
+        return ""
+    approx = (f"; its perplexity is the version's own in stemma, not measured on the {c.fmt} GGUF" if c.ppl_own
+              else f"; perplexity measured on the {c.fmt} GGUF in llama.cpp")
     return approx + (f"; {note}" if note else "")
 
 

@@ -208,8 +208,16 @@ def _build_variants(tree: dict, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def variant_tree(built_tree, tmp_path_factory):
-    """The session tree plus every compression variant of en/software/python, with measured footprints."""
-    return _build_variants(built_tree, tmp_path_factory)
+    """The session tree plus every compression variant of en/software/python, with measured footprints and the
+    selector's measurements for en/software/python (each GGUF's perplexity in llama.cpp) stored once."""
+    from stemma.select import select
+    from stemma.workspace import Workspace
+
+    tree = _build_variants(built_tree, tmp_path_factory)
+    ws = Workspace.open(tree["home"])
+    select(ws, "en", "software/python")
+    ws.db.engine.dispose()
+    return tree
 
 
 @pytest.fixture(scope="session")

@@ -203,8 +203,14 @@ def test_footprints_per_runtime_and_selection_in_llamacpp(variants, tmp_path):
         assert ("with stemma (PyTorch)" if x.runtime == "torch" else "in llama.cpp as a") in x.reason
         if x.runtime == "torch":
             assert not x.fits and "over the" in x.reason
-        if x.fmt == "q8_0":
-            assert "not measured on the q8_0 GGUF" in x.reason or "worse than" in x.reason
+        else:
+            assert f"perplexity measured on the {x.fmt} GGUF in llama.cpp" in x.reason
+    # llama.cpp's perplexity of the GGUFs, on the same windows: f32 holds the int8 variant's values, q8_0 its
+    # precision (per block of 32 rather than per channel).
+    own = {x.fmt: x.perplexity for x in sel.ranked if x.node == f"{SP}/int8"}
+    assert abs(own["f32"] / own["stemma"] - 1) < 1e-3 and abs(own["q8_0"] / own["stemma"] - 1) < 1e-2
+    ds = sel.dataset_id
+    assert ws.get_metric(int8.id, "perplexity.llamacpp.q8_0", ds, "test") == own["q8_0"]
 
     # A profile written before runtimes were recorded means stemma (PyTorch) only: nothing fits that budget.
     p = tmp_path / "torch-only.json"
@@ -236,6 +242,17 @@ def test_footprints_per_runtime_and_selection_in_llamacpp(variants, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "q8" / "stemma.json").read_text())["gguf_type"] == "q8_0"
     assert _gguf_file_type(tmp_path / "q8" / "model.gguf") == 7
+    # Without stored GGUF perplexities (and nothing measured), the version's own stands in and the reason says so.
+    from sqlalchemy import delete
+
+    from stemma.registry.tables import Metric
+
+    with ws.db.session() as s:
+        s.execute(delete(Metric).where(Metric.name.like("perplexity.llamacpp.%")))
+    stale = select(ws, "en", "software/python", memory_bytes=budget, measure=False)
+    assert stale.choice.runtime == "llamacpp"
+    assert all("its perplexity is the version's own in stemma, not measured on the" in x.reason
+               for x in stale.ranked if x.runtime == "llamacpp")
     r = CliRunner().invoke(app, ["profile", "--runtime", "tpu"])
     assert r.exit_code != 0 and "unknown runtime 'tpu'" in str(r.exception)
     r = CliRunner().invoke(app, ["profile", "--out", str(tmp_path / "me.json")])
@@ -265,6 +282,7 @@ def test_a_version_llamacpp_cannot_run_records_why_and_no_numbers(variants, monk
     assert stored_llamacpp(ws, v.id).startswith("GGUF export needs")
     rows = [m for m in ws.metrics_of(v.id) if m.name.startswith("footprint.llamacpp.")]
     assert [m.name for m in rows] == ["footprint.llamacpp.refused"]
+    monkeypatch.undo()
     sel = select(ws, "en", "software/python")
     assert any(s.startswith(f"{SP}/lowrank") and "in llama.cpp: GGUF export needs" in s for s in sel.skipped)
     assert {c.runtime for c in sel.ranked if c.node == f"{SP}/lowrank"} == {"torch"}

@@ -11,6 +11,29 @@ import torch
 from ..progress import NullReporter, Reporter
 from .perplexity import perplexity
 
+GGUF_PPL = "perplexity.llamacpp."
+"""Metric name prefix of a GGUF's perplexity in llama.cpp (then the type: f32, f16, q8_0)."""
+
+
+class _LlamaLM:
+    """A llama.cpp model seen as a causal LM by `perplexity`: each row's logits at every position."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def eval(self):
+        return self
+
+    def __call__(self, input_ids: torch.Tensor):
+        from types import SimpleNamespace
+
+        rows = []
+        for row in input_ids.tolist():
+            self.llm.reset()
+            self.llm.eval(row)
+            rows.append(torch.from_numpy(self.llm.scores[: len(row)].copy()))
+        return SimpleNamespace(logits=torch.stack(rows))
+
 
 class Evaluator:
     """Perplexity per (version, dataset, split), memoised in the registry; token ids cached per tokenizer."""
@@ -48,6 +71,35 @@ class Evaluator:
                                f"{v.row.node_path}: perplexity on {dataset_id[:8]}/{split}")
         self.ws.put_metric(v.id, "perplexity", dataset_id, split, value, details={"max_tokens": self.max_tokens})
         return value
+
+    def stored_gguf(self, v, dataset_id: str, fmt: str, split: str = "test") -> float | None:
+        return self.ws.get_metric(v.id, GGUF_PPL + fmt, dataset_id, split)
+
+    def gguf_ppls(self, v, dataset_id: str, fmts, split: str = "test") -> dict[str, float]:
+        """The perplexity of the version's GGUF of each type in ``fmts`` (f32, f16, q8_0), run by llama.cpp on the
+        same windows of the same token stream as `ppl`; measured once (the files written to a temporary directory)
+        and stored as ``perplexity.llamacpp.<type>``."""
+        import tempfile
+        from pathlib import Path
+
+        from ..footprint import open_gguf
+        from ..pull import write_gguf_types
+
+        got = {f: self.stored_gguf(v, dataset_id, f, split) for f in fmts}
+        todo = tuple(f for f, x in got.items() if x is None)
+        if todo:
+            ids = self.ids(v.row.tokenizer, dataset_id, split)
+            context = int((v.manifest.get("architecture") or {}).get("context") or 0)
+            with tempfile.TemporaryDirectory(prefix="stemma-gguf-") as d:
+                for fmt, path in write_gguf_types(self.ws, v, Path(d), todo).items():
+                    llm = open_gguf(path, n_ctx=context, n_batch=max(512, context), logits_all=True)
+                    lm = _LlamaLM(llm)
+                    got[fmt] = perplexity(lm, ids, context or llm.n_ctx(), max_tokens=self.max_tokens,
+                                          reporter=self.reporter, label=f"{v.row.node_path}: {fmt} GGUF perplexity")
+                    llm.close()
+                    self.ws.put_metric(v.id, GGUF_PPL + fmt, dataset_id, split, got[fmt],
+                                       details={"max_tokens": self.max_tokens, "runtime": "llamacpp"})
+        return got
 
     def model_ppl(self, model, ids: torch.Tensor, label: str = "perplexity") -> float:
         """Perplexity of a model in memory on token ids (not stored: the model need not be a version)."""
