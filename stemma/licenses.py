@@ -381,6 +381,10 @@ def licensing(ws: Workspace, version_id: str, cache: dict | None = None) -> Lice
         notes += [n for n in own_notes if n not in notes]
         for source, expression, detail in sources:
             for key, kinds in _obligations(expression):
+                if detail.startswith("detected"):
+                    # Named in the text but declared for no document (a licence's own full text is licensed
+                    # under its verbatim-copying terms, not under itself): listed for review, never assumed.
+                    kinds = (REVIEW,)
                 if (key, source) not in seen:
                     seen[(key, source)] = Obligation(key, kinds, source, detail, tuple(labels[i:]), expression)
     return Licensing(version_id, tuple(seen.values()), tuple(notes))
