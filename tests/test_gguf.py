@@ -51,24 +51,11 @@ def assert_greedy_equal(llm, ref, ids: list[int], n: int, label: str) -> None:
 
 
 def open_q8_0(path, **kw):
-    """llama.cpp on a q8_0 ``path`` without the CPU backend's extra (repacked) weight buffers: on this machine's
-    AMX CPU, llama-cpp-python 0.3.36 repacks q8_0 matrices for AMX and then segfaults at the first decode
-    (``ggml_backend_amx_mul_mat``, llama.cpp issue #20824), whoever wrote the file."""
-    import llama_cpp
-    from llama_cpp import llama as runtime
+    """llama.cpp on a q8_0 ``path`` as stemma opens GGUF files (`stemma.footprint.open_gguf`: the CPU backend's
+    repacked weight buffers off, which segfault on AMX CPUs at the first q8_0 decode)."""
+    from stemma.footprint import open_gguf
 
-    default = runtime.llama_cpp.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    runtime.llama_cpp.llama_model_default_params = params
-    try:
-        return llama_cpp.Llama(str(path), n_ctx=64, verbose=False, seed=0, **kw)
-    finally:
-        runtime.llama_cpp.llama_model_default_params = default
+    return open_gguf(path, **{"n_ctx": 64, **kw})
 
 
 def _rounded_like_f16(model):
