@@ -8,6 +8,7 @@ added or removed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..errors import StemmaError
@@ -76,7 +77,12 @@ def verify_signature(directory: Path, public_key: Path) -> None:
             directory, sig)
     except ValueError as e:
         msg = str(e).removeprefix("Signature mismatch: ")
-        if msg.startswith("[") and msg.endswith("]"):  # model-signing formats its list of differences
+        changed = re.findall(r"Hash mismatch for \\?'([^'\\]+)\\?'", msg)
+        if changed:  # model-signing quotes both digests as raw bytes: name the files instead
+            rest = re.sub(r"\\?'?Hash mismatch for .*?(?=, \\?'?Hash mismatch|$)", "", msg).strip(" ,[]'\"")
+            msg = "; ".join(f"{name}: content differs from the signed manifest" for name in changed)
+            msg += f"; {rest}" if rest else ""
+        elif msg.startswith("[") and msg.endswith("]"):  # model-signing formats its list of differences
             msg = msg[1:-1].replace("', '", "; ").strip("'\"")
         else:  # the key itself (unreadable, or not the signer's)
             msg = f"{msg} (key {public_key})"
