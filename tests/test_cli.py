@@ -35,7 +35,9 @@ def snapshot(ws):
 
 def test_golden_path(tree_copy, capsys, monkeypatch, tmp_path):
     code, out, _ = run(capsys, monkeypatch, "tree")
-    assert code == 0 and "en/software/python" in out and "adapter" in out
+    assert code == 0 and "python" in out and "adapter" in out  # each node's own name, under its parent
+    code, out, _ = run(capsys, monkeypatch, "tree", "--json")
+    assert code == 0 and "en/software/python" in {r["node"] for r in json.loads(out)["rows"]}
     code, out, _ = run(capsys, monkeypatch, "show", "en/software/python")
     doc = json.loads(out)
     assert doc["manifest"]["relation"] == "adapter" and doc["datasets"]["train"]["name"] == "en-python"
