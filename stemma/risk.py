@@ -14,7 +14,7 @@ import getpass
 import os
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import and_, exists, literal, or_, select
 
@@ -166,7 +166,7 @@ def unflag(ws: Workspace, ref: str, reason: str, by: str | None = None) -> list[
         active = [r for r in rows if r.cleared_at is None]
         if not active:
             raise StemmaError(f"{ref!r} has no active flag")
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         for r in active:
             r.cleared_at, r.cleared_by, r.cleared_reason = now, by or actor(), reason.strip()
         s.flush()

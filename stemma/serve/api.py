@@ -632,7 +632,7 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
             while any(f is None for f in finals):
                 try:
                     i, ev = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if await request.is_disconnected():  # nobody to answer: free the slots now
                         return Response(status_code=499)
                     continue

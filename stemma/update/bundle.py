@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,7 @@ def make_header(*, node: str, parent: str, tokenizer: str, contributor: str, kin
                 n_tokens: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"format": FORMAT, "node": node, "parent": parent, "tokenizer": tokenizer, "contributor": contributor,
             "kind": kind, "n_examples": int(n_examples), "n_tokens": int(n_tokens),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(extra or {})}
+            "created": datetime.now(UTC).isoformat(timespec="seconds"), **(extra or {})}
 
 
 def encode(header: dict[str, Any], delta: dict[str, torch.Tensor], heldout: torch.Tensor | None, key) -> bytes:

@@ -15,7 +15,7 @@ import dataclasses
 import json
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,7 @@ def revoke(ws: Workspace, node: str, name: str, reason: str, by: str | None = No
         if row.revoked_at is not None:
             raise StemmaError(f"{name}'s key for {node} was already revoked {_when(row.revoked_at)} by "
                               f"{row.revoked_by} ({row.revoked_reason})")
-        row.revoked_at, row.revoked_by, row.revoked_reason = datetime.now(timezone.utc), by or actor(), reason
+        row.revoked_at, row.revoked_by, row.revoked_reason = datetime.now(UTC), by or actor(), reason
     return row
 
 
