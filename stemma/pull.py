@@ -31,9 +31,6 @@ from .workspace import VersionInfo, Workspace
 
 FORMATS = ("hf", "safetensors", "gguf")
 GGUF_TYPES = ("auto", "f32", "f16", "q8_0")
-# Hugging Face's base_model_relation words (https://huggingface.co/docs/hub/model-cards#specifying-a-base-model).
-HF_RELATIONS = {"adapter": "adapter", "finetune": "finetune", "distill": "finetune", "quantized": "quantized",
-                "pruned": "finetune", "lowrank": "finetune", "merge": "merge", "update": "finetune"}
 
 
 def dense_model(model: nn.Module) -> nn.Module:
@@ -71,50 +68,16 @@ def dense_model(model: nn.Module) -> nn.Module:
 
 
 def model_card(ws: Workspace, v: VersionInfo, fmt: str, extra: dict | None = None) -> str:
-    """A Hugging Face model card: YAML metadata (base model, relation, datasets, licence, metrics) and a summary."""
-    import yaml
-
+    """The Hugging Face model card of a pulled version: the release's card (`stemma.release.card`, the same facts),
+    unsigned, under the licence the lineage's obligations imply (``other`` when they imply none)."""
     from .licenses import licensing
-    from .release.card import hf_license
+    from .release import card
+    from .release.facts import gather
+    from .release.make import Verdict
 
-    chain = ws.chain(v.id)
-    parent = chain[-2] if len(chain) > 1 else None
-    ds_rows = {}
-    for c in chain:
-        for role, d in ws.version_datasets(c.id).items():
-            if role == "train":
-                ds_rows[d] = ws.resolve_dataset(d)
-    lic = licensing(ws, v.id)  # the obligations a release reads too
-    metrics = []
-    for m in ws.metrics_of(v.id):
-        if m.dataset_id is None:
-            metrics.append({"name": m.name, "type": m.name, "value": round(m.value, 4)})
-        else:
-            name = ds_rows[m.dataset_id].name if m.dataset_id in ds_rows else m.dataset_id[:12]
-            label = m.name.replace(".", " ")  # perplexity, or a GGUF's in llama.cpp (perplexity llamacpp q8_0)
-            metrics.append({"name": f"{label} on {name} ({m.split})", "type": m.name, "value": round(m.value, 4),
-                            "dataset": {"name": name, "type": f"stemma:{m.dataset_id}", "split": m.split}})
-    meta = {
-        "library_name": "gguf" if fmt == "gguf" else "transformers",
-        **(hf_license(lic.implied) if lic.implied else {"license": "other"}),
-        "license_details": "; ".join(sorted({o.license for o in lic.obligations})) or "not recorded",
-        "tags": ["stemma", v.row.node_path.split("/")[0], v.row.relation],
-        "datasets": [f"stemma:{d}" for d in ds_rows],
-        "model-index": [{"name": v.row.node_path, "results": [
-            {"task": {"type": "text-generation"}, "metrics": metrics}]}],
-    }
-    if parent is not None:
-        meta["base_model"] = f"stemma:{parent.id}"
-        meta["base_model_relation"] = HF_RELATIONS.get(v.row.relation, "finetune")
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
-             f"# {v.row.node_path} ({v.short})", "",
-             f"A `{v.row.method}` version ({v.row.relation}) in a stemma tree, exported as `{fmt}`.", "",
-             "Lineage (content-addressed):", ""]
-    for c in chain:
-        lines.append(f"- `{c.row.node_path}` `{c.id}` ({c.row.relation}, {c.row.method})")
-    lines += ["", "Datasets:", ""]
-    for d, r in ds_rows.items():
-        lines.append(f"- `{r.name}` `{d}`: {r.n_docs} documents, licence {r.license or 'not recorded'}")
+    lic = licensing(ws, v.id)
+    facts = gather(ws, v, fmt, Verdict(lic.implied, (), lic, ()), signing_key=None)
+    lines = [card.render(facts, card.metadata(facts)).rstrip("\n")]
     variant = v.manifest.get("architecture", {}).get("variant")
     if variant:
         lines += ["", f"Compression: `{json.dumps(variant, sort_keys=True)}`"]

@@ -36,7 +36,7 @@ def metadata(f: Facts) -> dict:
     results = [{"task": {"type": "text-generation"}, "dataset": {"name": m.slice, "type": "stemma"},
                 "metrics": [{"type": m.type, "value": round(m.value, 4)}]} for m in f.metrics]
     meta = {
-        **hf_license(f.license),
+        **(hf_license(f.license) if f.license else {"license": "other"}),
         "library_name": "gguf" if f.format == "gguf" else ("peft" if f.format == "adapter" else "transformers"),
         "pipeline_tag": "text-generation",
         "tags": ["stemma", v.row.relation, v.row.method, f.layer],
@@ -45,7 +45,8 @@ def metadata(f: Facts) -> dict:
         "model-index": [{"name": v.row.node_path, "results": results}],
         "obligations": [{"license": o.license, "kinds": list(o.kinds), "from": o.carried}
                         for o in f.licensing.obligations],
-        "stemma": {"version": v.id, "node": v.row.node_path, "format": f.format, "signing_key": f.signing_key,
+        "stemma": {"version": v.id, "node": v.row.node_path, "format": f.format,
+                   **({"signing_key": f.signing_key} if f.signing_key else {}),
                    "chain": [{"node": c.row.node_path, "version": c.id, "relation": c.row.relation} for c in f.chain]},
     }
     if f.parent is not None:
@@ -63,7 +64,9 @@ def render(f: Facts, meta: dict) -> str:
     lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
              f"# {v.row.node_path} ({v.short})", "",
              f"A `{v.row.method}` version ({v.row.relation}) of the `{v.row.node_path}` node ({f.layer} layer) of a "
-             f"stemma tree, released as `{f.format}` under `{f.license}`.", "",
+             f"stemma tree, {'released' if f.signing_key else 'exported'} as `{f.format}`"
+             + (f" under `{f.license}`." if f.license else ": its lineage's licences imply no single licence (below)."),
+             "",
              "## Intended use", "",
              f"Text generation and scoring in the register of its training data: {focus}; languages: "
              f"{', '.join(langs)}. A plain-text language model" +
@@ -86,7 +89,8 @@ def render(f: Facts, meta: dict) -> str:
         lines.append(f"- `{d.name}@{d.seq}` `{d.id}` ({d.role} of {d.version}): {dict(d.counts).get('documents', 0)} "
                      f"documents; licences {lic}; curation: {', '.join(d.steps) or 'none'}")
     lines += ["", "## Licence and obligations", "",
-              f"Released under `{f.license}`. Licences reach this model through its data and checkpoints:", ""]
+              (f"Licensed `{f.license}`. " if f.license else "") +
+              "Licences reach this model through its data and checkpoints:", ""]
     for o in f.licensing.obligations:
         kinds = ", ".join(o.kinds) or "no obligation"
         lines.append(f"- `{o.license}` ({kinds}) from {o.carried}: {o.detail}")
@@ -98,7 +102,8 @@ def render(f: Facts, meta: dict) -> str:
     if review:
         lines += ["", f"Not judged (not SPDX or unknown to the licence database): {', '.join(review)}; review them."]
     lines += [f"- {n}" for n in f.licensing.notes]
-    lines += ["", "## Verification", "",
-              "`model.sig` signs every file of this directory (OpenSSF model signing, key method); `bom.cdx.json` is "
-              "its CycloneDX 1.6 ML-BOM. `stemma verify DIR --public-key KEY` checks both."]
+    if f.signing_key:
+        lines += ["", "## Verification", "",
+                  "`model.sig` signs every file of this directory (OpenSSF model signing, key method); `bom.cdx.json` "
+                  "is its CycloneDX 1.6 ML-BOM. `stemma verify DIR --public-key KEY` checks both."]
     return "\n".join(lines) + "\n"

@@ -51,14 +51,16 @@ class Facts:
     """Master first, ending with the version."""
     layer: str
     format: str
-    license: str
+    license: str | None
+    """The release's licence (a pulled version's: the one its obligations imply, None when they imply none)."""
     licensing: Licensing
     datasets: tuple[DatasetFact, ...]
     metrics: tuple[Metric, ...]
     gate: tuple[str, ...]
     """The release gate's lines (empty: the node has no gate)."""
-    signing_key: str
-    """``sha256:<hex>`` of the signer's public key (PEM), as the card and the `releases` row record it."""
+    signing_key: str | None
+    """``sha256:<hex>`` of the signer's public key, as the card and the `releases` row record it (None: unsigned,
+    a pulled version)."""
 
     @property
     def parent(self) -> VersionInfo | None:
@@ -80,7 +82,7 @@ class Facts:
         return tuple(d for d in self.datasets if d.version == me and d.role == "train")
 
 
-def gather(ws: Workspace, v: VersionInfo, fmt: str, verdict, signing_key: str) -> Facts:
+def gather(ws: Workspace, v: VersionInfo, fmt: str, verdict, signing_key: str | None) -> Facts:
     """The facts of releasing ``v`` as ``fmt`` with ``verdict`` (`stemma.release.make.Verdict`: licence, gate
     lines and the obligations already computed for it)."""
     chain = tuple(ws.chain(v.id))
