@@ -331,8 +331,11 @@ def _obligations(expression: str) -> list[tuple[str, tuple[str, ...]]]:
     return [(k, kinds_of(k)) for k in sorted(min(alts, key=weight))]
 
 
-def _dataset_sources(ds) -> tuple[list[tuple[str, str]], list[str]]:
-    """(expression, detail) of one dataset row's datasheet, and notes for documents without a licence."""
+def _dataset_sources(ds) -> tuple[list[tuple[str, str, bool]], list[str]]:
+    """(expression, detail, declared) of one dataset row's datasheet, and notes for documents without a licence.
+
+    ``declared`` is False for a licence the curation only detected in texts, declared for no document: it is listed
+    for review, never assumed (a licence's own full text is under its verbatim-copying terms, not under itself)."""
     sheet = ds.datasheet or {}
     out: dict[str, list[str]] = {}
     notes = []
@@ -344,6 +347,7 @@ def _dataset_sources(ds) -> tuple[list[tuple[str, str]], list[str]]:
     declared = sheet.get("license")
     if declared and declared != "mixed" and declared not in out:
         out.setdefault(declared, []).append("declared")
+    declared_ones = set(out)
     for step in sheet.get("curation") or []:
         if step.get("step") == "license":
             for kind, n in (step.get("kinds") or {}).items():
@@ -351,7 +355,7 @@ def _dataset_sources(ds) -> tuple[list[tuple[str, str]], list[str]]:
                     out.setdefault(kind[8:], []).append(f"detected in {n} documents")
     if not out and not notes:
         notes.append(f"dataset {ds.name}: no licence recorded")
-    return [(lic, ", ".join(d)) for lic, d in out.items()], notes
+    return [(lic, ", ".join(d), lic in declared_ones) for lic, d in out.items()], notes
 
 
 def _checkpoint_sources(v: VersionInfo) -> list[tuple[str, str]]:
@@ -379,29 +383,28 @@ def licensing(ws: Workspace, version_id: str, cache: dict | None = None) -> Lice
             cache[v.id] = _own_sources(ws, v)
         sources, own_notes = cache[v.id]
         notes += [n for n in own_notes if n not in notes]
-        for source, expression, detail in sources:
+        for source, expression, detail, declared in sources:
             for key, kinds in _obligations(expression):
-                if detail.startswith("detected"):
-                    # Named in the text but declared for no document (a licence's own full text is licensed
-                    # under its verbatim-copying terms, not under itself): listed for review, never assumed.
+                if not declared:
                     kinds = (REVIEW,)
                 if (key, source) not in seen:
                     seen[(key, source)] = Obligation(key, kinds, source, detail, tuple(labels[i:]), expression)
     return Licensing(version_id, tuple(seen.values()), tuple(notes))
 
 
-def _own_sources(ws: Workspace, v: VersionInfo) -> tuple[list[tuple[str, str, str]], list[str]]:
-    """(source, expression, detail) of the licences a version itself takes in (its datasets, its checkpoint)."""
+def _own_sources(ws: Workspace, v: VersionInfo) -> tuple[list[tuple[str, str, str, bool]], list[str]]:
+    """(source, expression, detail, declared) of the licences a version itself takes in (its datasets, its
+    checkpoint)."""
     out, notes = [], []
     if v.row.relation == "import":
         found = _checkpoint_sources(v)
-        out += [(f"checkpoint of {v.row.node_path}", e, d) for e, d in found]
+        out += [(f"checkpoint of {v.row.node_path}", e, d, True) for e, d in found]
         if not found:
             notes.append(f"checkpoint of {v.row.node_path}: no licence recorded")
     for ds_id in sorted(set(ws.version_datasets(v.id).values())):
         ds = ws.resolve_dataset(ds_id)
         sources, ds_notes = _dataset_sources(ds)
-        out += [(f"dataset {ds.name}", e, d) for e, d in sources]
+        out += [(f"dataset {ds.name}", e, d, declared) for e, d, declared in sources]
         notes += ds_notes
     return out, notes
 

@@ -129,3 +129,18 @@ def test_an_imported_masters_licences_reach_its_children(ws, tmp_path):
     spec.write_text(yaml.safe_dump(raw))
     with pytest.raises(StemmaError, match="import config license: .*unknown SPDX identifier"):
         build(ws, load_spec(spec))
+
+
+def test_a_licence_only_detected_in_texts_is_for_review_not_an_obligation():
+    from types import SimpleNamespace
+
+    from stemma.licenses import _dataset_sources
+
+    ds = SimpleNamespace(name="legal", datasheet={
+        "licenses": {"verbatim-copying-permitted": 14, "PSF-2.0": 1},
+        "curation": [{"step": "license", "kinds": {"license:GPL-2.0-only": 1, "license:PSF-2.0": 1}}]})
+    sources, notes = _dataset_sources(ds)
+    by = {lic: (detail, declared) for lic, detail, declared in sources}
+    assert by["GPL-2.0-only"] == ("detected in 1 documents", False)  # the GPL's own text, declared for nothing
+    assert by["PSF-2.0"] == ("1 documents, detected in 1 documents", True)
+    assert by["verbatim-copying-permitted"] == ("14 documents", True) and notes == []
