@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from .data.ingest import BuiltDataset, built_from, curation_for
-from .errors import SpecError, StemmaError
+from .errors import StemmaError
 from .evaluate.evaluator import Evaluator
 from .evaluate.runner import evaluate_version as evaluate_tasks
 from .evaluate.suites import record as record_tasks
@@ -170,10 +170,7 @@ def build(ws: Workspace, spec: TreeSpec, reporter: Reporter | None = None, only:
     return events
 
 
-COMPRESSIONS = ("quantized", "lowrank", "pruned")
-
-
-def preflight_shapes(spec: TreeSpec, targets: set[str]) -> dict[str, Planned]:
+def preflight_shapes(spec: TreeSpec, targets: set[str]) -> None:
     """What each node will build, from the spec alone, parents first (`BuildMethod.plan`): a student larger than
     its teacher allows, a LoRA rank beyond the layers' width or targets the model lacks, an adapter or a variant of a
     compressed variant... are refused here with one line, before any dataset is curated or any node trained."""
@@ -182,18 +179,8 @@ def preflight_shapes(spec: TreeSpec, targets: set[str]) -> dict[str, Planned]:
         if path not in targets:
             continue
         node = spec.nodes[path]
-        method = get(node.method)
         parent = planned.get(node.parent) if node.parent else None
-        relation = method.relation_for(node.config)
-        if parent is not None and parent.kind == "variant" and relation == "adapter":
-            raise SpecError(f"node {path}: an adapter cannot be trained on the compressed variant {node.parent}; "
-                            "give it a full-weight parent")
-        if parent is not None and parent.kind == "variant" and relation in COMPRESSIONS:
-            # its layers are stored compressed: a second method finds no plain linear layer and compresses nothing
-            raise SpecError(f"node {path}: {node.parent} is a compressed variant with no plain weights to compress; "
-                            f"make {path} a variant of {spec.nodes[node.parent].parent} instead")
-        planned[path] = method.plan(node.config, parent, spec, node)
-    return planned
+        planned[path] = get(node.method).plan(node.config, parent, spec, node)
 
 
 def _rebase_source(ws: Workspace, node: NodeSpec, recipe: dict, parent: VersionInfo | None) -> VersionInfo | None:

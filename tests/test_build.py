@@ -162,3 +162,31 @@ def test_config_errors_fail_preflight_before_anything_trains(ws, tmp_path, node,
     assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
     assert time.perf_counter() - t0 < 20  # pre-flight: no curation, no training
     assert not ws.nodes() and not list(ws.store.iter_digests())  # nothing trained, nothing registered
+
+
+def test_plans_refuse_what_cannot_build_on_a_compressed_variant():
+    """Every compression method (both pruning modes) refuses a variant parent; an adapter is refused on one, a
+    full-weight fine-tune is not."""
+    from types import SimpleNamespace
+
+    from stemma.errors import SpecError
+    from stemma.methods import get
+    from stemma.train.registry import Planned
+
+    spec = SimpleNamespace(nodes={"a": SimpleNamespace(parent=None, dataset="d"),
+                                  "a/q": SimpleNamespace(parent="a", dataset=None)})
+    variant = Planned(None, "variant")
+    node = SimpleNamespace(path="a/q/x", parent="a/q", dataset=None)
+    for method, raw in [("quantized", {}), ("lowrank", {"rank": 4}), ("pruned", {}),
+                        ("pruned", {"mode": "structured", "neurons": 0.25})]:
+        m = get(method)
+        with pytest.raises(SpecError, match="a/q is a compressed variant with no plain weights to compress; "
+                                            "make a/q/x a variant of a instead"):
+            m.plan(m.make_config(raw, "x"), variant, spec, node)
+        assert m.plan(m.make_config(raw, "x"), Planned(None), spec, node).kind == (
+            "full" if raw.get("mode") == "structured" else "variant")
+    lora = get("lora")
+    with pytest.raises(SpecError, match="an adapter cannot be trained on the compressed variant a/q"):
+        lora.plan(lora.make_config({}, "x"), variant, spec, node)
+    ft = get("finetune")
+    assert ft.plan(ft.make_config({}, "x"), variant, spec, node).kind == "full"

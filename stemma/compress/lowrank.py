@@ -16,7 +16,8 @@ import torch
 
 from ..errors import SpecError
 from ..models.arch import count_params
-from ..train.registry import BuildContext, BuildMethod, BuildOutput, Planned, register
+from ..train.registry import BuildContext, BuildOutput, register
+from . import Compression
 from .layers import (
     LowRankLinear,
     base_architecture,
@@ -70,11 +71,10 @@ def lowrank_model(model: torch.nn.Module, cfg: LowRankConfig) -> dict[str, dict]
 
 
 @register
-class LowRank(BuildMethod):
+class LowRank(Compression):
     name = "lowrank"
     relation = "lowrank"
     config_cls = LowRankConfig
-    needs_dataset = False
 
     def make_config(self, raw, where):
         cfg = super().make_config(raw, where)
@@ -85,9 +85,6 @@ class LowRank(BuildMethod):
         if cfg.energy is not None and not 0 < cfg.energy <= 1:
             raise SpecError(f"{where}: lowrank energy must be in (0, 1]")
         return cfg
-
-    def plan(self, cfg, parent, spec, node) -> Planned:
-        return Planned(parent.config if parent is not None else None, "variant")
 
     def run(self, ctx: BuildContext, cfg: LowRankConfig) -> BuildOutput:
         model = ctx.load_parent()

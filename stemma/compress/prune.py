@@ -24,7 +24,8 @@ from ..errors import SpecError
 from ..models.arch import count_params, model_context
 from ..models.io import save_model_files
 from ..train.base import TokenStream, Trainer, kl_to_teacher, lm_loss
-from ..train.registry import BuildContext, BuildMethod, BuildOutput, Planned, register
+from ..train.registry import BuildContext, BuildOutput, Planned, register
+from . import Compression
 from .layers import base_architecture, is_linear, output_name, pack_sparse, save_variant
 
 
@@ -79,11 +80,10 @@ def prune_structured(model: torch.nn.Module, neurons: float, heads: float) -> di
 
 
 @register
-class Prune(BuildMethod):
+class Prune(Compression):
     name = "pruned"
     relation = "pruned"
     config_cls = PruneConfig
-    needs_dataset = False
 
     def make_config(self, raw, where):
         cfg = super().make_config(raw, where)
@@ -95,12 +95,13 @@ class Prune(BuildMethod):
         return cfg
 
     def plan(self, cfg: PruneConfig, parent, spec, node) -> Planned:
+        planned = super().plan(cfg, parent, spec, node)
         parent_data = spec.nodes[node.parent].dataset if node.parent in spec.nodes else None
         if cfg.mode == "structured" and cfg.recovery_steps and not (node.dataset or parent_data):
             raise SpecError(f"node {node.path}: recovery fine-tuning needs data; the parent has no dataset")
         if cfg.mode == "structured":  # plain weights of a smaller shape than the parent's
             return Planned(None)
-        return Planned(parent.config if parent is not None else None, "variant")
+        return planned
 
     def run(self, ctx: BuildContext, cfg: PruneConfig) -> BuildOutput:
         model = ctx.load_parent()

@@ -17,7 +17,8 @@ from typing import Literal
 from torch import nn
 
 from ..models.arch import count_params
-from ..train.registry import BuildContext, BuildMethod, BuildOutput, Planned, register
+from ..train.registry import BuildContext, BuildOutput, register
+from . import Compression
 from .layers import (
     QuantEmbedding,
     QuantLinear,
@@ -81,14 +82,10 @@ def _table(m: nn.Embedding, cfg: QuantizeConfig) -> QuantLinear:
 
 
 @register
-class Quantize(BuildMethod):
+class Quantize(Compression):
     name = "quantized"
     relation = "quantized"
     config_cls = QuantizeConfig
-    needs_dataset = False
-
-    def plan(self, cfg, parent, spec, node) -> Planned:
-        return Planned(parent.config if parent is not None else None, "variant")
 
     def run(self, ctx: BuildContext, cfg: QuantizeConfig) -> BuildOutput:
         model = ctx.load_parent()

@@ -123,11 +123,12 @@ class AlignMethod(BuildMethod):
         return "adapter" if cfg.mode == "lora" else "finetune"
 
     def plan(self, cfg: AlignConfig, parent, spec, node):
+        planned = super().plan(cfg, parent, spec, node)  # refuses an adapter on a compressed parent first
         if cfg.mode == "lora" and parent is not None and parent.config is not None:
             from .lora import check_lora
 
             check_lora(parent.config, cfg.r, cfg.target_modules, f"node {node.path}")
-        return super().plan(cfg, parent, spec, node)
+        return planned
 
     def can_rebase(self, cfg: AlignConfig) -> bool:
         return False  # a rebase re-fits on the node's text; these methods learn from pairs

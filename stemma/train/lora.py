@@ -74,9 +74,10 @@ class Lora(BuildMethod):
     config_cls = LoraConfig
 
     def plan(self, cfg: LoraConfig, parent: Planned | None, spec, node) -> Planned:
+        planned = super().plan(cfg, parent, spec, node)  # refuses a compressed parent first
         if parent is not None and parent.config is not None:
             check_lora(parent.config, cfg.r, cfg.target_modules, f"node {node.path}")
-        return super().plan(cfg, parent, spec, node)
+        return planned
 
     def run(self, ctx: BuildContext, cfg: LoraConfig) -> BuildOutput:
         from peft import LoraConfig as PeftLoraConfig

@@ -137,8 +137,12 @@ class BuildMethod:
     def plan(self, cfg: Any, parent: Planned | None, spec: Any, node: Any) -> Planned:
         """Pre-flight: what this config builds from ``parent`` (the parent's own plan), or a `SpecError` of one line
         for what cannot build (checked before any dataset is curated or any node trained). ``spec`` is the
-        `TreeSpec`, ``node`` the `NodeSpec`. Default: the parent's architecture, kept, as a delta or whole."""
+        `TreeSpec`, ``node`` the `NodeSpec`. Default: the parent's architecture, kept, as a delta or whole; an adapter
+        is refused on a compressed variant (its layers are no plain linear layers to adapt)."""
         kind = "adapter" if self.relation_for(cfg) == "adapter" else "full"
+        if kind == "adapter" and parent is not None and parent.kind == "variant":
+            raise SpecError(f"node {node.path}: an adapter cannot be trained on the compressed variant {node.parent}; "
+                            "give it a full-weight parent")
         return Planned(parent.config if parent is not None else None, kind)
 
     def run(self, ctx: BuildContext, cfg: Any) -> BuildOutput:
