@@ -130,8 +130,9 @@ class Distill(BuildMethod):
         torch.manual_seed(cfg.seed)
         student, family = make_student(teacher, cfg, eos_id(tok))
         n_s, n_t = count_params(student), count_params(teacher)
-        if too_large(n_s, n_t, cfg):  # pre-flight checked it on the planned shapes; this is the trained teacher
-            raise StemmaError(f"node {ctx.node}: {too_large(n_s, n_t, cfg)}")
+        problem = too_large(n_s, n_t, cfg)  # pre-flight checked it on the planned shapes; this is the trained teacher
+        if problem:
+            raise StemmaError(f"node {ctx.node}: {problem}")
         same = family is families.of(teacher.config)
         picks = family.init_student(student, teacher) if cfg.init_from_teacher and same else []
         own, replay = ctx.streams(tok, context, cfg.seed)

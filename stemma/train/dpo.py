@@ -104,45 +104,43 @@ class Dpo(AlignMethod):
 
     def run(self, ctx: BuildContext, cfg: DpoConfig) -> BuildOutput:
         st = self.start(ctx, cfg)
-        train, held, digest, tok, eos, policy, context = (st.train, st.held, st.digest, st.tok, st.eos, st.policy,
-                                                          st.context)
-        model = policy.model
-        pairs = [encode_pair(tok, r, cfg.template, eos, context + 1) for r in train]
-        held_pairs = [encode_pair(tok, r, cfg.template, eos, context + 1) for r in held]
-        replay = policy.replay_stream(tok, context)
+        model = st.policy.model
+        pairs = [encode_pair(st.tok, r, cfg.template, st.eos, st.context + 1) for r in st.train]
+        held_pairs = [encode_pair(st.tok, r, cfg.template, st.eos, st.context + 1) for r in st.held]
+        replay = st.policy.replay_stream(st.tok, st.context)
         split = split_batch(cfg.batch_size, cfg.replay_fraction, replay is not None)
         # Before any step the child is the parent: its log-probabilities are the reference, once for all steps
         # (at the training precision, so the first step's margins are 0 up to rounding), and in fp32 for the
         # held-out pairs, which are measured in fp32 after training too.
-        with policy.no_grad_eval():
+        with st.policy.no_grad_eval():
             with maybe_autocast(cfg):
-                ref_c, ref_r = pair_logps(model, pairs, eos)
-            held_ref = pair_logps(model, held_pairs, eos) if held_pairs else None
+                ref_c, ref_r = pair_logps(model, pairs, st.eos)
+            held_ref = pair_logps(model, held_pairs, st.eos) if held_pairs else None
 
         def step_loss(step: int):
             idx = pick(len(pairs), split.own, cfg.seed, step)
             chunk = [pairs[i] for i in idx]
-            ids, labels = collate([p[0] for p in chunk] + [p[1] for p in chunk], eos)
+            ids, labels = collate([p[0] for p in chunk] + [p[1] for p in chunk], st.eos)
             lp = sequence_logps(model, ids, labels)
             t = torch.from_numpy(idx)
             loss = dpo_loss(lp[: len(chunk)], lp[len(chunk) :], ref_c[t], ref_r[t], cfg.beta)[0].mean()
-            return policy.step_total(loss, int(ids.numel()), step, replay, split.replay)
+            return st.policy.step_total(loss, int(ids.numel()), step, replay, split.replay)
 
         stats = Trainer(model, cfg, step_loss, ctx.work_dir, ctx.reporter,
                         label=f"{ctx.node}: dpo ({cfg.mode})").run()
-        info = policy.train_info(stats, digest, len(pairs), len(held_pairs))
+        info = st.policy.train_info(stats, st.digest, len(pairs), len(held_pairs))
         metrics = {}
         if held_pairs:
-            with policy.no_grad_eval():
-                c, r = pair_logps(model, held_pairs, eos)
+            with st.policy.no_grad_eval():
+                c, r = pair_logps(model, held_pairs, st.eos)
             pref = preference_stats(c, r, *held_ref, cfg.beta)
             info |= pref
-            details = {"pairs": digest, "n": len(held_pairs), "beta": cfg.beta}
+            details = {"pairs": st.digest, "n": len(held_pairs), "beta": cfg.beta}
             metrics = {"pref/accuracy": (pref["pref_accuracy"], {**details,
                                                                  "parent": pref["parent_pref_accuracy"]}),
                        "pref/margin": (pref["reward_margin"], {**details, "parent": 0.0,
                                                                "reward_accuracy": pref["reward_accuracy"]})}
-        return policy.output(info, metrics)
+        return st.policy.output(info, metrics)
 
 
 def preference_stats(chosen, rejected, ref_chosen, ref_rejected, beta: float) -> dict[str, float]:

@@ -46,8 +46,9 @@ def scanned(path: Path) -> ScanReport:
     return check_dir(path, f"checkpoint {path}")
 
 
-def check_architecture(path: Path) -> None:
-    """Refuse, before anything loads or trains, a checkpoint whose family or features stemma does not implement."""
+def check_architecture(path: Path):
+    """The checkpoint's Hugging Face config; refused, before anything loads or trains, when stemma does not
+    implement its family or features."""
     from transformers import AutoConfig
 
     try:
@@ -58,6 +59,7 @@ def check_architecture(path: Path) -> None:
         families.checked(config)
     except StemmaError as e:
         raise type(e)(f"{path}: {e}") from None
+    return config
 
 
 @register
@@ -89,11 +91,9 @@ class Import(BuildMethod):
         return {"checkpoint": {f.name: sha256_file(f) for f in files}, **({"license": stated} if stated else {})}
 
     def plan(self, cfg: ImportConfig, parent, spec, node) -> Planned:
-        """The checkpoint's own config (`recipe_inputs` has read and checked it already)."""
-        from transformers import AutoConfig
-
-        path = _resolve(cfg, spec.root_dir)
-        return Planned(AutoConfig.from_pretrained(str(path), trust_remote_code=False, local_files_only=True))
+        """The checkpoint's own config, read as `recipe_inputs` read and checked it (the build calls the two on
+        separate instances, so nothing read there is at hand here)."""
+        return Planned(check_architecture(_resolve(cfg, spec.root_dir)))
 
     def run(self, ctx: BuildContext, cfg: ImportConfig) -> BuildOutput:
         from tokenizers import Tokenizer

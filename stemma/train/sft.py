@@ -56,29 +56,27 @@ class Sft(AlignMethod):
 
     def run(self, ctx: BuildContext, cfg: SftConfig) -> BuildOutput:
         st = self.start(ctx, cfg)
-        train, held, digest, tok, eos, policy, context = (st.train, st.held, st.digest, st.tok, st.eos, st.policy,
-                                                          st.context)
-        model = policy.model
-        encoded = [encode(tok, render_sft(r, cfg.template), eos, context + 1) for r in train]
+        model = st.policy.model
+        encoded = [encode(st.tok, render_sft(r, cfg.template), st.eos, st.context + 1) for r in st.train]
         rows = [(ids, labels) for ids, labels, _ in encoded]
         held_rows = [(ids, labels) for ids, labels, _ in
-                     (encode(tok, render_sft(r, cfg.template), eos, context + 1) for r in held)]
-        replay = policy.replay_stream(tok, context)
+                     (encode(st.tok, render_sft(r, cfg.template), st.eos, st.context + 1) for r in st.held)]
+        replay = st.policy.replay_stream(st.tok, st.context)
         split = split_batch(cfg.batch_size, cfg.replay_fraction, replay is not None)
-        with policy.no_grad_eval():
-            parent_held = mean_response_loss(model, held_rows, eos) if held_rows else None
+        with st.policy.no_grad_eval():
+            parent_held = mean_response_loss(model, held_rows, st.eos) if held_rows else None
 
         def step_loss(step: int):
-            ids, labels = collate([rows[i] for i in pick(len(rows), split.own, cfg.seed, step)], eos)
+            ids, labels = collate([rows[i] for i in pick(len(rows), split.own, cfg.seed, step)], st.eos)
             loss, ntok = response_loss(model(input_ids=ids[:, :-1]).logits, labels)
-            return policy.step_total(loss, ntok, step, replay, split.replay)
+            return st.policy.step_total(loss, ntok, step, replay, split.replay)
 
         stats = Trainer(model, cfg, step_loss, ctx.work_dir, ctx.reporter,
                         label=f"{ctx.node}: sft ({cfg.mode})").run()
-        with policy.no_grad_eval():
-            child_held = mean_response_loss(model, held_rows, eos) if held_rows else None
-        info = policy.train_info(stats, digest, len(rows), len(held_rows))
+        with st.policy.no_grad_eval():
+            child_held = mean_response_loss(model, held_rows, st.eos) if held_rows else None
+        info = st.policy.train_info(stats, st.digest, len(rows), len(held_rows))
         info["truncated"] = sum(t for _, _, t in encoded)
         if held_rows:
             info |= {"heldout_loss": round(child_held, 4), "parent_heldout_loss": round(parent_held, 4)}
-        return policy.output(info)
+        return st.policy.output(info)
