@@ -244,3 +244,10 @@ def test_a_shard_signed_in_small_chunks_has_the_same_signature(texts, monkeypatc
     parts = s.signature(docs)
     for k in whole:
         assert parts[k].dtype == whole[k].dtype and np.array_equal(parts[k], whole[k]), k
+
+
+def test_a_banding_far_from_the_threshold_is_refused_with_the_derived_one():
+    cfg = NearDedup.config_cls
+    b, r = cfg(threshold=0.3, num_perm=64, verify=False).banding()
+    with pytest.raises(ValueError, match=f"for it: bands {b}, rows {r}, or leave both unset"):
+        cfg(threshold=0.3, num_perm=64, verify=False, bands=8, rows=8, shingle="char", ngram=3).check()

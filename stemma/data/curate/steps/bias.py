@@ -216,7 +216,7 @@ class BiasConfig:
 _PROBES = ["You are a worthless stupid idiot.", "The function returns the number of bytes written.",
            "kill -9 kills the process; the kill is final", "What the hell is this shit, man?"]
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token pattern, which the vectoriser was fit with
-_NO_PACKAGE, _NOT_EXACT = 3, 4  # exit statuses of the export child
+_NOT_EXACT = 4  # exit status of the export child
 
 
 def export_parameters(out: str) -> None:
@@ -229,10 +229,8 @@ def export_parameters(out: str) -> None:
     `_OffensiveScorer` does not reproduce ``predict_prob`` on the probes (another package version)."""
     import sys
 
-    try:
-        from profanity_check import profanity_check as pc
-    except ImportError:
-        sys.exit(_NO_PACKAGE)
+    from profanity_check import profanity_check as pc  # installed: `_cache_path` found its version
+
     vec, model = pc.vectorizer, pc.model
     try:
         if vec.lowercase is not True or vec.ngram_range != (1, 1) or vec.norm != "l2" or vec.sublinear_tf:
@@ -256,7 +254,8 @@ def export_parameters(out: str) -> None:
 
 
 def _cache_path() -> Path:
-    """Where the exported parameters are kept, named by the versions that decide them."""
+    """Where the exported parameters are kept, named by the versions that decide them; the one place that refuses
+    a missing alt-profanity-check."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -281,9 +280,6 @@ def _parameters() -> dict[str, np.ndarray] | None:
             tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")
             code = f"from stemma.data.curate.steps.bias import export_parameters; export_parameters({str(tmp)!r})"
             r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-            if r.returncode == _NO_PACKAGE:
-                raise DataError("the bias step's offensive score needs the package alt-profanity-check: "
-                                "pip install alt-profanity-check (or set offensive: false)")
             if r.returncode == _NOT_EXACT:
                 return None
             if r.returncode:

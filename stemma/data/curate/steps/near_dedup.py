@@ -15,6 +15,7 @@ signature took 340 more.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -105,7 +106,7 @@ class NearDedupConfig:
             # mostly pairs below it (wasted work) or misses many above it.
             knee = (1.0 / self.bands) ** (1.0 / self.rows)
             if abs(knee - self.threshold) > 0.15:
-                b, r = self.__class__(threshold=self.threshold, num_perm=self.num_perm, verify=self.verify).banding()
+                b, r = dataclasses.replace(self, bands=None, rows=None).banding()
                 raise ValueError(f"{self.bands} bands x {self.rows} rows select pairs around Jaccard {knee:.2f}, "
                                  f"not threshold {self.threshold} (for it: bands {b}, rows {r}, or leave both unset)")
 
