@@ -25,14 +25,18 @@ lets the selector scale tokens/s to another machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import StemmaError
@@ -231,34 +235,51 @@ def _gguf_note(v, fmt: str) -> str:
     return ""
 
 
+class GGUFRefused(StemmaError):
+    """The GGUF writer (or llama.cpp's quantizer) refuses the version: llama.cpp cannot run it."""
+
+
+@contextlib.contextmanager
+def gguf_files(ws, v, fmts=GGUF_FORMATS) -> Iterator[dict[str, Path]]:
+    """The version's GGUF at each of ``fmts``, written once (the model loaded once) into one temporary directory
+    that is removed on leaving: the files both `measure_llamacpp` and the evaluator's GGUF perplexity run. Raises
+    `GGUFRefused` when the writer refuses the version."""
+    from . import pull
+
+    with tempfile.TemporaryDirectory(prefix="stemma-gguf-") as d:
+        try:
+            files = pull.write_gguf_types(ws, v, Path(d), fmts)
+        except StemmaError as e:
+            raise GGUFRefused(str(e)) from e
+        yield files
+
+
 def measure_llamacpp(ws, version_id: str, new_tokens: int = 32, threads: int | None = None,
-                     timeout: float = 600) -> dict[str, LlamaFootprint] | str:
-    """Write the version's GGUF at each of `GGUF_FORMATS` into a temporary directory and measure each in a fresh
-    llama.cpp child process; returns the footprints by format, or why llama.cpp cannot run the version."""
-    import tempfile
-    from pathlib import Path
-
-    from .pull import write_gguf_types
-
+                     timeout: float = 600, files: dict[str, Path] | None = None) -> dict[str, LlamaFootprint] | str:
+    """Measure the version's GGUF at each of `GGUF_FORMATS` in a fresh llama.cpp child process each; returns the
+    footprints by format, or why llama.cpp cannot run the version. ``files``: the GGUFs already written by
+    `gguf_files` (else they are written here, into a temporary directory)."""
     v = ws.version(version_id)
+    if files is None:
+        try:
+            with gguf_files(ws, v, GGUF_FORMATS) as written:
+                return measure_llamacpp(ws, version_id, new_tokens, threads, timeout, written)
+        except GGUFRefused as e:
+            return str(e)
     arch = v.manifest.get("architecture") or {}
     label = f"{v.row.node_path}@{v.short} in llama.cpp"
     machine = machine_profile()
     threads = threads or int(machine.get("threads") or os.cpu_count() or 1)
     out: dict[str, LlamaFootprint] = {}
-    with tempfile.TemporaryDirectory(prefix="stemma-gguf-") as d:
-        try:
-            files = write_gguf_types(ws, v, Path(d), GGUF_FORMATS)
-        except StemmaError as e:
-            return str(e)
-        for fmt, path in files.items():
-            cmd = [sys.executable, "-m", "stemma.footprint", "--gguf", str(path), "--new-tokens", str(new_tokens),
-                   "--threads", str(threads)]
-            if arch.get("context"):
-                cmd += ["--context", str(int(arch["context"]))]
-            got = _run_child(cmd, dict(os.environ), f"{label} ({fmt})", timeout)
-            out[fmt] = LlamaFootprint(fmt=fmt, disk_bytes=path.stat().st_size, machine=machine,
-                                      note=_gguf_note(v, fmt), **got)
+    for fmt in GGUF_FORMATS:
+        path = files[fmt]
+        cmd = [sys.executable, "-m", "stemma.footprint", "--gguf", str(path), "--new-tokens", str(new_tokens),
+               "--threads", str(threads)]
+        if arch.get("context"):
+            cmd += ["--context", str(int(arch["context"]))]
+        got = _run_child(cmd, dict(os.environ), f"{label} ({fmt})", timeout)
+        out[fmt] = LlamaFootprint(fmt=fmt, disk_bytes=path.stat().st_size, machine=machine,
+                                  note=_gguf_note(v, fmt), **got)
     return out
 
 

@@ -33,9 +33,13 @@ from .footprint import (
     GGUF_FORMATS,
     RUNTIMES,
     Footprint,
+    GGUFRefused,
     LlamaFootprint,
     ensure,
-    ensure_llamacpp,
+    gguf_files,
+    llamacpp_available,
+    measure_llamacpp,
+    record_llamacpp,
     stored,
     stored_llamacpp,
 )
@@ -250,7 +254,9 @@ def select(ws: Workspace, language: str, domain: str | None = None, memory_bytes
             skipped.append(f"{node} ({v.short}): {'; '.join(f.label for f in flags[v.id])}")
             continue
         fps: list[Footprint | LlamaFootprint | None] = []
-        ppl = evaluator.ppl(v, ds) if measure else evaluator.stored(v, ds)
+        # The version's own perplexity in stemma: measured for torch; otherwise only read (where no GGUF perplexity
+        # is stored and nothing is measured, it stands in for the GGUF's, and the reason says so).
+        ppl = evaluator.ppl(v, ds) if measure and "torch" in runtimes else evaluator.stored(v, ds)
         later = "run `stemma build` to measure it"
         if "torch" in runtimes:
             fp = ensure(ws, v.id) if measure else stored(ws, v.id)
@@ -261,22 +267,18 @@ def select(ws: Workspace, language: str, domain: str | None = None, memory_bytes
                 skipped.append(f"{node} ({v.short}): no stored {what}; {later}")
             else:
                 fps.append(fp)
+        gguf_ppl: dict[str, float | None] = {}
         if "llamacpp" in runtimes:
-            gg = ensure_llamacpp(ws, v.id) if measure else stored_llamacpp(ws, v.id)
+            gg, gguf_ppl = _llamacpp(ws, evaluator, v, ds, gguf_types, measure)
             if isinstance(gg, str):
                 skipped.append(f"{node} ({v.short}) in llama.cpp: {gg}")
-            elif gg is None or ppl is None:
-                what = " and ".join(w for w, x in (("llama.cpp footprint", gg), ("perplexity", ppl)) if x is None)
+            elif gg is None or (ppl is None and not measure):
+                own = 1 if measure else ppl  # measuring, each GGUF's own perplexity is measured
+                what = " and ".join(w for w, x in (("llama.cpp footprint", gg), ("perplexity", own)) if x is None)
                 skipped.append(f"{node} ({v.short}) in llama.cpp: no stored {what}; " + (
                     later if not measure else "llama-cpp-python is not installed here to measure it"))
             else:
                 fps += [gg[t] for t in gguf_types if t in gg]
-        # Each GGUF's own perplexity in llama.cpp (same windows, same tokens), measured once; where it is not stored
-        # and nothing is measured, the version's own in stemma stands in and the reason says so.
-        ggufs = [fp.fmt for fp in fps if isinstance(fp, LlamaFootprint)]
-        gguf_ppl = {f: evaluator.stored_gguf(v, ds, f) for f in ggufs}
-        if measure and any(x is None for x in gguf_ppl.values()):
-            gguf_ppl = evaluator.gguf_ppls(v, ds, ggufs)
         for fp in fps:
             q = gguf_ppl.get(fp.fmt) if isinstance(fp, LlamaFootprint) else None
             c = _candidate(node, v, kind, ppl if q is None else q, fp, target_gflops, memory_bytes, latency_ms,
@@ -306,6 +308,39 @@ def select(ws: Workspace, language: str, domain: str | None = None, memory_bytes
         why = "has stored measurements" if not any(flags.get(v.id) for _, v, _ in cands) else "can be chosen"
         raise StemmaError(f"no candidate for {target} {why}: {'; '.join(skipped)}")
     return Selection(target=target, dataset_id=ds, ranked=fitting + missing, skipped=skipped)
+
+
+def _llamacpp(ws: Workspace, evaluator, v: VersionInfo, ds: str, gguf_types, measure: bool):
+    """The version's llama.cpp footprints by type (or why llama.cpp cannot run it, or None: not stored and not
+    measurable here) and each considered GGUF's perplexity in llama.cpp (None where not stored). With ``measure``,
+    what is not stored is measured, the footprints where llama-cpp-python imports here, from one set of GGUF files
+    written once for both (`stemma.footprint.gguf_files`)."""
+    gg = stored_llamacpp(ws, v.id)
+
+    def stored_ppls() -> dict[str, float | None]:
+        return {t: evaluator.stored_gguf(v, ds, t) for t in gguf_types if t in gg}
+
+    measure_fp = measure and gg is None and llamacpp_available()
+    ppls: dict[str, float | None] = {}
+    if not measure_fp:
+        ppls = stored_ppls() if isinstance(gg, dict) else {}
+        todo = [t for t, x in ppls.items() if x is None] if measure else []
+        if not todo:
+            return gg, ppls
+    try:
+        with gguf_files(ws, v, GGUF_FORMATS if measure_fp else todo) as files:
+            if measure_fp:
+                gg = measure_llamacpp(ws, v.id, files=files)
+                record_llamacpp(ws, v.id, gg)
+                ppls = stored_ppls()
+                todo = [t for t, x in ppls.items() if x is None]
+            ppls.update(evaluator.gguf_measure(v, ds, {t: files[t] for t in todo}))
+    except GGUFRefused as e:
+        if not measure_fp:
+            raise
+        gg = str(e)
+        record_llamacpp(ws, v.id, gg)
+    return gg, ppls
 
 
 def _approx(c: Candidate) -> str:

@@ -286,3 +286,38 @@ def test_a_version_llamacpp_cannot_run_records_why_and_no_numbers(variants, monk
     sel = select(ws, "en", "software/python")
     assert any(s.startswith(f"{SP}/lowrank") and "in llama.cpp: GGUF export needs" in s for s in sel.skipped)
     assert {c.runtime for c in sel.ranked if c.node == f"{SP}/lowrank"} == {"torch"}
+
+
+def test_llamacpp_footprints_and_perplexities_come_from_one_write(variants, monkeypatch):
+    """Measuring a version in llama.cpp writes its GGUF files once, for both the footprints and the perplexities;
+    a device without torch never has the version's own perplexity measured."""
+    from sqlalchemy import delete, or_
+
+    from stemma import pull as pull_mod
+    from stemma.evaluate.evaluator import Evaluator
+    from stemma.footprint import GGUF_FORMATS
+    from stemma.registry.tables import Metric
+
+    ws = variants["ws"]
+    v = ws.resolve_version(f"{SP}/int8")
+    with ws.db.session() as s:
+        s.execute(delete(Metric).where(Metric.version_id == v.id, or_(Metric.name.like("footprint.llamacpp.%"),
+                                                                      Metric.name.like("perplexity%"))))
+    writes, real = [], pull_mod.write_gguf_types
+
+    def counted(ws_, version, dirpath, kinds=("f32",)):
+        writes.append((version.id, tuple(kinds)))
+        return real(ws_, version, dirpath, kinds)
+
+    def no_torch(*a, **k):
+        raise AssertionError("the version's own perplexity measured for a device without torch")
+
+    monkeypatch.setattr(pull_mod, "write_gguf_types", counted)
+    monkeypatch.setattr(Evaluator, "ppl", no_torch)
+    sel = select(ws, "en", "software/python", runtimes=["llamacpp"])
+    assert writes == [(v.id, GGUF_FORMATS)]
+    mine = [c for c in sel.ranked if c.version.id == v.id]
+    assert {c.fmt for c in mine} == set(GGUF_FORMATS) and not any(c.ppl_own for c in mine)
+    assert all(ws.get_metric(v.id, f"perplexity.llamacpp.{f}", sel.dataset_id, "test") is not None
+               for f in GGUF_FORMATS)
+    assert ws.get_metric(v.id, "perplexity", sel.dataset_id, "test") is None

@@ -76,29 +76,36 @@ class Evaluator:
         return self.ws.get_metric(v.id, GGUF_PPL + fmt, dataset_id, split)
 
     def gguf_ppls(self, v, dataset_id: str, fmts, split: str = "test") -> dict[str, float]:
-        """The perplexity of the version's GGUF of each type in ``fmts`` (f32, f16, q8_0), run by llama.cpp on the
-        same windows of the same token stream as `ppl`; measured once (the files written to a temporary directory)
-        and stored as ``perplexity.llamacpp.<type>``."""
-        import tempfile
-        from pathlib import Path
-
-        from ..footprint import open_gguf
-        from ..pull import write_gguf_types
+        """The perplexity of the version's GGUF of each type in ``fmts`` (f32, f16, q8_0): the stored ones, the
+        others measured (`gguf_measure`) on files written once to a temporary directory."""
+        from ..footprint import gguf_files
 
         got = {f: self.stored_gguf(v, dataset_id, f, split) for f in fmts}
         todo = tuple(f for f, x in got.items() if x is None)
         if todo:
-            ids = self.ids(v.row.tokenizer, dataset_id, split)
-            context = int((v.manifest.get("architecture") or {}).get("context") or 0)
-            with tempfile.TemporaryDirectory(prefix="stemma-gguf-") as d:
-                for fmt, path in write_gguf_types(self.ws, v, Path(d), todo).items():
-                    llm = open_gguf(path, n_ctx=context, n_batch=max(512, context), logits_all=True)
-                    lm = _LlamaLM(llm)
-                    got[fmt] = perplexity(lm, ids, context or llm.n_ctx(), max_tokens=self.max_tokens,
-                                          reporter=self.reporter, label=f"{v.row.node_path}: {fmt} GGUF perplexity")
-                    llm.close()
-                    self.ws.put_metric(v.id, GGUF_PPL + fmt, dataset_id, split, got[fmt],
-                                       details={"max_tokens": self.max_tokens, "runtime": "llamacpp"})
+            with gguf_files(self.ws, v, todo) as files:
+                got.update(self.gguf_measure(v, dataset_id, files, split))
+        return got
+
+    def gguf_measure(self, v, dataset_id: str, files: dict, split: str = "test") -> dict[str, float]:
+        """Measure and store the perplexity of each written GGUF in ``files`` (type -> path, as
+        `stemma.footprint.gguf_files` hands them), run by llama.cpp on the same windows of the same token stream as
+        `ppl`, as ``perplexity.llamacpp.<type>``."""
+        from ..footprint import open_gguf
+
+        got: dict[str, float] = {}
+        if not files:
+            return got
+        ids = self.ids(v.row.tokenizer, dataset_id, split)
+        context = int((v.manifest.get("architecture") or {}).get("context") or 0)
+        for fmt, path in files.items():
+            llm = open_gguf(path, n_ctx=context, n_batch=max(512, context), logits_all=True)
+            lm = _LlamaLM(llm)
+            got[fmt] = perplexity(lm, ids, context or llm.n_ctx(), max_tokens=self.max_tokens,
+                                  reporter=self.reporter, label=f"{v.row.node_path}: {fmt} GGUF perplexity")
+            llm.close()
+            self.ws.put_metric(v.id, GGUF_PPL + fmt, dataset_id, split, got[fmt],
+                               details={"max_tokens": self.max_tokens, "runtime": "llamacpp"})
         return got
 
     def model_ppl(self, model, ids: torch.Tensor, label: str = "perplexity") -> float:
