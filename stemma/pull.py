@@ -26,11 +26,13 @@ import torch
 from torch import nn
 
 from .errors import StemmaError
+from .footprint import GGUF_FORMATS
 from .store import check_out_dir, staged_dir
 from .workspace import VersionInfo, Workspace
 
 FORMATS = ("hf", "safetensors", "gguf")
-GGUF_TYPES = ("auto", "f32", "f16", "q8_0")
+GGUF_TYPES = ("auto", *GGUF_FORMATS)
+"""``--gguf-type``: ``auto`` (f16 for a quantised variant, else f32) or one of `stemma.footprint.GGUF_FORMATS`."""
 
 
 def dense_model(model: nn.Module) -> nn.Module:
@@ -189,15 +191,16 @@ def quantize_gguf(src: Path, dst: Path, kind: str = "q8_0") -> None:
 
 
 def write_gguf_types(ws: Workspace, version: VersionInfo, dirpath: Path, kinds=("f32",)) -> dict[str, Path]:
-    """Write the version as ``model-<kind>.gguf`` in ``dirpath`` for each of ``kinds`` (f32, f16, q8_0; q8_0 by
-    llama.cpp's quantizer from the f32 file); the model is loaded once. Returns the files by kind."""
-    unknown = sorted(set(kinds) - {"f32", "f16", "q8_0"})
+    """Write the version as ``model-<kind>.gguf`` in ``dirpath`` for each of ``kinds`` (`GGUF_FORMATS`: f32, f16,
+    q8_0; q8_0 by llama.cpp's quantizer from an f32 file, removed after unless f32 is asked too); the model is
+    loaded once. Returns the files by kind."""
+    unknown = [k for k in kinds if k not in GGUF_FORMATS]
     if unknown:
-        raise StemmaError(f"unknown GGUF type {unknown[0]!r} (one of f32, f16, q8_0)")
+        raise StemmaError(f"unknown GGUF type {unknown[0]!r} (one of {', '.join(GGUF_FORMATS)})")
     plain = dense_model(ws.load_model(version.id))
     tok = ws.tokenizer(version.row.tokenizer)
     files: dict[str, Path] = {}
-    for kind in ("f32", "f16", "q8_0"):
+    for kind in GGUF_FORMATS:
         if kind in kinds or (kind == "f32" and "q8_0" in kinds):
             path = dirpath / f"model-{kind}.gguf"
             if kind == "q8_0":
@@ -205,6 +208,8 @@ def write_gguf_types(ws: Workspace, version: VersionInfo, dirpath: Path, kinds=(
             else:
                 write_gguf(plain, tok, path, kind)
             files[kind] = path
+    if "f32" in files and "f32" not in kinds:
+        files.pop("f32").unlink()
     return {k: files[k] for k in kinds}
 
 
@@ -220,25 +225,18 @@ def pull(ws: Workspace, version: VersionInfo, out: Path, fmt: str = "hf", gguf_t
     out = check_out_dir(out, force)
     with staged_dir(out, force) as tmp:
         tok = ws.tokenizer(v_tok := version.row.tokenizer)
-        model = ws.load_model(version.id)
         variant = version.manifest.get("architecture", {}).get("variant") or {}
         files: dict[str, str] = {}
         if fmt == "safetensors" and "variant.json" in version.manifest["files"]:
             for name, digest in version.manifest["files"].items():
                 shutil.copyfile(ws.store.verified_path(digest), tmp / name)
         elif fmt in ("hf", "safetensors"):
-            dense_model(model).save_pretrained(tmp, safe_serialization=True)
+            dense_model(ws.load_model(version.id)).save_pretrained(tmp, safe_serialization=True)
         else:
-            plain = dense_model(model)
             kind = gguf_type
             if kind == "auto":
                 kind = "f16" if variant.get("method") == "quantized" else "f32"
-            if kind == "q8_0":
-                write_gguf(plain, tok, tmp / "model-f32.gguf", "f32")
-                quantize_gguf(tmp / "model-f32.gguf", tmp / "model.gguf", kind)
-                (tmp / "model-f32.gguf").unlink()
-            else:
-                write_gguf(plain, tok, tmp / "model.gguf", kind)
+            write_gguf_types(ws, version, tmp, (kind,))[kind].rename(tmp / "model.gguf")
             files["gguf_type"] = kind
         hf_tokenizer(tok).save_pretrained(tmp)
         chain = ws.chain(version.id)
