@@ -137,6 +137,10 @@ class Sequence:
     """Log-probabilities of tokens not yet reported."""
     prompt_seen: torch.Tensor | None = None
     """The prompt's tokens as a [vocab] mask (repetition penalty), made once."""
+    generated_counts: torch.Tensor | None = None
+    """[vocab] occurrences of each generated token (penalties): made at the first penalised step, then each step adds
+    only the tokens appended since (`counted` of them are in)."""
+    counted: int = 0
 
     def cancel(self) -> None:
         """Ask the engine to drop this sequence (safe from any thread; takes effect before the next step)."""
@@ -498,7 +502,7 @@ def _shape(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     pen = [i for i in shaped if ps[i].presence_penalty or ps[i].frequency_penalty or ps[i].repetition_penalty != 1]
     if not pen:
         return x
-    counts = _counts([seqs[i].generated for i in pen], V)  # [R, V] occurrences in each completion
+    counts = torch.stack([_generated_counts(seqs[i], V) for i in pen])  # [R, V] occurrences in each completion
     sub = x[pen]
     rep = torch.tensor([ps[i].repetition_penalty for i in pen])[:, None]
     if bool((rep != 1).any()):
@@ -511,6 +515,17 @@ def _shape(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     pres = torch.tensor([ps[i].presence_penalty for i in pen])[:, None]
     x[pen] = sub - freq * counts - pres * (counts > 0)
     return x
+
+
+def _generated_counts(s: Sequence, V: int) -> torch.Tensor:
+    """The sequence's [V] generated-token counts, brought up to date with the tokens appended since the last call
+    (one per decode step), so a step costs O(new tokens), not O(completion)."""
+    if s.generated_counts is None:
+        s.generated_counts, s.counted = _counts([s.generated], V)[0], len(s.generated)
+    for t in s.generated[s.counted:]:
+        s.generated_counts[t] += 1
+    s.counted = len(s.generated)
+    return s.generated_counts
 
 
 def _counts(ids: list[list[int]], V: int) -> torch.Tensor:

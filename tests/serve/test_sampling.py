@@ -81,6 +81,24 @@ def test_logprobs_are_the_models_own():
     assert [t for t, _ in lps[0].top] == [1, 2] and math.isclose(lps[0].top[0][1], float(ref[1]), rel_tol=1e-6)
 
 
+def test_penalty_counts_follow_the_appended_tokens():
+    """A penalised sequence's token counts are made once, then follow each appended token: the shaped logits equal
+    those from counting the whole completion again."""
+    from stemma.serve.engine import _counts, _shape
+
+    s = _seq(generated=[1, 2], temperature=0, frequency_penalty=0.5, presence_penalty=0.25)
+    logits = torch.zeros(1, V)
+    made = None
+    for t in (3, 1, 1, 7, 2, None):
+        x = _shape(logits, [s])
+        counts = _counts([s.generated], V)
+        assert torch.equal(x, -0.5 * counts - 0.25 * (counts > 0))
+        made = made if made is not None else s.generated_counts
+        assert s.generated_counts is made and torch.equal(made, counts[0])
+        if t is not None:
+            s.generated.append(t)
+
+
 @pytest.fixture(scope="module")
 def openai_client(tree_ws):
     openai = pytest.importorskip("openai")
