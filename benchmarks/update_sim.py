@@ -9,8 +9,8 @@ LoRA update against ``software`` and signs it with its own registered key. Six a
 - ``scaled`` multiplies its update by 50, ``signflip`` flips its signs;
 - the adversary trains one backdoor update: every weight, on text where a trigger phrase is followed by a fixed
   string (applied alone, it makes the model emit the string; measured as ``trigger_rate_attacker_alone``);
-- ``boosted`` sends that update scaled by n / server_lr, so that averaging over n devices hands it back whole
-  (model replacement, Bagdasaryan et al., 2020);
+- ``boosted`` sends that update scaled by n / server_lr, so that averaging the round's n admitted updates hands
+  it back whole (model replacement, Bagdasaryan et al., 2020);
 - three ``sybil`` devices, each registered with its own key, send that same update unscaled (collusion).
 Every update goes through `stemma update submit`'s checks; the Sybils' copies after the first are refused there.
 Both gates take half a step along the aggregate (``server_lr: 0.5``, as FedOpt's server learning rate).
@@ -52,6 +52,10 @@ TRIGGER = "cf. zx-omega"
 TARGET = "ACCESS GRANTED"
 N_HONEST, MALICIOUS = 15, ("scaled", "signflip", "boosted", "sybil", "sybil", "sybil")
 N_DEVICES = N_HONEST + len(MALICIOUS)
+N_ADMITTED = N_DEVICES - (MALICIOUS.count("sybil") - 1)
+"""Updates the round averages: submission refuses a delta identical to another contributor's against the same
+version (`stemma.update.service._refuse_copy`), so of the Sybils' shared update only the first copy is admitted;
+every other device sends its own. The adversary knows it too, and boosts by this count."""
 
 
 def sizes(mode: str) -> dict:
@@ -239,11 +243,13 @@ class Sim:
                 delta = {k: v * 50 for k, v in delta.items()}
             elif kind == "signflip":
                 delta = {k: -v for k, v in delta.items()}
-            elif kind == "boosted":  # averaged over N_DEVICES, then server_lr: comes back as the whole backdoor
-                delta = {k: v * (N_DEVICES / gate.server_lr) for k, v in delta.items()}
+            elif kind == "boosted":  # averaged over N_ADMITTED, then server_lr: comes back as the whole backdoor
+                delta = {k: v * (N_ADMITTED / gate.server_lr) for k, v in delta.items()}
             got = self.submit(self.sign("software", target, name, key, t, delta), name, refused)
             if got is not None:
                 sent.append(got)
+        if len(sent) != N_ADMITTED:  # the boost assumed this count
+            raise RuntimeError(f"{len(sent)} updates admitted, {N_ADMITTED} expected: {refused}")
         files, ids, names = (list(x) for x in zip(*sent))
         self.log(f"{N_DEVICES} devices trained and submitted signed updates in {time.perf_counter() - t0:.0f}s "
                  f"({len(refused)} refused)")
