@@ -21,7 +21,8 @@ from sqlalchemy import select
 
 from .errors import StemmaError
 from .registry.tables import App
-from .risk import FlagInfo, actor
+from .risk import FlagInfo
+from .settings import actor
 from .workspace import Workspace
 
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")

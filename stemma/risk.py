@@ -10,8 +10,6 @@ records who, when and why.
 
 from __future__ import annotations
 
-import getpass
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,14 +18,10 @@ from sqlalchemy import and_, exists, literal, or_, select
 
 from .errors import StemmaError
 from .registry.tables import Dataset, Flag, Node, Version, VersionDataset
+from .settings import actor
 from .workspace import Workspace
 
 SEVERITIES = ("low", "high", "critical")
-
-
-def actor() -> str:
-    """Who is acting: ``STEMMA_USER`` if set, else the login name."""
-    return os.environ.get("STEMMA_USER") or getpass.getuser()
 
 
 @dataclass(frozen=True)
@@ -155,7 +149,8 @@ def unflag(ws: Workspace, ref: str, reason: str, by: str | None = None) -> list[
         # FOR UPDATE (PostgreSQL): a second writer clearing the same flag waits, then sees it cleared and fails
         # instead of overwriting who cleared it.
         num = ref.removeprefix("#")
-        if num.isdigit() and len(num) < 4:  # ids of 4+ hex digits are prefixes of datasets or versions
+        # "#N" is always a flag; a bare number of 4+ digits may be the prefix of a dataset or version id
+        if num.isdigit() and (ref.startswith("#") or len(num) < 4):
             rows = [r for r in [s.get(Flag, int(num), with_for_update=True)] if r is not None]
             if not rows:
                 raise StemmaError(f"no flag #{num}; see `stemma flags`")

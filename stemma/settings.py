@@ -39,3 +39,11 @@ def load_settings(home: str | Path | None = None) -> Settings:
     root = Path(home or os.environ.get("STEMMA_HOME") or Path.home() / ".stemma").expanduser().absolute()
     url = os.environ.get("STEMMA_REGISTRY_URL") or f"sqlite:///{root / 'registry.db'}"
     return Settings(home=root, registry_url=url)
+
+
+def actor() -> str:
+    """Who is acting, as records of flags, revocations, apps and releases name them: ``STEMMA_USER`` if set, else
+    the login name."""
+    import getpass
+
+    return os.environ.get("STEMMA_USER") or getpass.getuser()

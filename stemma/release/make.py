@@ -89,7 +89,7 @@ def release(ws: Workspace, ref: str, out: Path, key: Path, fmt: str = "hf", lice
             by: str | None = None) -> Released:
     """Release the version ``ref`` names into ``out`` (see the module docstring)."""
     from ..registry.tables import Release
-    from ..risk import actor
+    from ..settings import actor
 
     v = ws.resolve_version(ref)
     out = check_out_dir(out, can_force=False)

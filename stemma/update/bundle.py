@@ -14,6 +14,7 @@ PyTorch archive) is refused with the scanner's finding, and the passing scan com
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -71,12 +72,18 @@ class UpdateFile:
     def id(self) -> str:
         return hashlib.sha256(self.raw).hexdigest()
 
-    @property
+    @functools.cached_property
     def digest(self) -> bytes:
+        """What the signature signs (computed once: verifying, replay and the received record all read it)."""
         tensors = dict(self.delta)
         if self.heldout is not None:
             tensors[HELDOUT] = self.heldout
         return signed_digest(self.header, tensors)
+
+    @functools.cached_property
+    def delta_digest(self) -> bytes:
+        """The delta's tensors alone: two contributors sending the same delta are copies of one update."""
+        return tensor_digest(self.delta)
 
 
 def make_header(*, node: str, parent: str, tokenizer: str, contributor: str, kind: str, n_examples: int,
@@ -129,11 +136,15 @@ def _metadata(raw: bytes) -> dict[str, str]:
     return meta if isinstance(meta, dict) else {}
 
 
-def decode(raw: bytes, source: str = "update") -> UpdateFile:
-    """Parse an update file; checks structure, not the signature (see `stemma.update.service.verify`)."""
+def decode(raw: bytes, source: str = "update", scan: dict[str, Any] | None = None) -> UpdateFile:
+    """Parse an update file; checks structure, not the signature (see `stemma.update.service.verify`).
+
+    The bytes are scanned first, unless ``scan`` is the passing scan recorded when these very bytes were received
+    (an update read back from the content-addressed store: scanning it again would find the same)."""
     if len(raw) > MAX_BYTES:
         raise UpdateError(f"{source}: {len(raw)} bytes is larger than an update may be")
-    scan = check_bytes(raw, source).record()
+    if scan is None:
+        scan = check_bytes(raw, source).record()
     try:
         meta = _metadata(raw)
         tensors = st_load(raw)

@@ -64,7 +64,7 @@ def run_server(node: str, address: str, clients: int, result_path: Path | None =
     from flwr.server.strategy import Strategy
 
     from ..workspace import Workspace
-    from . import bundle, service
+    from . import service
 
     reporter = reporter or NullReporter()
     ws = Workspace.open()
@@ -98,11 +98,7 @@ def run_server(node: str, address: str, clients: int, result_path: Path | None =
                 except StemmaError as e:
                     refused.append(str(e))
                     continue
-                upd = bundle.decode(raw)
-                if row.parent_id != target.id:
-                    refused.append(f"{upd.header['contributor']}: trained against {row.parent_id[:12]}, "
-                                   f"not the round's {target.short}")
-                    continue
+                upd = service.stored_file(ws, row)  # submit refused any parent but the node's current version
                 files.append(upd)
                 ids.append(row.id)
                 names.append(upd.header["contributor"])

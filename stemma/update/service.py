@@ -23,11 +23,13 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
 from ..configs import GateConfig, make_gate
 from ..errors import StemmaError, TokenizerMismatchError
 from ..evaluate.evaluator import Evaluator
 from ..progress import NullReporter, Reporter
+from ..registry.db import is_conflict
 from ..registry.tables import Contributor, Node, Round, Update, Version, VersionDataset
 from ..store import canonical_json, sha256_bytes
 from ..workspace import VersionInfo, Workspace
@@ -65,7 +67,7 @@ def register_contributor(ws: Workspace, node: str, name: str, public_key: str) -
 def revoke(ws: Workspace, node: str, name: str, reason: str, by: str | None = None) -> Contributor:
     """Revoke a contributor's key for a node: recorded (when, by whom, why), never deleted. From then on its
     updates are refused at submission, and rounds leave out the ones still pending."""
-    from ..risk import actor
+    from ..settings import actor
 
     reason = " ".join(reason.split())
     if not reason or len(reason) > 2000:
@@ -169,7 +171,7 @@ def _refuse_replay(ws: Workspace, upd: bundle.UpdateFile, contributor: Contribut
 def _refuse_copy(ws: Workspace, upd: bundle.UpdateFile, contributor: Contributor) -> None:
     """The same delta from two contributors against one version: honest devices training on their own data never
     send bit-identical deltas; Sybils sharing one poisoned update do (each copy would count again)."""
-    digest = bundle.tensor_digest(upd.delta).hex()
+    digest = upd.delta_digest.hex()
     with ws.db.session() as s:
         for row in s.scalars(select(Update).where(Update.node_path == upd.header["node"],
                                                   Update.parent_id == upd.header["parent"],
@@ -187,13 +189,23 @@ def submit(ws: Workspace, raw: bytes, source: str = "update") -> Update:
     version, contributor = verify(ws, upd)
     digest = ws.store.put_bytes(raw)
     assert digest == upd.id
-    received = {"digest": upd.digest.hex(), "delta_digest": bundle.tensor_digest(upd.delta).hex(), "scan": upd.scan}
-    with ws.db.session() as s:
-        row = Update(id=upd.id, node_path=version.row.node_path, parent_id=version.id,
-                     contributor_id=contributor.id, kind=upd.header["kind"], n_examples=upd.header["n_examples"],
-                     n_tokens=upd.header["n_tokens"], header={**upd.header, "received": received}, status="pending")
-        s.add(row)
+    received = {"digest": upd.digest.hex(), "delta_digest": upd.delta_digest.hex(), "scan": upd.scan}
+    row = Update(id=upd.id, node_path=version.row.node_path, parent_id=version.id,
+                 contributor_id=contributor.id, kind=upd.header["kind"], n_examples=upd.header["n_examples"],
+                 n_tokens=upd.header["n_tokens"], header={**upd.header, "received": received}, status="pending")
+    try:
+        with ws.db.session() as s:
+            s.add(row)
+    except DBAPIError as e:  # the same file, submitted twice at once: the second insert loses
+        if not is_conflict(e):
+            raise
+        raise StemmaError(f"replay: {source} was submitted by another process at the same time") from None
     return row
+
+
+def stored_file(ws: Workspace, row: Update) -> bundle.UpdateFile:
+    """A submitted update read back from the store, with the scan recorded when it was received."""
+    return bundle.decode(ws.store.get_bytes(row.id), row.id[:12], scan=(row.header.get("received") or {}).get("scan"))
 
 
 def updates(ws: Workspace, node: str, status: str | None = None) -> list[Update]:
@@ -376,7 +388,7 @@ class RoundResult:
 
 
 def _register_update_version(ws: Workspace, target: VersionInfo, cand: Candidate, round_id: str,
-                             record: dict) -> VersionInfo:
+                             record: dict, also) -> VersionInfo:
     files = {name: ws.store.put_bytes(data) for name, data in sorted(cand.files.items())}
     recipe = {"node": target.row.node_path, "method": "update", "parent": target.id, "round": round_id,
               **{k: record[k] for k in ("strategy", "updates", "source_round") if k in record}}
@@ -390,7 +402,7 @@ def _register_update_version(ws: Workspace, target: VersionInfo, cand: Candidate
     node = ws.node(target.row.node_path)
     datasets = ws.version_datasets(target.id)
     return ws.register_version(manifest, layer=node.layer, parent_path=node.parent_path, datasets=datasets,
-                               params=cand.params, own_params=cand.own_params)
+                               params=cand.params, own_params=cand.own_params, also=also)
 
 
 def run_round(ws: Workspace, target: VersionInfo, delta_updates: list[bundle.UpdateFile], update_ids: list[str],
@@ -427,10 +439,10 @@ def run_round(ws: Workspace, target: VersionInfo, delta_updates: list[bundle.Upd
               "updates": update_ids, "delta": delta_blob, "heldout": held_blob, "source_round": source_round,
               **({"excluded": sorted(excluded)} if excluded else {})}
     round_id = sha256_bytes(canonical_json(record))
-    version = _register_update_version(ws, target, cand, round_id, record) if verdict.accepted else None
-    if version is not None:
-        Evaluator(ws, reporter).evaluate_version(version)  # the numbers `stemma tree` shows
-    with ws.db.session() as s:
+
+    def record_round(s, version_id: str | None) -> Round:
+        """The round and its updates' status, in the transaction that publishes its version (if any): a crash
+        leaves both or neither. An update another round used meanwhile refuses the whole transaction."""
         row = s.get(Round, round_id)
         if row is None:
             row = Round(id=round_id, node_path=target.row.node_path, parent_id=target.id, source_round=source_round,
@@ -438,16 +450,29 @@ def run_round(ws: Workspace, target: VersionInfo, delta_updates: list[bundle.Upd
                         config={"strategy": params, "gate": dataclasses.asdict(gate), "heldout": held_blob},
                         update_ids=update_ids, selected=[update_ids[i] for i in selected if i < len(update_ids)],
                         delta=delta_blob, accepted=verdict.accepted, reasons=verdict.reasons,
-                        metrics=_jsonable(verdict.metrics), version_id=version.id if version else None)
+                        metrics=_jsonable(verdict.metrics), version_id=version_id)
             s.add(row)
-        for uid in update_ids:
-            u = s.get(Update, uid)
-            if u is not None and source_round is None:
+        for uid in update_ids if source_round is None else []:  # an offer reuses its source round's updates
+            u = s.get(Update, uid, with_for_update=True)
+            if u is not None and u.status != "pending" and u.round_id != round_id:
+                raise StemmaError(f"update {uid[:12]} was {u.status} by round {str(u.round_id)[:12]} meanwhile; "
+                                  "this round is not recorded")
+            if u is not None:
                 u.status, u.round_id = "used", round_id
         for uid in excluded:
-            u = s.get(Update, uid)
+            u = s.get(Update, uid, with_for_update=True)
             if u is not None and u.status == "pending":
                 u.status, u.round_id = "excluded", round_id
+        return row
+
+    version = None
+    if verdict.accepted:
+        version = _register_update_version(ws, target, cand, round_id, record, also=record_round)
+        with ws.db.session() as s:
+            row = s.get(Round, round_id)
+        Evaluator(ws, reporter).evaluate_version(version)  # the numbers `stemma tree` shows
+    else:
+        row = ws.db.retrying(lambda s: record_round(s, None))
     return RoundResult(row, verdict, version)
 
 
@@ -463,6 +488,14 @@ def aggregate(ws: Workspace, node: str, reporter: Reporter | None = None, strate
     round's reasons say so."""
     reporter = reporter or NullReporter()
     gate = gate_for(ws, node)
+    # One round at a time per node, and none while a build publishes it: the pending updates read here are the
+    # ones the round marks used. Updates submitted meanwhile stay pending for the next round.
+    with ws.node_lock(node, "aggregate", log=reporter.log):
+        return _aggregate(ws, node, gate, reporter, strategy, strategy_config)
+
+
+def _aggregate(ws: Workspace, node: str, gate: GateConfig, reporter: Reporter, strategy: str | None,
+               strategy_config: dict | None) -> RoundResult:
     target = ws.resolve_version(node)
     people = {c.id: c for c in contributors(ws, node)}
     excluded = {u.id: f"{people[u.contributor_id].name}'s key was revoked ({people[u.contributor_id].revoked_reason})"
@@ -480,7 +513,7 @@ def aggregate(ws: Workspace, node: str, reporter: Reporter | None = None, strate
     if not chosen:
         left_out = f" ({len(excluded)} from revoked keys left out)" if excluded else ""
         raise StemmaError(f"{node}: no pending updates against its current version {target.short}{left_out}")
-    files = [bundle.decode(ws.store.get_bytes(u.id), u.id[:12]) for u in chosen]
+    files = [stored_file(ws, u) for u in chosen]
     return run_round(ws, target, files, [u.id for u in chosen], [people[u.contributor_id].name for u in chosen],
                      gate, reporter, strategy=strategy, strategy_config=strategy_config, excluded=excluded)
 
@@ -513,8 +546,10 @@ def offer(ws: Workspace, round_id: str, sibling: str, reporter: Reporter | None 
     held_blob = (src.config or {}).get("heldout")
     heldout = st_load(ws.store.get_bytes(held_blob))["ids"] if held_blob else None
     gate = gate_for(ws, sibling)
-    return run_round(ws, target, [], list(src.update_ids), list(src.update_ids),
-                     gate, reporter, strategy=src.strategy, strategy_config=(src.config or {}).get("strategy"),
-                     source_round=src.id, precomputed=(delta, list(range(len(src.update_ids))), {"offered_from":
-                                                                                           src.node_path}),
-                     heldout=heldout)
+    with ws.node_lock(sibling, "offer", log=reporter.log):
+        if ws.resolve_version(sibling).id != target.id:
+            raise StemmaError(f"{sibling} moved to another version meanwhile; offer the round again")
+        return run_round(ws, target, [], list(src.update_ids), list(src.update_ids), gate, reporter,
+                         strategy=src.strategy, strategy_config=(src.config or {}).get("strategy"), source_round=src.id,
+                         precomputed=(delta, list(range(len(src.update_ids))), {"offered_from": src.node_path}),
+                         heldout=heldout)

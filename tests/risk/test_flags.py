@@ -82,3 +82,12 @@ def test_bad_flags_are_refused_and_store_nothing(registry_tree):
         risk.flag(ws, "en", reason="x", severity="low")
     with ws.db.session() as s:
         assert s.query(Flag).count() == 0
+
+
+def test_a_flag_number_with_a_hash_is_a_flag_whatever_its_digits(tree_copy):
+    ws = tree_copy["ws"]
+    with ws.db.session() as s:
+        s.add(Flag(id=1000, target_kind="dataset", target_id=ws.resolve_dataset("en-python").id, severity="low",
+                   reason="r", created_by="alice"))
+    [cleared] = risk.unflag(ws, "#1000", reason="checked", by="bob")
+    assert cleared.id == 1000 and cleared.cleared_by == "bob"
