@@ -325,10 +325,15 @@ def ensure_llamacpp(ws, version_id: str, **kwargs) -> dict[str, LlamaFootprint] 
 
 
 # ---------------------------------------------------------------------------------------------- the children
-def open_gguf(path, **kwargs):
-    """A ``llama_cpp.Llama`` on a GGUF file with the CPU backend's extra (repacked) weight buffers off: on AMX CPUs
+def open_gguf(path, extra_bufts: bool = False, **kwargs):
+    """A ``llama_cpp.Llama`` on a GGUF file (``kwargs``: its constructor's), as stemma opens every GGUF (footprints,
+    perplexities, tests, benchmarks).
+
+    The policy: the CPU backend's extra (repacked) weight buffers are off for every type. On AMX CPUs
     llama-cpp-python 0.3.36 repacks q8_0 matrices for AMX and segfaults at the first decode (llama.cpp issue
-    #20824)."""
+    #20824); f32 and f16 matrices have no repacked layout on x86, so they lose nothing, and every type is measured
+    the same way. ``extra_bufts=True`` restores llama.cpp's default (for a CPU or a type the crash does not reach).
+    """
     import llama_cpp
     from llama_cpp import llama as runtime
 
@@ -336,7 +341,7 @@ def open_gguf(path, **kwargs):
 
     def params():
         p = default()
-        p.use_extra_bufts = False
+        p.use_extra_bufts = extra_bufts
         return p
 
     runtime.llama_cpp.llama_model_default_params = params

@@ -524,18 +524,19 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
         # The common case (name resolved recently, engine loaded) touches no disk or database: answer it on the
         # event loop, so a burst of requests reaches the scheduler together and starts in one batch.
         t = pool.resolve_cached(body.model, reqs) or await run_in_threadpool(pool.resolve, body.model, reqs)
-        t = await _unflagged(body.model, reqs, t)
+        t = await _unflagged(t)
         engine = pool.engines.get(t.base_id) or await run_in_threadpool(pool.engine, t)
         return t, engine
 
-    async def _unflagged(model: str, reqs: dict, t: Target) -> Target:
-        """The target, unless a risk flag reaches its version (a recently resolved name included): then a choice of
-        ``auto`` is made again without it, and anything else is refused (403, code ``flagged``)."""
+    async def _unflagged(t: Target) -> Target:
+        """The target, unless a risk flag reaches its version (a recently resolved name included): refused (403,
+        code ``flagged``). A choice of ``auto`` never is: the pool chooses again when a flag reaches its recent
+        choice (`ModelPool.resolve`)."""
+        if cfg.allow_flagged:
+            return t
         flags = pool.flags_cached()
         if flags is None:
             flags = await run_in_threadpool(pool.flags)
-        if t.reason is not None and pool.refusal(t, flags):  # chosen by auto before the flag was set
-            t = await run_in_threadpool(pool.resolve, model, reqs, True)
         refusal = pool.refusal(t, flags)
         if refusal:
             raise Flagged(refusal, param="model", code="flagged")

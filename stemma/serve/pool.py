@@ -121,13 +121,18 @@ class ModelPool:
 
         An entry older than ``resolve_ttl_s`` is still answered (names move rarely: when a build sets a new
         current version) while one background thread asks the registry again, so a burst of requests never
-        queues up on registry lookups.
+        queues up on registry lookups. A choice of ``auto`` (or of an ``auto`` app) is a miss when a risk flag has
+        reached its version since, or when the flags are not cached: `resolve` reads them and chooses again.
         """
         now = time.monotonic()
         if model == "auto" or model.startswith("app:"):
             key = _key(model, requirements)
             hit = self._auto.get(key)
             target = hit[1] if hit else None
+            if target is not None and self._revocable(target):
+                flags = self.flags_cached()
+                if flags is None or flags.get(target.version_id):
+                    return None
         else:
             key, hit = model, self._names.get(model)
             target = self._targets.get(hit[1]) if hit else None
@@ -144,23 +149,25 @@ class ModelPool:
         finally:
             self._refreshing.discard(key)
 
-    def resolve(self, model: str, requirements: dict | None = None, fresh: bool = False) -> Target:
+    def resolve(self, model: str, requirements: dict | None = None) -> Target:
         """A model name (node, node@version, auto, app:NAME) -> its target; unknown names raise ModelNotFoundError.
 
-        ``fresh`` chooses again for ``auto`` (and apps) instead of answering a recent choice.
+        A recent choice of ``auto`` (or of an ``auto`` app) is answered unless a risk flag has reached its version
+        since: then it is made again without it.
         """
         now = time.monotonic()
         if model == "auto" or model.startswith("app:"):
             key = _key(model, requirements)
             hit = self._auto.get(key)
-            if hit and now - hit[0] < self.cfg.resolve_ttl_s and not fresh:
+            if hit and now - hit[0] < self.cfg.resolve_ttl_s and not (
+                    self._revocable(hit[1]) and self.flags().get(hit[1].version_id)):
                 return hit[1]
             if model == "auto":
                 flags = {} if self.cfg.allow_flagged else self.flags()
                 sel = select(self.ws, **(requirements or {}), servable=self._servable, flags=flags)
                 t = Target(**{**self.target(sel.version_id).__dict__, "reason": sel.reason})
             else:
-                t = self._app(model, fresh)
+                t = self._app(model)
             self._auto[key] = (now, t)
             return t
         hit = self._names.get(model)
@@ -175,14 +182,19 @@ class ModelPool:
         self._names[model] = (now, v.id)
         return self.target(v.id)
 
-    def _app(self, model: str, fresh: bool) -> Target:
+    def _revocable(self, t: Target) -> bool:
+        """Whether ``t`` is a choice of ``auto`` that a risk flag reaching its version takes back (never with
+        ``allow_flagged``)."""
+        return t.reason is not None and not self.cfg.allow_flagged
+
+    def _app(self, model: str) -> Target:
         from .. import apps
 
         try:
             a = apps.get(self.ws, model.removeprefix("app:"), flags={})
         except StemmaError:
             raise ModelNotFoundError(f"the model {model!r} does not exist; see GET /v1/models") from None
-        t = self.resolve(a.node) if a.node else self.resolve("auto", a.requirements, fresh)
+        t = self.resolve(a.node) if a.node else self.resolve("auto", a.requirements)
         return replace(t, app=a.name, template=a.template)
 
     # ------------------------------------------------------------------ risk flags
