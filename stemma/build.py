@@ -5,6 +5,11 @@ dataset versions, tokenizer, method-specific inputs such as checkpoint hashes). 
 reused; otherwise the method runs (resuming from its checkpoint if an earlier run was killed), its files go
 into the store, and one registry transaction publishes the version. A changed parent changes the key of
 every descendant, so they rebuild.
+
+Several builders may share one registry and store. Each node is built under its lock in the registry
+(`Workspace.node_lock`), taken parents first and one at a time, so builders of independent subtrees run at once
+and two that reach the same node build it once: the second waits, then finds the version by its recipe key. The
+datasets' curation runs under the locks of its work directories (`Workspace.curation_lock`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
+from .data.curate.pipeline import Curation
 from .data.ingest import BuiltDataset, built_from, curation_for
 from .errors import StemmaError
 from .evaluate.evaluator import Evaluator
@@ -48,26 +54,34 @@ def recipe_for(node: NodeSpec, parent: VersionInfo | None, datasets: dict[str, s
     }
 
 
-def prepare_spec_datasets(spec: TreeSpec, work_dir, executor=None, reporter: Reporter | None = None
-                          ) -> dict[str, BuiltDataset]:
+def spec_curations(spec: TreeSpec, work_dir, executor=None, reporter: Reporter | None = None) -> dict[str, Curation]:
+    """Each declared dataset's curation, its work directory named by its inputs and options (nothing read yet)."""
+    out = {}
+    for name, d in spec.datasets.items():
+        try:
+            out[name] = curation_for(list(d.paths), d.options, work_dir, executor=executor, reporter=reporter)
+        except StemmaError as e:
+            raise type(e)(f"dataset {name}: {e}") from None
+    return out
+
+
+def prepare_spec_datasets(spec: TreeSpec, work_dir, executor=None, reporter: Reporter | None = None,
+                          curations: dict[str, Curation] | None = None) -> dict[str, BuiltDataset]:
     """Read, curate and split every dataset the spec declares into ``work_dir`` (nothing is registered yet).
 
     Two phases: every dataset is read first, so that each one's curation can use the test documents of all of them
     as evaluation data (a training document that near-duplicates any test document of the tree is leakage)."""
-    curations = {}
-    for name, d in spec.datasets.items():
-        opts = d.options
+    curations = curations or spec_curations(spec, work_dir, executor=executor, reporter=reporter)
+    for name, cur in curations.items():
         try:
-            cur = curation_for(list(d.paths), opts, work_dir, executor=executor, reporter=reporter)
             cur.read()
         except StemmaError as e:
             raise type(e)(f"dataset {name}: {e}") from None
-        curations[name] = (opts, cur)
-    references = tuple(sorted({c.read().test_path for _, c in curations.values()}))
+    references = tuple(sorted({c.read().test_path for c in curations.values()}))
     built = {}
-    for name, (opts, cur) in curations.items():
+    for name, cur in curations.items():
         try:
-            built[name] = built_from(opts, cur, references)
+            built[name] = built_from(cur.opts, cur, references)
         except StemmaError as e:
             raise type(e)(f"dataset {name}: {e}") from None
     return built
@@ -80,94 +94,105 @@ def build(ws: Workspace, spec: TreeSpec, reporter: Reporter | None = None, only:
     runs the datasets' curation (`stemma.data.curate.pipeline.make_executor`; one local process by default)."""
     reporter = reporter or NullReporter()
     events: list[BuildEvent] = []
-    with ws.build_lock():
-        targets = set(spec.order)
-        if only:
-            for o in only:
-                if o not in spec.nodes:
-                    raise StemmaError(f"unknown node {o!r} in {spec.name}")
-            targets = set()
-            for o in only:  # a node needs its ancestors built
-                cur: str | None = o
-                while cur:
-                    targets.add(cur)
-                    cur = spec.nodes[cur].parent
-        # Pre-flight: everything that can fail on bad input fails here, before the first write.
-        if evaluate:
-            from .evaluate.runner import preflight
+    targets = set(spec.order)
+    if only:
+        for o in only:
+            if o not in spec.nodes:
+                raise StemmaError(f"unknown node {o!r} in {spec.name}")
+        targets = set()
+        for o in only:  # a node needs its ancestors built
+            cur: str | None = o
+            while cur:
+                targets.add(cur)
+                cur = spec.nodes[cur].parent
+    # Pre-flight: everything that can fail on bad input fails here, before the first write.
+    if evaluate:
+        from .evaluate.runner import preflight
 
-            preflight(ws, spec, targets)  # tasks the tree's tokenizer cannot run
-        inputs: dict[str, dict] = {}  # cheap checks (checkpoints' formats and hashes) before any curation
-        for path in spec.order:
-            if path in targets:
-                node = spec.nodes[path]
-                inputs[path] = get(node.method).recipe_inputs(node.config, spec.root_dir)
-        preflight_shapes(spec, targets)
-        curate_dir = ws.settings.work_dir / "curate"
-        prepared = prepare_spec_datasets(spec, curate_dir, executor=executor, reporter=reporter)
+        preflight(ws, spec, targets)  # tasks the tree's tokenizer cannot run
+    inputs: dict[str, dict] = {}  # cheap checks (checkpoints' formats and hashes) before any curation
+    for path in spec.order:
+        if path in targets:
+            node = spec.nodes[path]
+            inputs[path] = get(node.method).recipe_inputs(node.config, spec.root_dir)
+    preflight_shapes(spec, targets)
+    curations = spec_curations(spec, ws.settings.work_dir / "curate", executor=executor, reporter=reporter)
+    ds_ids: dict[str, str] = {}
+    # Builders of one tree curate the same corpora in the same work directories (one of them reads the others' test
+    # documents): one builder at a time, and the directories stay until their datasets are registered.
+    with ws.curation_lock(curations.values(), log=reporter.log):
+        prepared = prepare_spec_datasets(spec, ws.settings.work_dir / "curate", curations=curations)
         for path in spec.order:
             if path not in targets:
                 continue
             node = spec.nodes[path]
             if node.dataset and node.dataset not in prepared:
                 ws.resolve_dataset(node.dataset)
-        ds_ids = {}
         for name, b in prepared.items():
             row, new = ws.register_dataset(b)
             if new:
                 reporter.log(f"dataset {name}: ingested {row.n_docs} documents as {row.id[:12]}")
             ds_ids[name] = row.id
-        for b in prepared.values():  # registered: the curation's work directories are no longer needed
-            shutil.rmtree(b.train_path.parent.parent, ignore_errors=True)
-        built: dict[str, VersionInfo] = {}
-        evaluator = Evaluator(ws, reporter)
-        for path in spec.order:
-            if path not in targets:
-                continue
-            node = spec.nodes[path]
-            t0 = time.perf_counter()
-            parent = built[node.parent] if node.parent else None
-            method = get(node.method)
-            datasets: dict[str, str] = {}
-            if node.dataset:
-                datasets["train"] = ds_ids.get(node.dataset) or ws.resolve_dataset(node.dataset).id
-            if parent is not None:
-                pds = ws.version_datasets(parent.id).get("train")
-                if pds:
-                    datasets["replay"] = pds
-            extra = inputs[path]
-            recipe = recipe_for(node, parent, datasets, extra)
-            key = sha256_bytes(canonical_json(recipe))
-            existing = ws.find_by_recipe(path, key)
-            if existing is not None:
-                # Accepted updates sit on top of the version the recipe made: keep the newest of them.
-                head = ws.update_head(path, existing.id)
-                ws.set_current(path, head, node.layer, node.parent)
-                v = ws.version(head)
-                action = "reused" if head == existing.id else "reused (updated)"
-            else:
-                old = _rebase_source(ws, node, recipe, parent)
-                v = _run(ws, spec, node, method, parent, datasets, recipe, key, reporter, rebase_from=old)
-                action = "rebased" if old is not None else "built"
+        for cur in curations.values():  # registered: the curation's work directories are no longer needed
+            shutil.rmtree(cur.work, ignore_errors=True)
+    built: dict[str, VersionInfo] = {}
+    evaluator = Evaluator(ws, reporter)
+    for path in spec.order:  # parents first, one node's lock at a time: builders never wait for each other in a cycle
+        if path not in targets:
+            continue
+        node = spec.nodes[path]
+        t0 = time.perf_counter()
+        with ws.node_lock(path, "build", log=reporter.log):
+            v, action = _reconcile(ws, spec, node, built, ds_ids, inputs[path], reporter)
             ws.set_gate(path, dataclasses.asdict(node.gate) if node.gate is not None else None)
             record_tasks(ws, path, spec.suites, node.eval, node.release_gate)
-            built[path] = v
             if evaluate:
                 evaluator.evaluate_version(v)
                 evaluate_tasks(ws, v, reporter)  # the node's tasks, its parent on them, it on the parent's
             if footprint:
-                from .footprint import ensure, ensure_llamacpp
-
-                fp = ensure(ws, v.id)
-                gg = ensure_llamacpp(ws, v.id)  # each GGUF type in llama.cpp, where llama-cpp-python imports
-                if action == "built":
-                    q8 = gg.get("q8_0") if isinstance(gg, dict) else None
-                    reporter.log(f"{path}: {fp.rss_generate_bytes / 2**20:.0f} MiB peak to generate, "
-                                 f"{fp.tokens_per_s:.0f} tokens/s" + (
-                                     f"; llama.cpp q8_0: {q8.rss_generate_bytes / 2**20:.0f} MiB, "
-                                     f"{q8.tokens_per_s:.0f} tokens/s" if q8 else ""))
-            events.append(BuildEvent(path, action, v.id, time.perf_counter() - t0))
+                _footprint(ws, path, v, action, reporter)
+        built[path] = v
+        events.append(BuildEvent(path, action, v.id, time.perf_counter() - t0))
     return events
+
+
+def _reconcile(ws: Workspace, spec: TreeSpec, node: NodeSpec, built: dict[str, VersionInfo], ds_ids: dict[str, str],
+               inputs: dict, reporter: Reporter) -> tuple[VersionInfo, str]:
+    """The node's version for its recipe: the registered one (another builder may have published it while this one
+    waited for the node's lock), or a new one built now. Runs under the node's lock."""
+    parent = built[node.parent] if node.parent else None
+    datasets: dict[str, str] = {}
+    if node.dataset:
+        datasets["train"] = ds_ids.get(node.dataset) or ws.resolve_dataset(node.dataset).id
+    if parent is not None:
+        pds = ws.version_datasets(parent.id).get("train")
+        if pds:
+            datasets["replay"] = pds
+    recipe = recipe_for(node, parent, datasets, inputs)
+    key = sha256_bytes(canonical_json(recipe))
+    existing = ws.find_by_recipe(node.path, key)
+    if existing is not None:
+        # Accepted updates sit on top of the version the recipe made: keep the newest of them.
+        head = ws.update_head(node.path, existing.id)
+        ws.set_current(node.path, head, node.layer, node.parent)
+        return ws.version(head), "reused" if head == existing.id else "reused (updated)"
+    old = _rebase_source(ws, node, recipe, parent)
+    v = _run(ws, spec, node, get(node.method), parent, datasets, recipe, key, reporter, rebase_from=old)
+    return v, "rebased" if old is not None else "built"
+
+
+def _footprint(ws: Workspace, path: str, v: VersionInfo, action: str, reporter: Reporter) -> None:
+    """Measure the version's footprints once per runtime (stored as metrics; a child process each)."""
+    from .footprint import ensure, ensure_llamacpp
+
+    fp = ensure(ws, v.id)
+    gg = ensure_llamacpp(ws, v.id)  # each GGUF type in llama.cpp, where llama-cpp-python imports
+    if action == "built":
+        q8 = gg.get("q8_0") if isinstance(gg, dict) else None
+        reporter.log(f"{path}: {fp.rss_generate_bytes / 2**20:.0f} MiB peak to generate, "
+                     f"{fp.tokens_per_s:.0f} tokens/s" + (
+                         f"; llama.cpp q8_0: {q8.rss_generate_bytes / 2**20:.0f} MiB, "
+                         f"{q8.tokens_per_s:.0f} tokens/s" if q8 else ""))
 
 
 def preflight_shapes(spec: TreeSpec, targets: set[str]) -> None:

@@ -92,10 +92,14 @@ class FsckReport:
     orphans: list[str] = field(default_factory=list)
     checked: int = 0
     temporaries: list[str] = field(default_factory=list)
+    inconsistent: list[str] = field(default_factory=list)
+    """Registry rows that contradict each other (filled by `stemma.workspace.Workspace.fsck`)."""
+    stale_locks: list[str] = field(default_factory=list)
+    """Locks whose holder looks gone: harmless (the next one to want them takes them over), listed for the record."""
 
     @property
     def clean(self) -> bool:
-        return not (self.corrupt or self.missing or self.orphans)
+        return not (self.corrupt or self.missing or self.orphans or self.inconsistent)
 
 
 class BlobStore:

@@ -7,22 +7,23 @@ reports as orphans; the registry never points at something that is not fully wri
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import os
 import re
 import shutil
 import tempfile
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from .data.ingest import BuiltDataset, IngestOptions, build_dataset, read_docs
+from .data.ingest import BuiltDataset, IngestOptions, built_from, curation_for, read_docs
 from .errors import StemmaError
 from .registry.db import Database
+from .registry.locks import Locks
 from .registry.tables import Dataset, Metric, Node, Round, Update, Version, VersionDataset
 from .settings import Settings, load_settings
 from .store import BlobStore, FsckReport
@@ -51,6 +52,7 @@ class Workspace:
         self.settings = settings
         self.store = BlobStore(settings.store_dir)
         self.db = Database(settings.registry_url)
+        self.locks = Locks(self.db)
         self._plans: dict[str, Any] = {}  # version id -> LoadPlan (versions are immutable)
 
     # ------------------------------------------------------------------ lifecycle
@@ -69,19 +71,15 @@ class Workspace:
             raise StemmaError(f"no stemma home at {s.home}; run `stemma init` (or set STEMMA_HOME)")
         return cls(s)
 
-    @contextmanager
-    def build_lock(self):
-        """One build at a time per home (a second one fails at once instead of racing)."""
-        self.settings.home.mkdir(parents=True, exist_ok=True)
-        with open(self.settings.lock_path, "w") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StemmaError(f"another stemma build holds {self.settings.lock_path}; wait for it") from None
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def node_lock(self, node: str, purpose: str, log=None):
+        """Hold node ``node`` (`stemma.registry.locks`) while building, aggregating into or otherwise publishing
+        versions of it: other nodes stay free, so independent subtrees build at once."""
+        return self.locks.hold(f"node:{node}", purpose, log=log)
+
+    def curation_lock(self, curations, log=None):
+        """Hold the work directories of these curations (``work/curate/<key>``): one process curates a corpus at a
+        time, and none removes a directory another one still reads."""
+        return self.locks.hold([f"curation:{c.work.name}" for c in curations], "curate", log=log)
 
     # ------------------------------------------------------------------ datasets
     def ingest(self, paths: list[Path], opts: IngestOptions, executor=None, references: tuple[str, ...] = (),
@@ -89,10 +87,11 @@ class Workspace:
         """Ingest a corpus; returns the dataset row and whether it is new (same content: same id, no-op).
 
         The run works in ``work/curate/`` and resumes there if it was killed; the directory goes once registered."""
-        work = self.settings.work_dir / "curate"
-        built = build_dataset(paths, opts, work_dir=work, executor=executor, references=references, reporter=reporter)
-        row, new = self.register_dataset(built)
-        shutil.rmtree(built.train_path.parent.parent, ignore_errors=True)
+        cur = curation_for(paths, opts, self.settings.work_dir / "curate", executor=executor, reporter=reporter)
+        with self.curation_lock([cur], log=reporter.log if reporter else None):
+            built = built_from(opts, cur, references)
+            row, new = self.register_dataset(built)
+            shutil.rmtree(cur.work, ignore_errors=True)
         return row, new
 
     def register_dataset(self, built: BuiltDataset) -> tuple[Dataset, bool]:
@@ -208,23 +207,28 @@ class Workspace:
 
     def register_version(
         self, manifest: dict[str, Any], *, layer: str, parent_path: str | None, datasets: dict[str, str],
-        params: int, own_params: int, make_current: bool = True,
+        params: int, own_params: int, make_current: bool = True, also: Callable[[Session, str], None] | None = None,
     ) -> VersionInfo:
-        """Publish a version whose files are already in the store: one transaction, all or nothing."""
+        """Publish a version whose files are already in the store: one transaction, all or nothing.
+
+        A node has one version per recipe: when another writer published this node's recipe first, its version
+        stands and is the one returned (and made current). ``also(session, version_id)`` runs in the same
+        transaction (an update round is recorded with the version it made)."""
         for digest in list(manifest["files"].values()) + [manifest["tokenizer"]]:
             if not self.store.has(digest):
                 raise StemmaError(f"cannot register {manifest['node']}: blob {digest[:12]} is not in the store")
         vid = self.store.put_json(manifest)
         nbytes = sum(self.store.size(d) for d in manifest["files"].values())
 
-        def register(s) -> None:
+        def register(s) -> str:
             node = s.get(Node, manifest["node"])
             if node is None:
                 node = Node(path=manifest["node"], layer=layer, parent_path=parent_path)
                 s.add(node)
             else:
                 node.layer, node.parent_path = layer, parent_path
-            row = s.get(Version, vid)
+            row = s.get(Version, vid) or s.scalar(select(Version).where(
+                Version.node_path == manifest["node"], Version.recipe_key == manifest["recipe_key"]))
             if row is None:
                 row = Version(
                     id=vid, node_path=manifest["node"], parent_id=manifest.get("parent"),
@@ -238,10 +242,13 @@ class Workspace:
                 for role, ds in sorted(datasets.items()):
                     s.add(VersionDataset(version_id=vid, dataset_id=ds, role=role))
             if make_current:
-                node.current_version = vid
+                node.current_version = row.id
+            if also is not None:
+                also(s, row.id)
+            return row.id
 
-        self.db.retrying(register)  # another writer may register the node or the same version meanwhile
-        return self.version(vid)
+        # Another writer may register the node, the same version or the same recipe meanwhile: read again.
+        return self.version(self.db.retrying(register))
 
     def set_current(self, node: str, version_id: str, layer: str, parent_path: str | None) -> None:
         def point(s) -> None:
@@ -284,7 +291,7 @@ class Workspace:
 
     def put_metric(self, version_id: str, name: str, dataset_id: str | None, split: str | None, value: float,
                    details: dict | None = None) -> None:
-        with self.db.session() as s:
+        def put(s) -> None:
             m = s.scalar(select(Metric).where(Metric.version_id == version_id, Metric.name == name,
                                               Metric.dataset_id == dataset_id, Metric.split == split))
             if m is None:
@@ -292,6 +299,8 @@ class Workspace:
                              details=details))
             else:
                 m.value, m.details = value, details
+
+        self.db.retrying(put)  # two processes measuring one metric: the second updates the first one's row
 
     def metrics_of(self, version_id: str) -> list[Metric]:
         with self.db.session() as s:
@@ -404,7 +413,63 @@ class Workspace:
         return refs
 
     def fsck(self) -> FsckReport:
-        return self.store.fsck(self.referenced_digests())
+        """The store's blobs against what the registry references, then the registry against itself."""
+        report = self.store.fsck(self.referenced_digests())
+        report.inconsistent = self.registry_problems()
+        report.stale_locks = self.stale_locks()
+        return report
+
+    def registry_problems(self) -> list[str]:
+        """What concurrent writers must never leave behind: a node whose alias points at no version of its own, two
+        versions of one recipe, an update used by no round or by two, a round whose updates are not marked as its
+        own, an accepted round without its version."""
+        out = []
+        with self.db.session() as s:
+            versions = {v.id: v for v in s.scalars(select(Version))}
+            for n in s.scalars(select(Node).order_by(Node.path)):
+                v = versions.get(n.current_version) if n.current_version else None
+                if n.current_version and (v is None or v.node_path != n.path):
+                    out.append(f"node {n.path}: current version {n.current_version[:12]} is not one of its versions")
+            recipes: dict[tuple[str, str], list[str]] = {}
+            for v in versions.values():
+                recipes.setdefault((v.node_path, v.recipe_key), []).append(v.id[:12])
+            out += [f"node {node}: recipe {key[:12]} has {len(ids)} versions ({', '.join(sorted(ids))})"
+                    for (node, key), ids in sorted(recipes.items()) if len(ids) > 1]
+            used: dict[str, list[str]] = {}
+            for r in s.scalars(select(Round).order_by(Round.created_at)):
+                if r.accepted and (r.version_id not in versions or versions[r.version_id].relation != "update"):
+                    out.append(f"round {r.id[:12]}: accepted, but its version {str(r.version_id)[:12]} is missing")
+                if r.source_round is None:  # an offer to a sibling reuses the source round's updates
+                    for uid in r.update_ids:
+                        used.setdefault(uid, []).append(r.id)
+            for u in s.scalars(select(Update).order_by(Update.created_at)):
+                rounds = used.pop(u.id, [])
+                if len(rounds) > 1:
+                    names = ", ".join(r[:12] for r in rounds)
+                    out.append(f"update {u.id[:12]}: used by {len(rounds)} rounds ({names})")
+                elif u.status == "used" and rounds != [u.round_id]:
+                    out.append(f"update {u.id[:12]}: marked used by round {str(u.round_id)[:12]}, which does not "
+                               "list it")
+                elif u.status == "pending" and rounds:
+                    out.append(f"update {u.id[:12]}: pending, but round {rounds[0][:12]} used it")
+            out += [f"round {rs[0][:12]}: lists update {uid[:12]}, which is not registered" for uid, rs in used.items()]
+        return out
+
+    def stale_locks(self) -> list[str]:
+        """Locks whose holder ran on this host and is gone, or that have not beaten for the stale limit."""
+        from datetime import UTC, datetime
+
+        from .registry.locks import stale_after
+
+        now, limit = datetime.now(UTC), stale_after()
+        out = []
+        for h in self.locks.holders():
+            beat = h.heartbeat_at if h.heartbeat_at.tzinfo else h.heartbeat_at.replace(tzinfo=UTC)
+            if h.dead_here():
+                out.append(f"lock {h.name}: {h.who}; that process is gone")
+            elif (now - beat).total_seconds() > limit:
+                out.append(f"lock {h.name}: {h.who}; no heartbeat for {(now - beat).total_seconds():.0f} s")
+        return out
 
     def work_dir_for(self, key: str) -> Path:
         p = self.settings.work_dir / key

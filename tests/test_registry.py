@@ -4,7 +4,7 @@ from alembic.runtime.migration import MigrationContext
 from stemma.registry.db import Database, _alembic_config, schema_revision
 from stemma.registry.tables import Base
 
-HEAD = "0005"
+HEAD = "0006"
 
 
 def test_migrations_build_exactly_the_declared_schema(registry_url):
@@ -81,8 +81,8 @@ def test_a_populated_registry_of_an_older_schema_upgrades_keeping_its_rows(regis
         for vid, parent in (("v1", None), ("v2", "v1")):
             conn.execute(text("INSERT INTO versions (id, node_path, parent_id, relation, method, recipe_key, "
                               "tokenizer, params, own_params, bytes, files, created_at) VALUES (:v, 'm', :p, "
-                              "'pretrain', 'pretrain', 'k', 't', 1, 1, 1, '{}', :t)"),
-                         {"v": vid, "p": parent, "t": now})
+                              "'pretrain', 'pretrain', :k, 't', 1, 1, 1, '{}', :t)"),
+                         {"v": vid, "p": parent, "k": f"k-{vid}", "t": now})
         conn.execute(text("INSERT INTO version_datasets (version_id, dataset_id, role) VALUES ('v2', 'd', 'train')"))
         conn.execute(text("INSERT INTO metrics (version_id, name, value, created_at) VALUES ('v2', 'ppl', 3.0, :t)"),
                      {"t": now})
@@ -101,6 +101,37 @@ def test_a_populated_registry_of_an_older_schema_upgrades_keeping_its_rows(regis
         assert conn.execute(text("SELECT name, revoked_at FROM contributors")).all() == [("alice", None)]
         assert conn.execute(text("SELECT contributor_id FROM updates")).scalar() == 1
     db.engine.dispose()
+
+
+def test_a_registry_with_two_versions_of_one_recipe_is_not_upgraded_past_them(registry_url):
+    """Migration 0006 makes one version per recipe of a node a constraint: a registry that already breaks it is
+    named and left as it was, not half-migrated."""
+    import pytest
+    from alembic import command
+    from sqlalchemy import text
+
+    from stemma.errors import StemmaError
+    from stemma.registry.db import make_engine
+
+    engine = make_engine(registry_url)
+    cfg = _alembic_config(registry_url)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0005")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO nodes (path, layer, updated_at) VALUES ('m', 'master', '2026-01-01')"))
+        for vid in ("v1", "v2"):
+            conn.execute(text("INSERT INTO versions (id, node_path, relation, method, recipe_key, tokenizer, params, "
+                              "own_params, bytes, files, created_at) VALUES (:v, 'm', 'pretrain', 'pretrain', "
+                              "'same', 't', 1, 1, 1, '{}', '2026-01-01')"), {"v": vid})
+    engine.dispose()
+    with pytest.raises(StemmaError, match=r"1 recipe\(s\) have more than one version \(e.g. m recipe same: 2\)"):
+        Database(registry_url)
+    engine = make_engine(registry_url)
+    assert schema_revision(engine) == "0005"
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM versions")).scalar() == 2
+    engine.dispose()
 
 
 def test_the_copy_an_interrupted_sqlite_migration_left_is_cleared(tmp_path):

@@ -274,7 +274,8 @@ def export(
 
 @app.command()
 def fsck() -> None:
-    """Re-hash every blob; report corrupt, missing and orphan blobs."""
+    """Re-hash every blob; report corrupt, missing and orphan blobs, registry rows that contradict each other
+    and stale locks."""
     ws = open_ws()
     r = ws.fsck()
     for d in r.corrupt:
@@ -283,6 +284,11 @@ def fsck() -> None:
         out.print(f"[red]missing[/red] {d}")
     for d in r.orphans:
         out.print(f"[yellow]orphan[/yellow]  {d}")
-    out.print(f"{r.checked} blobs checked: {len(r.corrupt)} corrupt, {len(r.missing)} missing, {len(r.orphans)} orphan")
+    for line in r.inconsistent:
+        out.print(f"[red]inconsistent[/red] {line}")
+    for line in r.stale_locks:
+        out.print(f"[yellow]stale[/yellow]   {line}")
+    out.print(f"{r.checked} blobs checked: {len(r.corrupt)} corrupt, {len(r.missing)} missing, "
+              f"{len(r.orphans)} orphan; registry: {len(r.inconsistent)} inconsistent")
     if not r.clean:
         raise typer.Exit(1)

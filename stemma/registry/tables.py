@@ -88,6 +88,10 @@ class Version(Base):
     """File name -> blob digest."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
+    __table_args__ = (UniqueConstraint("node_path", "recipe_key", name="uq_version_node_recipe"),)
+    """One version per recipe of a node: two builders that race for a recipe publish it once (the database says
+    which one won)."""
+
 
 class VersionDataset(Base):
     __tablename__ = "version_datasets"
@@ -235,3 +239,25 @@ class Release(Base):
     """The model card's YAML metadata as written."""
     created_by: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Lock(Base):
+    """A named lock (``node:PATH``, ``curation:KEY``) held by one process: the row exists while it is held.
+
+    Claimed by INSERT (the name is the key, so one claim wins); `stemma.registry.locks` keeps it beating and takes
+    over the lock of an owner that is gone."""
+
+    __tablename__ = "locks"
+
+    name: Mapped[str] = mapped_column(String(400), primary_key=True)
+    purpose: Mapped[str] = mapped_column(String(200))
+    """What the holder does under it (``build``, ``aggregate``, ``curate``), for whoever waits."""
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    token: Mapped[str] = mapped_column(String(32))
+    """Random per claim: only this claim's holder beats or releases it, and a take-over replaces it."""
+    beats: Mapped[int] = mapped_column(Integer, default=0)
+    """Incremented by the holder every few seconds: a waiter that sees it stand still long enough takes over
+    (each party judges by its own clock, so hosts' clocks need not agree)."""
+    acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
