@@ -3,7 +3,8 @@
 A flag names a dataset or a version, a severity and a reason. It reaches the version itself (or every version
 trained on the dataset, as training data or replay) and every version derived from those: children, variants,
 updates, students. What a flag reaches is computed by the database in one recursive query over
-``version_datasets`` and ``versions.parent_id`` (a recursive CTE, portable across SQLite and PostgreSQL), so the
+``version_datasets``, ``versions.parent_id`` and ``versions.derived_from`` (the version a rebase started from) (a
+recursive CTE, portable across SQLite and PostgreSQL), so the
 tree, the server, the selector, apps and releases all read one answer. Flags are never deleted: clearing one
 records who, when and why.
 """

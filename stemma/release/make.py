@@ -1,9 +1,10 @@
 """`stemma release`: a signed directory with the model's files, a model card and an ML-BOM, and a row in `releases`.
 
-Refused, before anything is written, with every reason at once: the node's release gate fails (or the version is
-not the node's current one, which the gate judges), a risk flag reaches the version, the release licence drops an
-obligation of the lineage (or none is given and the obligations imply none), the key is not an EC P-256 private key,
-or the format does not fit the version. Otherwise the directory is written beside DIR: the files as `stemma pull`
+Refused before anything is written. First, every reason known without measuring, at once: the format does not fit
+the version, the key is not an EC P-256 private key, a risk flag reaches the version, the release licence is not
+SPDX or drops an obligation of the lineage (or none is given and the obligations imply none). Then, only when none
+of those refuses, the node's release gate (which may measure task scores the version lacks; it judges the node's
+current version only). Otherwise the directory is written beside DIR: the files as `stemma pull`
 (``hf``, ``gguf``) or `stemma export` (``adapter``) write them, ``README.md`` (the model card), ``signing-key.pub``,
 ``bom.cdx.json`` (listing every file above with its sha256) and ``model.sig`` (over every file), then renamed into
 place; the `releases` row follows. Any failure leaves no DIR and no row.
@@ -52,8 +53,13 @@ class Verdict:
     """Why it is refused (empty: it may be released)."""
 
 
-def refusals(ws: Workspace, v: VersionInfo, fmt: str, license: str | None) -> Verdict:
-    """The verdict on releasing ``v`` as ``fmt`` under ``license`` (None: the implied one)."""
+def refusals(ws: Workspace, v: VersionInfo, fmt: str, license: str | None, key: Path | None = None) -> Verdict:
+    """The verdict on releasing ``v`` as ``fmt`` under ``license`` (None: the implied one), signed with ``key``.
+
+    What is known without measuring (format, key, flags, licence) is checked first, every reason at once; the
+    release gate, which may have to measure task scores the node lacks, is judged only when none of those
+    refuses.
+    """
     from ..evaluate.gate import judge
     from ..lineage import ADAPTER
     from ..risk import flags_reaching
@@ -63,25 +69,35 @@ def refusals(ws: Workspace, v: VersionInfo, fmt: str, license: str | None) -> Ve
         reasons.append(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
     elif fmt == "adapter" and ws.plan(v.id).kind != ADAPTER:
         reasons.append(f"{v.row.node_path} is a {v.row.relation} version, not an adapter: release it as hf or gguf")
+    if key is not None:
+        try:
+            public_key_pem(key)
+        except StemmaError as e:
+            reasons.append(f"key: {e}")
+    reasons += [f"risk: {f.label}" for f in flags_reaching(ws, v.id)]
+    lic = licensing(ws, v.id)
+    if license is not None:
+        try:
+            license = parse_release_license(license)
+        except StemmaError as e:
+            reasons.append(f"licence: {e}")
+            license = None
+        else:
+            if len(license) > 400:  # the releases table's column
+                reasons.append(f"licence: the expression has {len(license)} characters, more than 400")
+            reasons += [f"licence: {c}" for c in lic.conflicts(license)]
+    elif lic.implied is None:
+        ids = ", ".join(sorted({o.license for o in lic.obligations})) or "none recorded"
+        reasons.append(f"licence: the obligations ({ids}) imply no single licence; pass --license SPDX")
     node = ws.node(v.row.node_path)
     lines: list[str] = []
     if node is not None and node.release_gate:
         if node.current_version != v.id:
             reasons.append(f"release gate: it judges {v.row.node_path}'s current version, not {v.short}")
-        else:
+        elif not reasons:
             _, thresholds = judge(ws, v.row.node_path)
             lines = [t.reason for t in thresholds]
             reasons += [f"release gate: {t.reason}" for t in thresholds if not t.ok]
-    reasons += [f"risk: {f.label}" for f in flags_reaching(ws, v.id)]
-    lic = licensing(ws, v.id)
-    if license is not None:
-        license = parse_release_license(license)
-        if len(license) > 400:  # the releases table's column
-            reasons.append(f"licence: the expression has {len(license)} characters, more than 400")
-        reasons += [f"licence: {c}" for c in lic.conflicts(license)]
-    elif lic.implied is None:
-        ids = ", ".join(sorted({o.license for o in lic.obligations})) or "none recorded"
-        reasons.append(f"licence: the obligations ({ids}) imply no single licence; pass --license SPDX")
     return Verdict(license or lic.implied, tuple(lines), lic, tuple(reasons))
 
 
@@ -93,11 +109,10 @@ def release(ws: Workspace, ref: str, out: Path, key: Path, fmt: str = "hf", lice
 
     v = ws.resolve_version(ref)
     out = check_out_dir(out, can_force=False)
-    pub = public_key_pem(key)
-    verdict = refusals(ws, v, fmt, license)
+    verdict = refusals(ws, v, fmt, license, key)
     if verdict.reasons:
         raise StemmaError(f"release of {v.row.node_path}@{v.short} refused: {'; '.join(verdict.reasons)}")
-    license = verdict.license
+    license, pub = verdict.license, public_key_pem(key)
     with staged_dir(out) as stage:
         _write_files(ws, v, fmt, stage)
         facts = gather(ws, v, fmt, verdict, key_fingerprint(pub))

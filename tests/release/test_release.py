@@ -295,3 +295,24 @@ def test_bad_input_refuses_before_anything_is_written(tree_copy, key, tmp_path):
              license="GPL-3.0-or-later")
     _refused(ws, tmp_path / "r3", "not a valid SPDX expression", ref="en/legal", key=key[0], license="MIT AND")
     _refused(ws, tmp_path / "r4", "unknown SPDX identifier", ref="en/legal", key=key[0], license="Frobnicate-1.0")
+
+
+def test_every_reason_known_without_measuring_comes_at_once_and_the_gate_waits_for_them(tree_copy, key, tmp_path,
+                                                                                         monkeypatch):
+    from stemma import risk
+    from stemma.evaluate import gate
+    from stemma.registry.tables import Node
+
+    ws = tree_copy["ws"]
+    with ws.db.session() as s:
+        s.get(Node, "en/legal").release_gate = {"max_ppl_rise": -1.0}
+    risk.flag(ws, "en/legal", reason="leaked clauses", severity="high", by="alice")
+    bad = tmp_path / "rsa.pem"
+    bad.write_text("not a key")
+
+    def judged(*a, **kw):
+        raise AssertionError("the release gate was measured for a release refused anyway")
+
+    monkeypatch.setattr(gate, "judge", judged)
+    _refused(ws, tmp_path / "all", r"key: .*not an unencrypted PEM private key.*; risk: flag #\d+ \(high\).*; "
+             r"licence: .*not a valid SPDX expression", ref="en/legal", key=bad, license="MIT AND")
