@@ -47,3 +47,8 @@ def actor() -> str:
     import getpass
 
     return os.environ.get("STEMMA_USER") or getpass.getuser()
+
+
+def when(t) -> str:
+    """A registry timestamp (UTC) as every message and table prints it; ``-`` for none."""
+    return f"{t:%Y-%m-%d %H:%M} UTC" if t is not None else "-"

@@ -9,12 +9,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ..settings import when
 from .app import app, apps_app
 from .console import open_ws, out
-
-
-def _when(t) -> str:
-    return t.strftime("%Y-%m-%d %H:%M") if t is not None else "-"
 
 
 @app.command()
@@ -59,9 +56,9 @@ def flags(include_cleared: bool = typer.Option(False, "--all", help="Cleared fla
     t = Table("#", "target", "severity", "reason", "flagged by", "at", "status", title="stemma flags")
     for f in rows:
         status = "[red]active[/red]" if f.active else \
-            f"cleared by {escape(f.cleared_by or '-')} at {_when(f.cleared_at)}: {escape(f.cleared_reason or '')}"
+            f"cleared by {escape(f.cleared_by or '-')} at {when(f.cleared_at)}: {escape(f.cleared_reason or '')}"
         t.add_row(str(f.id), f"{f.target_kind} {escape(f.target_name)}", f.severity, escape(f.reason),
-                  escape(f.created_by), _when(f.created_at), status)
+                  escape(f.created_by), when(f.created_at), status)
     out.print(t)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from ..settings import when
 from .app import update_app
 from .console import err, open_ws, out
 
@@ -48,7 +49,7 @@ def list_contributors(node: str = typer.Argument(None)):
     t = Table("node", "contributor", "public key", "status")
     for c in contributors(ws, node):
         status = "active" if c.revoked_at is None else (
-            f"revoked {c.revoked_at:%Y-%m-%d %H:%M} by {c.revoked_by}: {c.revoked_reason}")
+            f"revoked {when(c.revoked_at)} by {c.revoked_by}: {c.revoked_reason}")
         t.add_row(c.node_path, c.name, c.public_key, status)
     out.print(t)
 

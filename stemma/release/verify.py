@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import StemmaError
+from ..settings import when
 from ..store import sha256_file
 from .bom import BOM_FILE, bom_files, validate
 from .signing import PUBLIC_KEY, SIGNATURE, key_fingerprint, verify_signature
@@ -90,4 +91,4 @@ def _recorded(ws, d: Path, bom_digest: str, key: Path, version: str | None) -> s
     if recorded_key != used:
         raise StemmaError(f"{d}: signed with key {used[:19]}, not the key {str(recorded_key)[:19]} recorded "
                           f"for release #{row.id}")
-    return f"release #{row.id} by {row.created_by} at {row.created_at:%Y-%m-%d %H:%M} UTC"
+    return f"release #{row.id} by {row.created_by} at {when(row.created_at)}"

@@ -31,6 +31,7 @@ from ..evaluate.evaluator import Evaluator
 from ..progress import NullReporter, Reporter
 from ..registry.db import is_conflict
 from ..registry.tables import Contributor, Node, Round, Update, Version, VersionDataset
+from ..settings import actor, when
 from ..store import canonical_json, sha256_bytes
 from ..workspace import VersionInfo, Workspace
 from . import bundle, strategies
@@ -67,7 +68,6 @@ def register_contributor(ws: Workspace, node: str, name: str, public_key: str) -
 def revoke(ws: Workspace, node: str, name: str, reason: str, by: str | None = None) -> Contributor:
     """Revoke a contributor's key for a node: recorded (when, by whom, why), never deleted. From then on its
     updates are refused at submission, and rounds leave out the ones still pending."""
-    from ..settings import actor
 
     reason = " ".join(reason.split())
     if not reason or len(reason) > 2000:
@@ -77,14 +77,10 @@ def revoke(ws: Workspace, node: str, name: str, reason: str, by: str | None = No
         if row is None:
             raise StemmaError(f"{name!r} is not a contributor of {node}; see `stemma update contributors`")
         if row.revoked_at is not None:
-            raise StemmaError(f"{name}'s key for {node} was already revoked {_when(row.revoked_at)} by "
+            raise StemmaError(f"{name}'s key for {node} was already revoked {when(row.revoked_at)} by "
                               f"{row.revoked_by} ({row.revoked_reason})")
         row.revoked_at, row.revoked_by, row.revoked_reason = datetime.now(UTC), by or actor(), reason
     return row
-
-
-def _when(t: datetime) -> str:
-    return t.strftime("%Y-%m-%d %H:%M UTC")
 
 
 def contributors(ws: Workspace, node: str | None = None) -> list[Contributor]:
@@ -117,7 +113,7 @@ def verify(ws: Workspace, upd: bundle.UpdateFile) -> tuple[VersionInfo, Contribu
     if contributor is None:
         raise StemmaError(f"contributor {h['contributor']!r} is not registered for node {node}; refused")
     if contributor.revoked_at is not None:
-        raise StemmaError(f"{contributor.name}'s key for {node} was revoked {_when(contributor.revoked_at)} by "
+        raise StemmaError(f"{contributor.name}'s key for {node} was revoked {when(contributor.revoked_at)} by "
                           f"{contributor.revoked_by} ({contributor.revoked_reason}); refused")
     verify_signature(contributor.public_key, upd.signature, upd.digest)
     if version is None:
