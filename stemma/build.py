@@ -19,6 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
+from . import distributed
 from .data.curate.pipeline import Curation
 from .data.ingest import BuiltDataset, built_from, curation_for
 from .errors import StemmaError
@@ -116,6 +117,7 @@ def build(ws: Workspace, spec: TreeSpec, reporter: Reporter | None = None, only:
             node = spec.nodes[path]
             inputs[path] = get(node.method).recipe_inputs(node.config, spec.root_dir)
     preflight_shapes(spec, targets)
+    distributed.preflight(spec, targets, distributed.build_world())  # batches the build's processes can share
     curations = spec_curations(spec, ws.settings.work_dir / "curate", executor=executor, reporter=reporter)
     ds_ids: dict[str, str] = {}
     # Builders of one tree curate the same corpora in the same work directories (one of them reads the others' test
@@ -229,8 +231,11 @@ def _run(ws: Workspace, spec: TreeSpec, node: NodeSpec, method, parent: VersionI
          datasets: dict[str, str], recipe: dict, key: str, reporter: Reporter,
          rebase_from: VersionInfo | None = None) -> VersionInfo:
     work = ws.work_dir_for(key)
+    # A data-parallel method trains with the build's processes (`stemma.distributed`); a rebase runs here alone.
+    world = distributed.ONE if rebase_from is not None else distributed.announce(
+        method, node.path, parent.id if parent else None, datasets, key)
     ctx = BuildContext(ws=ws, node=node.path, spec_dir=spec.root_dir, parent=parent, dataset_id=datasets.get("train"),
-                       replay_dataset_id=datasets.get("replay"), work_dir=work, reporter=reporter)
+                       replay_dataset_id=datasets.get("replay"), work_dir=work, reporter=reporter, world=world)
     if parent is not None and parent.row.tokenizer != ws.version(parent.id).row.tokenizer:  # pragma: no cover
         raise StemmaError(f"node {node.path}: parent tokenizer changed during the build")
     if rebase_from is not None:

@@ -29,22 +29,41 @@ def build(
                                    help="Measure each version's memory and speed once (a child process each)."),
     executor: str = typer.Option("local", "--executor", help="Where dataset curation runs: local (processes) or ray."),
     workers: int = typer.Option(None, "--workers", help="Curation worker processes (default: every core)."),
+    nproc: int = typer.Option(None, "--nproc", help="Train data-parallel in this many processes on this machine "
+                              "(pretrain, distill, finetune, lora, sft); under torchrun, its processes are used."),
 ) -> None:
     """Reconcile the registry to stemma.yaml: build only what changed."""
     import time
 
+    from .. import distributed
     from ..build import build as run_build
     from ..data.curate.pipeline import make_executor
+    from ..errors import StemmaError
     from ..progress import RichReporter
     from ..spec import load_spec
+    from ..train.parallel import World
     from ..workspace import Workspace
 
+    world = World.from_env()
+    if nproc is not None and world.size > 1 and nproc != world.size:
+        raise StemmaError(f"--nproc {nproc} under a launcher that started {world.size} processes; drop --nproc")
+    if nproc is not None and nproc > 1 and world.size == 1:  # the processes are started here, each runs this command
+        args = ["build", str(spec), *[a for n in node or [] for a in ("--node", n)],
+                "--footprint" if footprint else "--no-footprint", "--executor", executor,
+                *(["--workers", str(workers)] if workers is not None else [])]
+        raise typer.Exit(distributed.launch(nproc, args))
     tree = load_spec(spec)
+    world.start()
+    if not world.is_main:
+        distributed.follow(world, tree)
+        return
     ws = Workspace.init()
     t0 = time.perf_counter()
     ex = make_executor(executor, workers)
     try:
-        events = run_build(ws, tree, reporter=RichReporter(err), only=node or None, footprint=footprint, executor=ex)
+        with distributed.lead(world):
+            events = run_build(ws, tree, reporter=RichReporter(err), only=node or None, footprint=footprint,
+                               executor=ex)
     finally:
         ex.close()
     built = sum(e.action in ("built", "rebased") for e in events)

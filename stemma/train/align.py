@@ -318,7 +318,8 @@ class Policy:
     """The parent made trainable (a fresh LoRA adapter, or all weights) and a view of the parent as it was.
 
     With LoRA the parent is the same model with the adapter disabled (no second copy in memory); with all weights
-    a frozen copy is kept only when something asks for the parent during training (``need_reference``).
+    a frozen copy is kept only when something asks for the parent during training (``need_reference``). ``net`` is
+    the model as training calls it: wrapped for the build's processes when the method trains data-parallel.
     """
 
     def __init__(self, ctx: BuildContext, cfg: AlignConfig, need_reference: bool):
@@ -346,6 +347,7 @@ class Policy:
                 for p in self._ref.parameters():
                     p.requires_grad_(False)
         self.l2sp = L2SP(self.model.named_parameters()) if cfg.l2sp > 0 else None
+        self.net = ctx.world.wrap(self.model)
 
     @contextmanager
     def reference(self):
@@ -369,7 +371,7 @@ class Policy:
 
     def replay_loss(self, rows: torch.Tensor) -> torch.Tensor:
         """KL(parent || child) on text windows (the child's general knowledge kept where the parent had it)."""
-        logits = self.model(input_ids=rows[:, :-1]).logits
+        logits = self.net(input_ids=rows[:, :-1]).logits
         with torch.no_grad(), self.reference() as ref:
             p_logits = ref(input_ids=rows[:, :-1]).logits
         return self.cfg.replay_kl * kl_to_teacher(logits, p_logits)
@@ -379,9 +381,10 @@ class Policy:
 
     def step_total(self, loss: torch.Tensor, ntok: int, step: int, replay: TokenStream | None, n_replay: int
                    ) -> tuple[torch.Tensor, int]:
-        """A step's loss on its pairs plus the replay KL on ``n_replay`` text windows and the L2-SP penalty."""
+        """A step's loss on its pairs plus the replay KL on ``n_replay`` text windows (this process's share of them)
+        and the L2-SP penalty."""
         if n_replay:
-            rows = replay.batch(step, n_replay, stream=1)
+            rows = self.ctx.world.share(replay.batch(step, n_replay, stream=1))
             loss = loss + self.replay_loss(rows)
             ntok += rows[:, 1:].numel()
         return self.regularise(loss), ntok
@@ -389,9 +392,7 @@ class Policy:
     @staticmethod
     def train_info(stats, digest: str, n_train: int, n_heldout: int) -> dict[str, Any]:
         """What every alignment run records in the manifest."""
-        return {"steps": stats.steps, "tokens": stats.tokens, "seconds": round(stats.seconds, 2),
-                "final_loss": round(stats.final_loss, 4), "pairs": digest, "train_pairs": n_train,
-                "heldout_pairs": n_heldout}
+        return {**stats.record(), "pairs": digest, "train_pairs": n_train, "heldout_pairs": n_heldout}
 
     def no_grad_eval(self):
         """Evaluation mode without gradients (dropout off), for measuring before and after training."""

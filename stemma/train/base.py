@@ -2,8 +2,12 @@
 
 A method supplies the model's trainable parameters and a ``step_loss(step) -> (loss, tokens)`` function; the
 `Trainer` owns everything else (datatrove-style: the plug-in implements one thing). Checkpoints hold the
-trainable weights, the optimiser state and the step, all as safetensors + JSON, and are swapped in
-atomically, so a build killed at any moment resumes from its last checkpoint.
+trainable weights, the optimiser state, the step and the loss curve so far, all as safetensors + JSON, and are
+swapped in atomically, so a build killed at any moment resumes from its last checkpoint.
+
+Data-parallel training (`stemma.train.parallel`): the method wraps its trained model with `World.wrap` and calls
+the wrapper's forward in ``step_loss`` on its share of the global batch; the Trainer takes the wrapper, reports the
+global batch's loss and tokens, and only rank 0 writes checkpoints, which every rank reads when it resumes.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import DataError
 from ..progress import NullReporter, Reporter
+from .parallel import ONE, World, unwrap
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+CURVE_POINTS = 200
+"""A manifest's loss curve has at most this many points (means of consecutive windows of steps)."""
+
+
 @dataclass
 class TrainStats:
     steps: int
@@ -123,22 +132,40 @@ class TrainStats:
     seconds: float
     final_loss: float
     resumed_from: int
+    losses: list[float]
+    """The global batch's loss at every step, resumed runs included (the checkpoint carries it)."""
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
+    def record(self) -> dict:
+        """What the manifest's ``train`` says of the run: steps, tokens, seconds, the final (smoothed) loss, and the
+        loss curve as the mean loss of each window of ``every`` steps (every step for runs of up to
+        `CURVE_POINTS` steps)."""
+        every = max(1, math.ceil(len(self.losses) / CURVE_POINTS))
+        curve = [round(float(np.mean(self.losses[i : i + every])), 6) for i in range(0, len(self.losses), every)]
+        return {"steps": self.steps, "tokens": self.tokens, "seconds": round(self.seconds, 2),
+                "final_loss": round(self.final_loss, 4), "loss_curve": {"every": every, "loss": curve}}
+
 
 class Trainer:
-    """Runs ``cfg.steps`` optimiser steps of ``step_loss`` over ``module``'s trainable parameters."""
+    """Runs ``cfg.steps`` optimiser steps of ``step_loss`` over ``module``'s trainable parameters.
+
+    ``module`` is the model ``step_loss`` calls: in a ``world`` of several processes, its `World.wrap` wrapper
+    (refused otherwise: unsynchronised gradients would silently train a different model in every process)."""
 
     def __init__(self, module: torch.nn.Module, cfg: TrainConfig, step_loss: Callable[[int], tuple[torch.Tensor, int]],
-                 work_dir: Path | None = None, reporter: Reporter | None = None, label: str = "train"):
-        self.module, self.cfg, self.step_loss = module, cfg, step_loss
+                 work_dir: Path | None = None, reporter: Reporter | None = None, label: str = "train",
+                 world: World = ONE):
+        if world.size > 1 and unwrap(module) is module:
+            raise ValueError(f"{label}: training in {world.size} processes needs the model wrapped by World.wrap")
+        self.net, self.module = module, unwrap(module)
+        self.cfg, self.step_loss, self.world = cfg, step_loss, world
         self.work_dir = Path(work_dir) if work_dir else None
         self.reporter = reporter or NullReporter()
         self.label = label
-        self.named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         if not self.named:
             raise ValueError("nothing to train: no parameter requires grad")
         precision = resolve_precision(cfg.precision)
@@ -161,8 +188,8 @@ class Trainer:
     def _ckpt(self) -> Path | None:
         return self.work_dir / "checkpoint" if self.work_dir else None
 
-    def save_checkpoint(self, step: int, tokens: int, loss: float) -> None:
-        if self._ckpt is None:
+    def save_checkpoint(self, step: int, tokens: int, loss: float, losses: list[float]) -> None:
+        if self._ckpt is None or not self.world.is_main:
             return
         new = self.work_dir / "checkpoint.new"
         old = self.work_dir / "checkpoint.old"
@@ -181,7 +208,7 @@ class Trainer:
             save_file(tensors, new / "optimizer.safetensors")
         groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
         state = {"step": step, "tokens": tokens, "loss": loss, "param_groups": groups, "scalars": scalars,
-                 "names": [n for n, _ in self.named]}
+                 "names": [n for n, _ in self.named], "losses": losses}
         (new / "state.json").write_text(json.dumps(state))
         # Swap in: at every instant either checkpoint/ or checkpoint.old/ is complete.
         shutil.rmtree(old, ignore_errors=True)
@@ -190,15 +217,19 @@ class Trainer:
         new.rename(self._ckpt)
         shutil.rmtree(old, ignore_errors=True)
 
-    def load_checkpoint(self) -> tuple[int, int]:
+    def load_checkpoint(self) -> tuple[int, int, list[float]]:
+        """(step, tokens, losses) of the checkpoint, its weights and optimiser state loaded; zeros without one.
+
+        Every rank reads the same files: rank 0 writes them only after a step, which needs every rank's gradients,
+        so no rank can read while rank 0 writes."""
         if self._ckpt is None:
-            return 0, 0
+            return 0, 0, []
         ck = self._ckpt if (self._ckpt / "state.json").exists() else self.work_dir / "checkpoint.old"
         if not (ck / "state.json").exists():
-            return 0, 0
+            return 0, 0, []
         state = json.loads((ck / "state.json").read_text())
         if state["names"] != [n for n, _ in self.named]:
-            return 0, 0  # a checkpoint of some other parameter set: start over rather than mix
+            return 0, 0, []  # a checkpoint of some other parameter set: start over rather than mix
         weights = load_file(ck / "weights.safetensors")
         with torch.no_grad():
             for n, p in self.named:
@@ -212,15 +243,15 @@ class Trainer:
             idx, k = key.split(".", 1)
             per.setdefault(int(idx), {})[k] = v
         self.opt.load_state_dict({"state": per, "param_groups": state["param_groups"]})
-        return int(state["step"]), int(state["tokens"])
+        return int(state["step"]), int(state["tokens"]), list(state.get("losses", []))
 
     # ---------------------------------------------------------------- loop
     def run(self) -> TrainStats:
         cfg = self.cfg
-        start, tokens = self.load_checkpoint()
+        start, tokens, losses = self.load_checkpoint()
         if start:
             self.reporter.log(f"[dim]{self.label}: resuming from checkpoint at step {start}/{cfg.steps}[/dim]")
-        self.module.train()
+        self.net.train()
         t0 = time.perf_counter()
         last_ckpt = t0
         loss_ema = float("nan")
@@ -239,7 +270,8 @@ class Trainer:
                     torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
                 self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
-                lv = loss.item()
+                lv, ntok = self.world.step_totals(loss.item(), ntok)  # the same on every rank
+                losses.append(lv)
                 if not math.isfinite(lv):
                     raise FloatingPointError(f"{self.label}: loss became {lv} at step {step}; lower the learning rate")
                 loss_ema = lv if math.isnan(loss_ema) else 0.9 * loss_ema + 0.1 * lv
@@ -248,11 +280,11 @@ class Trainer:
                 now = time.perf_counter()
                 task.advance(1, info=f"loss {loss_ema:.3f}  {run_tokens / max(now - t0, 1e-9):,.0f} tok/s")
                 if self.work_dir and now - last_ckpt >= cfg.checkpoint_every_s and step + 1 < cfg.steps:
-                    self.save_checkpoint(step + 1, tokens, loss_ema)
+                    self.save_checkpoint(step + 1, tokens, loss_ema, losses)
                     last_ckpt = time.perf_counter()
-        self.module.eval()
+        self.net.eval()
         return TrainStats(steps=cfg.steps, tokens=tokens, seconds=time.perf_counter() - t0, final_loss=loss_ema,
-                          resumed_from=start)
+                          resumed_from=start, losses=losses)
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -93,6 +93,7 @@ class Distill(BuildMethod):
     name = "distill"
     relation = "distill"
     config_cls = DistillConfig
+    data_parallel = True
 
     def make_config(self, raw, where):
         cfg = super().make_config(raw, where)
@@ -137,23 +138,24 @@ class Distill(BuildMethod):
         picks = family.init_student(student, teacher) if cfg.init_from_teacher and same else []
         own, replay = ctx.streams(tok, context, cfg.seed)
         split = split_batch(cfg.batch_size, cfg.replay_fraction, replay is not None)
+        net = ctx.world.wrap(student)
 
         def step_loss(step: int):
-            a, b = draw(own, replay, step, split)
+            a, b = draw(own, replay, step, split, ctx.world)
             rows = a if b is None else torch.cat([a, b])
             x = rows[:, :-1]
             with torch.no_grad():
                 t_logits = teacher(input_ids=x).logits
-            s_logits = student(input_ids=x).logits
+            s_logits = net(input_ids=x).logits
             soft = kl_to_teacher(s_logits, t_logits, cfg.temperature)
-            hard = lm_loss(s_logits[: split.own], a[:, 1:])
+            hard = lm_loss(s_logits[: len(a)], a[:, 1:])
             return cfg.alpha * soft + (1 - cfg.alpha) * hard, x.numel()
 
-        stats = Trainer(student, cfg, step_loss, ctx.work_dir, ctx.reporter, label=f"{ctx.node}: distill").run()
+        stats = Trainer(net, cfg, step_loss, ctx.work_dir, ctx.reporter, label=f"{ctx.node}: distill",
+                        world=ctx.world).run()
         return BuildOutput(
             files=save_model_files(student), tokenizer=ctx.parent.row.tokenizer, params=n_s, own_params=n_s,
             architecture={**family.describe(student.config), "init_teacher_layers": picks},
-            train={"steps": stats.steps, "tokens": stats.tokens, "seconds": round(stats.seconds, 2),
-                   "final_loss": round(stats.final_loss, 4), "teacher_params": n_t,
+            train={**stats.record(), "teacher_params": n_t,
                    "config": dataclasses.asdict(cfg)},
         )

@@ -33,6 +33,7 @@ class Finetune(BuildMethod):
     name = "finetune"
     relation = "finetune"
     config_cls = FinetuneConfig
+    data_parallel = True
 
     def run(self, ctx: BuildContext, cfg: FinetuneConfig) -> BuildOutput:
         tok = ctx.parent_tokenizer()
@@ -48,29 +49,30 @@ class Finetune(BuildMethod):
         for p in model.parameters():
             p.requires_grad_(True)
         l2sp = L2SP(model.named_parameters()) if cfg.l2sp > 0 else None
+        net = ctx.world.wrap(model)
 
         def step_loss(step: int):
-            a, b = draw(own, replay, step, split)
+            a, b = draw(own, replay, step, split, ctx.world)
             if parent is not None and b is not None:
-                logits = model(input_ids=torch.cat([a, b])[:, :-1]).logits
-                loss = lm_loss(logits[: split.own], a[:, 1:])
+                logits = net(input_ids=torch.cat([a, b])[:, :-1]).logits
+                loss = lm_loss(logits[: len(a)], a[:, 1:])
                 with torch.no_grad():
                     p_logits = parent(input_ids=b[:, :-1]).logits
-                loss = loss + cfg.replay_kl * kl_to_teacher(logits[split.own :], p_logits)
+                loss = loss + cfg.replay_kl * kl_to_teacher(logits[len(a) :], p_logits)
                 ntok = a[:, 1:].numel() + b[:, 1:].numel()
             else:
                 rows = a if b is None else torch.cat([a, b])
-                loss = lm_loss(model(input_ids=rows[:, :-1]).logits, rows[:, 1:])
+                loss = lm_loss(net(input_ids=rows[:, :-1]).logits, rows[:, 1:])
                 ntok = rows[:, 1:].numel()
             if l2sp is not None:
                 loss = loss + cfg.l2sp * l2sp()
             return loss, ntok
 
-        stats = Trainer(model, cfg, step_loss, ctx.work_dir, ctx.reporter, label=f"{ctx.node}: finetune").run()
+        stats = Trainer(net, cfg, step_loss, ctx.work_dir, ctx.reporter, label=f"{ctx.node}: finetune",
+                        world=ctx.world).run()
         n = count_params(model)
         return BuildOutput(
             files=save_model_files(model), tokenizer=ctx.parent.row.tokenizer, params=n, own_params=n,
             architecture=ctx.parent.manifest["architecture"],
-            train={"steps": stats.steps, "tokens": stats.tokens, "seconds": round(stats.seconds, 2),
-                   "final_loss": round(stats.final_loss, 4)},
+            train=stats.record(),
         )

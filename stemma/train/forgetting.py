@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import TokenStream
+from .parallel import ONE, World
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,12 @@ def split_batch(batch_size: int, replay_fraction: float, has_replay: bool) -> Re
     return ReplaySplit(max(1, batch_size - replay), replay)
 
 
-def draw(own: TokenStream, replay: TokenStream | None, step: int, split: ReplaySplit):
-    """Own rows and replay rows for one step (replay drawn from its own seeded stream)."""
-    a = own.batch(step, split.own, stream=0)
-    b = replay.batch(step, split.replay, stream=1) if (replay is not None and split.replay) else None
+def draw(own: TokenStream, replay: TokenStream | None, step: int, split: ReplaySplit, world: World = ONE):
+    """Own rows and replay rows for one step (replay drawn from its own seeded stream), this process's share of
+    each: the parts are shared separately, so every process's loss weighs own and replay rows as the whole batch
+    does."""
+    a = world.share(own.batch(step, split.own, stream=0))
+    b = world.share(replay.batch(step, split.replay, stream=1)) if (replay is not None and split.replay) else None
     return a, b
 
 

@@ -72,12 +72,17 @@ class Lora(BuildMethod):
     name = "lora"
     relation = "adapter"
     config_cls = LoraConfig
+    data_parallel = True
 
     def plan(self, cfg: LoraConfig, parent: Planned | None, spec, node) -> Planned:
         planned = super().plan(cfg, parent, spec, node)  # refuses a compressed parent first
         if parent is not None and parent.config is not None:
             check_lora(parent.config, cfg.r, cfg.target_modules, f"node {node.path}")
         return planned
+
+    def batch_parts(self, cfg: LoraConfig) -> dict[str, int]:
+        split = split_batch(cfg.batch_size, cfg.replay_fraction, cfg.replay_kl > 0)
+        return {"own": split.own, "replay": split.replay}
 
     def run(self, ctx: BuildContext, cfg: LoraConfig) -> BuildOutput:
         from peft import LoraConfig as PeftLoraConfig
@@ -95,25 +100,26 @@ class Lora(BuildMethod):
         context = model_context(base)
         own, replay = ctx.streams(tok, context, cfg.seed)
         split = split_batch(cfg.batch_size, cfg.replay_fraction, replay is not None and cfg.replay_kl > 0)
+        net = ctx.world.wrap(model)
 
         def step_loss(step: int):
-            a, b = draw(own, replay, step, split)
+            a, b = draw(own, replay, step, split, ctx.world)
             if b is None:
-                return lm_loss(model(input_ids=a[:, :-1]).logits, a[:, 1:]), a[:, 1:].numel()
-            logits = model(input_ids=torch.cat([a, b])[:, :-1]).logits
-            loss = lm_loss(logits[: split.own], a[:, 1:])
+                return lm_loss(net(input_ids=a[:, :-1]).logits, a[:, 1:]), a[:, 1:].numel()
+            logits = net(input_ids=torch.cat([a, b])[:, :-1]).logits
+            loss = lm_loss(logits[: len(a)], a[:, 1:])
             with torch.no_grad(), model.disable_adapter():
                 p_logits = model(input_ids=b[:, :-1]).logits
-            loss = loss + cfg.replay_kl * kl_to_teacher(logits[split.own :], p_logits)
+            loss = loss + cfg.replay_kl * kl_to_teacher(logits[len(a) :], p_logits)
             return loss, a[:, 1:].numel() + b[:, 1:].numel()
 
-        stats = Trainer(model, cfg, step_loss, ctx.work_dir, ctx.reporter, label=f"{ctx.node}: lora r={cfg.r}").run()
+        stats = Trainer(net, cfg, step_loss, ctx.work_dir, ctx.reporter, label=f"{ctx.node}: lora r={cfg.r}",
+                        world=ctx.world).run()
         delta = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         return BuildOutput(
             files=save_model_files(model, adapter=True, base_ref=f"stemma:{ctx.parent.id}"),
             tokenizer=ctx.parent.row.tokenizer, params=n_base, own_params=delta,
             architecture={**ctx.parent.manifest["architecture"], "adapter": {"type": "lora", "r": cfg.r,
                                                                               "alpha": cfg.alpha, "targets": targets}},
-            train={"steps": stats.steps, "tokens": stats.tokens, "seconds": round(stats.seconds, 2),
-                   "final_loss": round(stats.final_loss, 4)},
+            train=stats.record(),
         )

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 from ..errors import SpecError, StemmaError
 from ..plugins import Registry
 from ..progress import NullReporter, Reporter
+from .parallel import ONE, World
 
 _METHODS: Registry[type[BuildMethod]] = Registry("build method", lambda cls: cls.name, SpecError)
 register, names = _METHODS.register, _METHODS.names
@@ -22,7 +23,9 @@ def get(name: str) -> BuildMethod:
 
 @dataclass
 class BuildContext:
-    """What a method may use: the workspace, its parent, its data, a work dir for checkpoints, a reporter."""
+    """What a method may use: the workspace, its parent, its data, a work dir for checkpoints, a reporter, and the
+    processes it trains with (``world``: one, unless the method is `BuildMethod.data_parallel` and the build runs in
+    several). A method run by a rank other than 0 computes only: its output is discarded, it writes nothing."""
 
     ws: Any  # Workspace; typed loosely to keep this module import-light
     node: str
@@ -32,6 +35,7 @@ class BuildContext:
     replay_dataset_id: str | None
     work_dir: Path
     reporter: Reporter = field(default_factory=NullReporter)
+    world: World = ONE
 
     def texts(self, split: str = "train", dataset_id: str | None = None) -> tuple[str, ...]:
         ds = dataset_id or self.dataset_id
@@ -106,6 +110,9 @@ class BuildMethod:
     root: ClassVar[bool] = False
     """True for methods that start a tree (no parent)."""
     needs_dataset: ClassVar[bool] = True
+    data_parallel: ClassVar[bool] = False
+    """True for methods that train with `BuildContext.world` (`stemma.train.parallel`): each process computes its
+    `World.share` of every batch through the `World.wrap` wrapper of the trained model. Others run in rank 0 alone."""
 
     def make_config(self, raw: dict[str, Any] | None, where: str) -> Any:
         """Validate a config mapping against the method's dataclass (types and unknown fields)."""
@@ -116,6 +123,15 @@ class BuildMethod:
         if getattr(cfg, "precision", None) == "auto":  # the recipe names the precision that trains
             cfg = dataclasses.replace(cfg, precision=resolve_precision("auto"))
         return cfg
+
+    def batch_parts(self, cfg: Any) -> dict[str, int]:
+        """The rows of one step's global batch by part (own data, replay): data-parallel training shares each part
+        out evenly, so each must be a multiple of the number of processes. Default: the forgetting control's split,
+        replay assumed present (it is whenever the parent has training data)."""
+        from .forgetting import split_batch
+
+        split = split_batch(cfg.batch_size, getattr(cfg, "replay_fraction", 0.0), True)
+        return {"own": split.own, "replay": split.replay}
 
     def recipe_config(self, cfg: Any) -> dict[str, Any]:
         """The config as it enters the recipe key (everything, unless a field only locates an input)."""

@@ -28,13 +28,19 @@ class SftConfig(AlignConfig):
     """Optimiser steps."""
 
 
-def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(mean cross-entropy over the labelled next tokens, how many there were)."""
+def response_loss(logits: torch.Tensor, labels: torch.Tensor, over: float | None = None) -> tuple[torch.Tensor, int]:
+    """(cross-entropy summed over the labelled next tokens and divided by ``over``, how many there were). ``over``
+    defaults to their count: the mean."""
     targets = labels[:, 1:]
     n = int((targets != IGNORE).sum())
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                              ignore_index=IGNORE, reduction="sum")
-    return loss / max(n, 1), n
+    return loss / max(over if over is not None else n, 1), n
+
+
+def labelled(rows: list[tuple[list[int], list[int]]]) -> int:
+    """How many next tokens of encoded examples carry a label (what `response_loss` averages over)."""
+    return sum(sum(t != IGNORE for t in labels[1:]) for _, labels in rows)
 
 
 def mean_response_loss(model, rows: list[tuple[list[int], list[int]]], pad: int, batch: int = 16) -> float:
@@ -53,6 +59,11 @@ class Sft(AlignMethod):
     name = "sft"
     kind = "sft"
     config_cls = SftConfig
+    data_parallel = True
+
+    def batch_parts(self, cfg: SftConfig) -> dict[str, int]:
+        split = split_batch(cfg.batch_size, cfg.replay_fraction, cfg.replay_kl > 0)
+        return {"own": split.own, "replay": split.replay}
 
     def run(self, ctx: BuildContext, cfg: SftConfig) -> BuildOutput:
         st = self.start(ctx, cfg)
@@ -66,13 +77,19 @@ class Sft(AlignMethod):
         with st.policy.no_grad_eval():
             parent_held = mean_response_loss(model, held_rows, st.eos) if held_rows else None
 
+        world = ctx.world
+
         def step_loss(step: int):
-            ids, labels = collate([rows[i] for i in pick(len(rows), split.own, cfg.seed, step)], st.eos)
-            loss, ntok = response_loss(model(input_ids=ids[:, :-1]).logits, labels)
+            picked = [rows[i] for i in pick(len(rows), split.own, cfg.seed, step)]
+            ids, labels = collate(world.share(picked), st.eos)
+            # The whole batch's mean over its labelled tokens: each process divides its sum by the batch's count
+            # over the processes, since the gradient reduction averages over them.
+            over = labelled(picked) / world.size
+            loss, ntok = response_loss(st.policy.net(input_ids=ids[:, :-1]).logits, labels, over)
             return st.policy.step_total(loss, ntok, step, replay, split.replay)
 
-        stats = Trainer(model, cfg, step_loss, ctx.work_dir, ctx.reporter,
-                        label=f"{ctx.node}: sft ({cfg.mode})").run()
+        stats = Trainer(st.policy.net, cfg, step_loss, ctx.work_dir, ctx.reporter,
+                        label=f"{ctx.node}: sft ({cfg.mode})", world=world).run()
         with st.policy.no_grad_eval():
             child_held = mean_response_loss(model, held_rows, st.eos) if held_rows else None
         info = st.policy.train_info(stats, st.digest, len(rows), len(held_rows))
