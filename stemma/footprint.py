@@ -171,7 +171,7 @@ def measure(ws, version_id: str, new_tokens: int = 32, batch: int = 8, timeout: 
            "--batch", str(batch)]
     if context:
         cmd += ["--context", str(context)]
-    got = _run_child(cmd, env, f"{v.row.node_path}@{v.short}", timeout)
+    got = _run_child(cmd, env, f"{v.label}", timeout)
     return Footprint(disk_bytes=disk_bytes(ws, version_id), machine=machine_profile(), **got)
 
 
@@ -267,7 +267,7 @@ def measure_llamacpp(ws, version_id: str, new_tokens: int = 32, threads: int | N
         except GGUFRefused as e:
             return str(e)
     arch = v.manifest.get("architecture") or {}
-    label = f"{v.row.node_path}@{v.short} in llama.cpp"
+    label = f"{v.label} in llama.cpp"
     machine = machine_profile()
     threads = threads or int(machine.get("threads") or os.cpu_count() or 1)
     out: dict[str, LlamaFootprint] = {}

@@ -375,7 +375,7 @@ def licensing(ws: Workspace, version_id: str, cache: dict | None = None) -> Lice
     ancestors between calls, as `stemma tree` does)."""
     cache = {} if cache is None else cache
     chain = ws.chain(version_id)
-    labels = [f"{c.row.node_path}@{c.short}" for c in chain]
+    labels = [c.label for c in chain]
     seen: dict[tuple[str, str], Obligation] = {}
     notes: list[str] = []
     for i, v in enumerate(chain):

@@ -113,7 +113,7 @@ def _dataset_target(ws: Workspace, ref: str) -> Target:
 
 def _version_target(ws: Workspace, ref: str) -> Target:
     v = ws.resolve_version(ref)
-    return Target("version", v.id, f"{v.row.node_path}@{v.short}")
+    return Target("version", v.id, f"{v.label}")
 
 
 MAX_REASON = Flag.__table__.c.reason.type.length

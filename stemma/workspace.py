@@ -46,6 +46,11 @@ class VersionInfo:
     def short(self) -> str:
         return self.row.id[:12]
 
+    @property
+    def label(self) -> str:
+        """``node@short id``, as every message and table names a version."""
+        return f"{self.label}"
+
 
 class Workspace:
     def __init__(self, settings: Settings):

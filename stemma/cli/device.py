@@ -116,7 +116,7 @@ def pull(
         v = ws.resolve_version(ref)
     fmt = fmt or "hf"
     path = run_pull(ws, v, out_dir, fmt=fmt, gguf_type=gguf_type, force=force, why=why)
-    out.print(f"pulled {v.row.node_path}@{v.short} ({fmt}) to {path}")
+    out.print(f"pulled {v.label} ({fmt}) to {path}")
 
 
 @app.command()

@@ -28,7 +28,7 @@ def eval_(
         from ..evaluate.harness import run_harness
 
         scores = run_harness(ws, v.id, harness.split(","), include_path=include_path, limit=limit)
-        t = Table("metric", "value", title=f"lm-eval on {v.row.node_path}@{v.short}")
+        t = Table("metric", "value", title=f"lm-eval on {v.label}")
         for name, value in scores.items():
             t.add_row(name, f"{value:.4f}")
         out.print(t)
@@ -44,7 +44,7 @@ def eval_(
         raise StemmaError(f"node {v.row.node_path} has no evaluation tasks; give it eval: suites in stemma.yaml and "
                           "run `stemma build`")
     scores = evaluate_version(ws, v, reporter=RichReporter(err), suite=suite)
-    t = Table("task", "metric", "value", title=f"{v.row.node_path}@{v.short}")
+    t = Table("task", "metric", "value", title=v.label)
     for tid, metrics in scores.items():
         for m, value in metrics.items():
             t.add_row(tid, m, f"{value:.4f}")

@@ -43,7 +43,7 @@ class Runner:
 
         self.ws, self.version_id, self.batch_size = ws, version_id, batch_size
         v = ws.version(version_id)
-        self.label = label or f"{v.row.node_path}@{v.short}"
+        self.label = label or v.label
         self.tok = ws.tokenizer(v.row.tokenizer)
         try:
             self.eos = eos_id(self.tok)

@@ -111,7 +111,7 @@ def release(ws: Workspace, ref: str, out: Path, key: Path, fmt: str = "hf", lice
     out = check_out_dir(out, can_force=False)
     verdict = refusals(ws, v, fmt, license, key)
     if verdict.reasons:
-        raise StemmaError(f"release of {v.row.node_path}@{v.short} refused: {'; '.join(verdict.reasons)}")
+        raise StemmaError(f"release of {v.label} refused: {'; '.join(verdict.reasons)}")
     license, pub = verdict.license, public_key_pem(key)
     with staged_dir(out) as stage:
         _write_files(ws, v, fmt, stage)
