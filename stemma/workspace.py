@@ -49,7 +49,7 @@ class VersionInfo:
     @property
     def label(self) -> str:
         """``node@short id``, as every message and table names a version."""
-        return f"{self.label}"
+        return f"{self.row.node_path}@{self.short}"
 
 
 class Workspace:
