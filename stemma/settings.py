@@ -29,10 +29,6 @@ class Settings:
         """Scratch space: one directory per in-flight build, holding its checkpoints."""
         return self.home / "work"
 
-    @property
-    def lock_path(self) -> Path:
-        return self.home / "build.lock"
-
 
 def load_settings(home: str | Path | None = None) -> Settings:
     """Read settings from the environment (STEMMA_HOME, STEMMA_REGISTRY_URL)."""
