@@ -94,14 +94,21 @@ def lead(world: World):
         _send(None)
 
 
-def follow(world: World, spec) -> None:
-    """Ranks 1..N-1: run each job rank 0 sends with the same inputs, writing nothing, until it sends ``None``."""
+def follow(world: World, spec) -> int:
+    """Ranks 1..N-1: run each job rank 0 sends with the same inputs, writing nothing, until it sends ``None``.
+    Returns the exit status: 0, or 1 when rank 0 ended first (it failed and says why, or it was killed)."""
     from .methods import get
     from .train.registry import BuildContext
     from .workspace import Workspace
 
     ws = None
-    while (job := _receive()) is not None:
+    while True:
+        try:
+            job = _receive()
+        except RuntimeError:  # rank 0 is gone
+            return 1
+        if job is None:
+            return 0
         ws = ws or Workspace.open()  # after rank 0's pre-flight: the registry and the datasets are there
         node = spec.nodes[job.node]
         ctx = BuildContext(ws=ws, node=job.node, spec_dir=spec.root_dir,
@@ -121,10 +128,7 @@ def _receive() -> Job | None:
     import torch.distributed as dist
 
     box: list[Job | None] = [None]
-    try:
-        dist.broadcast_object_list(box, src=0)
-    except RuntimeError:  # rank 0 is gone: it failed (and said why) or was killed
-        raise StemmaError("rank 0 ended before the build finished") from None
+    dist.broadcast_object_list(box, src=0)
     return box[0]
 
 

@@ -55,8 +55,7 @@ def build(
     tree = load_spec(spec)
     world.start()
     if not world.is_main:
-        distributed.follow(world, tree)
-        return
+        raise typer.Exit(distributed.follow(world, tree))
     ws = Workspace.init()
     t0 = time.perf_counter()
     ex = make_executor(executor, workers)
