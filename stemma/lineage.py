@@ -152,6 +152,16 @@ def ancestors(ws: Workspace, version_id: str) -> list[VersionInfo]:
     return ws.chain(version_id)
 
 
+def row_parents(rows: list[NodeRow]) -> list[str | None]:
+    """Each row's parent row's path (rows are depth-first: a row's parent is the last row one level up)."""
+    last: dict[int, str] = {}
+    parents = []
+    for r in rows:
+        parents.append(last.get(r.depth - 1) if r.depth else None)
+        last[r.depth] = r.path
+    return parents
+
+
 def tree_rows(ws: Workspace, forgetting_limit: float = 0.15) -> list[NodeRow]:
     nodes = {n.path: n for n in ws.nodes()}
     children: dict[str | None, list[str]] = {}

@@ -47,8 +47,11 @@ def pareto(points: list[Point]) -> list[Point]:
     return [p for p in points if p.front]
 
 
-def tradeoff_points(ws: Workspace, node: str) -> list[Point]:
-    """The node (merged, fp32) and each variant, on the node's own test split."""
+def tradeoff_points(ws: Workspace, node: str, measure: bool = True) -> list[Point]:
+    """The node (merged, fp32) and each variant, on the node's own test split.
+
+    ``measure=False`` reads stored perplexities only and leaves out the versions without one (the dashboard
+    never evaluates inside a request)."""
     from .evaluate.evaluator import Evaluator
     from .progress import NullReporter
     from .select import candidates_for
@@ -61,9 +64,12 @@ def tradeoff_points(ws: Workspace, node: str) -> list[Point]:
     ev = Evaluator(ws, NullReporter())
     pts = []
     for n, v in cands:
+        ppl = ev.ppl(v, ds) if measure else ev.stored(v, ds)
+        if ppl is None:
+            continue
         fp = stored(ws, v.id)
         pts.append(Point(node=n, label=n[len(node) + 1:] or f"{node.rsplit('/', 1)[-1]} (fp32)",
-                         bytes=fp.disk_bytes if fp else disk_bytes(ws, v.id), perplexity=ev.ppl(v, ds),
+                         bytes=fp.disk_bytes if fp else disk_bytes(ws, v.id), perplexity=ppl,
                          tokens_per_s=fp.tokens_per_s if fp else None))
     pareto(pts)
     return pts

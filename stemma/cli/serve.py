@@ -1,4 +1,4 @@
-"""`stemma serve`: the OpenAI-compatible server over the whole tree."""
+"""`stemma serve`: the OpenAI-compatible server over the whole tree, with the dashboard; `stemma ui`: the dashboard."""
 
 from __future__ import annotations
 
@@ -27,3 +27,18 @@ def serve(
               f"{'enabled' if cfg.admin_token else 'disabled: no STEMMA_ADMIN_TOKEN'}; flagged versions "
               f"{'served' if cfg.allow_flagged else 'refused'})")
     run_server(ws, cfg)
+
+
+@app.command()
+def ui(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+) -> None:
+    """The read-only web dashboard of the tree, without loading a model (`stemma serve` serves it too, at /)."""
+    import uvicorn
+
+    from ..ui.routes import create_ui_app
+
+    ws = open_ws()
+    err.print(f"dashboard of {ws.settings.home} on http://{host}:{port}/ (read-only: no models loaded)")
+    uvicorn.run(create_ui_app(ws), host=host, port=port, log_level="warning", access_log=False)

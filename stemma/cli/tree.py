@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from ..lineage import row_parents
 from .app import app
 from .console import err, human_bytes, human_params, open_ws, out
 
@@ -119,21 +120,11 @@ def tree(
     out.print(t)
 
 
-def _parents(rows) -> list[str | None]:
-    """Each row's parent row's path (rows are depth-first: a row's parent is the last row one level up)."""
-    last: dict[int, str] = {}
-    parents = []
-    for r in rows:
-        parents.append(last.get(r.depth - 1) if r.depth else None)
-        last[r.depth] = r.path
-    return parents
-
-
 def _names(rows) -> list[str]:
     """The node column: each node's own name indented under its parent (``python`` under ``en/software``), or its
     full path where the name alone would not say it (a root, or a path that does not extend its parent's)."""
     out = []
-    for r, parent in zip(rows, _parents(rows)):
+    for r, parent in zip(rows, row_parents(rows)):
         own = r.path[len(parent) + 1:] if parent and r.path.startswith(parent + "/") else r.path
         out.append("  " * r.depth + own)
     return out
@@ -160,7 +151,7 @@ def _tree_json(ws, rows, flags, licences, metric: str | None) -> None:
                 "better": c.better}
 
     doc_rows = []
-    for r, parent, lic in zip(rows, _parents(rows), licences):
+    for r, parent, lic in zip(rows, row_parents(rows), licences):
         reached = flags.get(r.version.id) if r.version else None
         row = {
             "node": r.path, "parent": parent, "depth": r.depth, "layer": r.layer, "relation": r.relation,

@@ -82,17 +82,14 @@ class Facts:
         return tuple(d for d in self.datasets if d.version == me and d.role == "train")
 
 
-def gather(ws: Workspace, v: VersionInfo, fmt: str, verdict, signing_key: str | None) -> Facts:
-    """The facts of releasing ``v`` as ``fmt`` with ``verdict`` (`stemma.release.make.Verdict`: licence, gate
-    lines and the obligations already computed for it)."""
-    chain = tuple(ws.chain(v.id))
-    datasets, names = [], {}
+def dataset_facts(ws: Workspace, chain: tuple[VersionInfo, ...]) -> tuple[DatasetFact, ...]:
+    """Every dataset trained into a chain (master first), once each, with the version that first took it in."""
+    datasets: list[DatasetFact] = []
     for c in chain:
         for role, ds_id in sorted(ws.version_datasets(c.id).items()):
-            ds = ws.resolve_dataset(ds_id)
-            names[ds_id] = ds.name
             if any(d.id == ds_id for d in datasets):
                 continue
+            ds = ws.resolve_dataset(ds_id)
             sheet = ds.datasheet or {}
             datasets.append(DatasetFact(
                 id=ds_id, name=ds.name, seq=ds.seq, role=role, version=f"{c.row.node_path}@{c.short}",
@@ -101,6 +98,15 @@ def gather(ws: Workspace, v: VersionInfo, fmt: str, verdict, signing_key: str | 
                 counts=tuple((k, int(n)) for k, n in (sheet.get("counts") or {}).items() if isinstance(n, int)),
                 steps=tuple(s.get("step", "?") for s in sheet.get("curation") or []),
                 manifest=ws.dataset_manifest(ds_id)))
+    return tuple(datasets)
+
+
+def gather(ws: Workspace, v: VersionInfo, fmt: str, verdict, signing_key: str | None) -> Facts:
+    """The facts of releasing ``v`` as ``fmt`` with ``verdict`` (`stemma.release.make.Verdict`: licence, gate
+    lines and the obligations already computed for it)."""
+    chain = tuple(ws.chain(v.id))
+    datasets = dataset_facts(ws, chain)
+    names = {d.id: d.name for d in datasets}
     metrics = []
     for m in ws.metrics_of(v.id):
         if m.name == "perplexity" and m.dataset_id:
@@ -109,5 +115,5 @@ def gather(ws: Workspace, v: VersionInfo, fmt: str, verdict, signing_key: str | 
             metrics.append(Metric(m.name.removeprefix("task:"), m.value, m.name.split("/")[0]))
     n = ws.node(v.row.node_path)
     return Facts(version=v, chain=chain, layer=n.layer if n else "?", format=fmt, license=verdict.license,
-                 licensing=verdict.licensing, datasets=tuple(datasets), metrics=tuple(metrics), gate=verdict.gate,
+                 licensing=verdict.licensing, datasets=datasets, metrics=tuple(metrics), gate=verdict.gate,
                  signing_key=signing_key)

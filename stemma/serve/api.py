@@ -742,6 +742,9 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
             for s in seqs:
                 s.cancel()
 
+    from ..ui.routes import mount
+
+    mount(app, ws, pool)  # the dashboard at /, reading the same registry; its playground calls the API above
     return app
 
 

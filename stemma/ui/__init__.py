@@ -1,0 +1,1 @@
+"""The web dashboard of the tree: server-rendered pages over the registry (`stemma serve` at ``/``, `stemma ui`)."""
