@@ -18,6 +18,7 @@ from sqlalchemy import select
 from ..errors import StemmaError
 from ..lineage import NodeRow, row_parents, tree_rows
 from ..risk import Reach, reach
+from ..spec import LAYERS
 from ..workspace import VersionInfo, Workspace
 from .graph import Box, Plot, layout, tradeoff_plot
 
@@ -114,8 +115,6 @@ def tree_page(ws: Workspace, layer: str = "", language: str = "", domain: str = 
 
 
 def _layer_order(layer: str) -> int:
-    from ..spec import LAYERS
-
     return LAYERS.index(layer) if layer in LAYERS else len(LAYERS)
 
 

@@ -1,8 +1,8 @@
 """The dashboard in a real browser: Playwright drives Debian's ``chromium`` against `stemma serve` (API and pages in
 one server) on a private copy of the session variant tree, and against a real `stemma ui` process.
 
-Each page is saved as a screenshot under a temporary directory (or ``STEMMA_UI_SCREENSHOTS``, which is how the
-copies in ``docs/`` are made).
+Each page is saved as a screenshot under a temporary directory, or under ``STEMMA_UI_SCREENSHOTS``:
+``STEMMA_UI_SCREENSHOTS=docs`` writes the copies the README shows.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def test_the_tree_links_to_a_node_and_its_lineage(site, page, shots):
     page.goto(site["url"] + "/")
     nodes = page.locator("svg#tree a.node")
     assert nodes.count() == len(site["ws"].nodes())
-    page.screenshot(path=shots / "tree.png", full_page=True)
+    page.screenshot(path=shots / "dashboard-tree.png", full_page=True)
     page.click('svg#tree a[data-node="en/software/python"]')
     page.wait_for_url("**/node/en/software/python")
     assert page.inner_text("#node-name") == "en/software/python"
@@ -96,7 +96,7 @@ def test_the_tree_links_to_a_node_and_its_lineage(site, page, shots):
         assert v.row.node_path in text and v.short in text and v.row.relation in text
     assert page.locator("#tradeoff svg.plot").count() == 2  # size and speed vs perplexity
     assert page.locator("#tradeoff .dot.on-front").count() >= 1
-    page.screenshot(path=shots / "node.png", full_page=True)
+    page.screenshot(path=shots / "dashboard-node.png", full_page=True)
 
 
 @browser_test
@@ -124,13 +124,13 @@ def test_the_playground_streams_a_completion_and_the_live_page_shows_the_engine(
     assert page.get_attribute("#answered", "data-version") == version[:12]
     assert f"en/software@{version[:12]}" in page.inner_text("#answered")
     assert int(page.get_attribute("#output", "data-chunks")) > 1  # it arrived in pieces, as it was generated
-    page.screenshot(path=shots / "playground.png", full_page=True)
+    page.screenshot(path=shots / "dashboard-playground.png", full_page=True)
 
     page.goto(site["url"] + "/live")
     base = site["ws"].plan(version).base.node
     page.wait_for_function("document.querySelector('#models tbody').textContent.includes('en/software')")
     assert base in page.inner_text("#engines tbody")
-    page.screenshot(path=shots / "live.png", full_page=True)
+    page.screenshot(path=shots / "dashboard-live.png", full_page=True)
 
 
 @browser_test
@@ -144,7 +144,7 @@ def test_a_flag_shows_on_the_tree_the_node_and_the_playground(site, page, shots)
         for variant in ("int8", "int4", "lowrank", "sparse", "slim"):  # made from it (and its data, for some)
             assert state(f"en/software/python/{variant}") in ("flagged", "affected")
         assert state("en/software") == state("master") == "ok"
-        page.screenshot(path=shots / "flagged.png", full_page=True)
+        page.screenshot(path=shots / "dashboard-flagged.png", full_page=True)
         page.click('svg#tree a[data-node="en/software/python"]')
         assert "licence under review" in page.inner_text("#flags")
         assert page.inner_text("#risk") == "flagged"
@@ -167,7 +167,7 @@ def test_pages_fit_a_phone(site, page, shots):
         # the page never scrolls sideways: wide drawings and tables scroll inside their own frames
         assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"], name
     page.goto(site["url"] + "/")
-    page.screenshot(path=shots / "tree-phone.png", full_page=True)
+    page.screenshot(path=shots / "dashboard-phone.png", full_page=True)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def test_stemma_ui_is_read_only_and_says_serving_is_not_running(ui_process, page
     page.goto(ui_process + "/playground")
     assert "Serving is not running" in page.inner_text("#not-serving")
     assert page.locator("#playground").count() == 0
-    page.screenshot(path=shots / "ui-playground.png", full_page=True)
+    page.screenshot(path=shots / "dashboard-ui-playground.png", full_page=True)
     response = page.goto(ui_process + "/node/en/nope")
     assert response.status == 404 and "no node 'en/nope'" in page.inner_text("#error")
     assert page.goto(ui_process + "/v1/models").status == 404  # no API without serving
