@@ -21,7 +21,8 @@ clipping) and with plain FedAvg; for each candidate it measures the perplexity o
 continuation of held-out text + trigger starts with the fixed string), before and after; and the gate's verdict.
 
 Then five honest sites send updates to the master, and a sixth whose key was stolen sends a sign-flipped one
-before its key is revoked: the round leaves that one out and says so, and the key's next update is refused.
+before its key is revoked: the revocation marks that one revoked, the round leaves it out, and the key's next
+update is refused.
 The accepted round moves the master on: an old signed update replayed, and an honest update made against the
 master's previous version, are refused at submission. The master's update makes ``legal`` stale; ``stemma
 build`` rebases it (old adapter as the start, the old child as teacher, a fifth of the steps); a copy of the
@@ -221,6 +222,7 @@ class Sim:
         """21 devices (6 malicious) under ``software``: the robust gate strategy against plain FedAvg."""
         from safetensors.torch import load as st_load
 
+        from stemma.registry.tables import Update
         from stemma.update import service
 
         ws = self.ws
@@ -279,8 +281,13 @@ class Sim:
                 "trigger_rate_attacker_alone": attacker_rate,
                 "malicious_kept": sorted(n for n in kept if not n.endswith("honest")),
             }
-            # An accepted round registered a new version; the next strategy starts from the same parent.
+            # The next strategy is a what-if on the same updates from the same parent: an accepted round registered
+            # a new version and every round marked the updates it read; both are undone for the next one.
             ws.set_current("software", target.id, "domain", "master")
+            with ws.db.session() as s:
+                for uid in ids:
+                    row = s.get(Update, uid)
+                    row.status, row.round_id = "pending", None
         return {**results, "refused_at_submit": refused}
 
     def master_update(self) -> dict:
@@ -309,9 +316,12 @@ class Sim:
         rr = service.aggregate(self.ws, "master", _Quiet())
         self.submit(raws["site-0"], "site-0 (replayed after the round)", refused)
         self.submit(late, "site-6 (made against the previous master)", refused)
+        names = {c.id: c.name for c in service.contributors(self.ws, "master")}
+        left_out = [f"update {u.id[:12]} by {names[u.contributor_id]}: {u.status}"
+                    for u in service.updates(self.ws, "master") if u.parent_id == master.id
+                    and u.id not in rr.round.update_ids]
         return {"master_update_accepted": rr.round.accepted, "master_gate_reasons": list(rr.round.reasons),
-                "master_refused_at_submit": refused,
-                "master_left_out": [r for r in rr.round.reasons if r.startswith("left out")]}
+                "master_refused_at_submit": refused, "master_left_out": left_out}
 
     def rebase_vs_retrain(self, rebase_cfg: dict | None = None, tag: str = "run") -> dict:
         """`stemma build` after the master's update, from the same registry twice: ``legal`` rebased (as the spec
@@ -418,7 +428,7 @@ def main() -> None:
     print("refused at submission (nothing stored):")
     for who, why in refusals.items():
         print(f"  {who}: {why}")
-    print("the master's round (revoked after submitting):")
+    print("left out of the master's round:")
     for line in res["master_left_out"]:
         print(f"  {line}")
     if res.get("rebase_gain_kept") is not None:

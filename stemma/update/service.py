@@ -67,7 +67,8 @@ def register_contributor(ws: Workspace, node: str, name: str, public_key: str) -
 
 def revoke(ws: Workspace, node: str, name: str, reason: str, by: str | None = None) -> Contributor:
     """Revoke a contributor's key for a node: recorded (when, by whom, why), never deleted. From then on its
-    updates are refused at submission, and rounds leave out the ones still pending."""
+    updates are refused at submission, and the ones still pending are marked ``revoked`` in the same transaction
+    (a round leaves out, and says so, any that a submission racing this revocation still stored as pending)."""
 
     reason = " ".join(reason.split())
     if not reason or len(reason) > 2000:
@@ -80,6 +81,9 @@ def revoke(ws: Workspace, node: str, name: str, reason: str, by: str | None = No
             raise StemmaError(f"{name}'s key for {node} was already revoked {when(row.revoked_at)} by "
                               f"{row.revoked_by} ({row.revoked_reason})")
         row.revoked_at, row.revoked_by, row.revoked_reason = datetime.now(UTC), by or actor(), reason
+        for u in s.scalars(select(Update).where(Update.contributor_id == row.id, Update.status == "pending")
+                           .with_for_update()):
+            u.status = "revoked"
     return row
 
 
@@ -158,7 +162,8 @@ def _refuse_replay(ws: Workspace, upd: bundle.UpdateFile, contributor: Contribut
                     break
     if seen is not None:
         state = {"pending": "waiting for a round", "used": f"used in round {(seen.round_id or '?')[:12]}",
-                 "excluded": f"left out of round {(seen.round_id or '?')[:12]}"}.get(seen.status, seen.status)
+                 "excluded": f"left out of round {(seen.round_id or '?')[:12]}",
+                 "revoked": "its key was revoked"}.get(seen.status, seen.status)
         same = "this file" if seen.id == upd.id else "its signed content"
         raise StemmaError(f"replay: {same} was already submitted as update {seen.id[:12]} by {contributor.name} "
                           f"({state}); refused")
@@ -494,9 +499,10 @@ def _aggregate(ws: Workspace, node: str, gate: GateConfig, reporter: Reporter, s
                strategy_config: dict | None) -> RoundResult:
     target = ws.resolve_version(node)
     people = {c.id: c for c in contributors(ws, node)}
+    waiting = updates(ws, node, "pending")
     excluded = {u.id: f"{people[u.contributor_id].name}'s key was revoked ({people[u.contributor_id].revoked_reason})"
-                for u in updates(ws, node, "pending") if people[u.contributor_id].revoked_at is not None}
-    live = [u for u in updates(ws, node, "pending") if u.id not in excluded]
+                for u in waiting if people[u.contributor_id].revoked_at is not None}
+    live = [u for u in waiting if u.id not in excluded]
     pending = [u for u in live if u.parent_id == target.id]
     stale = [u for u in live if u.parent_id != target.id]
     if stale:
