@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from ..errors import StemmaError
 from .app import app
 from .console import err, open_ws
 
@@ -15,18 +16,39 @@ def serve(
     max_batch: int = typer.Option(None, "--max-batch", help="Sequences decoded together per base model."),
     allow_flagged: bool = typer.Option(False, "--allow-flagged",
                                        help="Serve versions reached by a risk flag (default: refused, 403)."),
+    replicas: int = typer.Option(None, "--replicas",
+                                 help="Serve from N Ray Serve replicas (each holds engines; requests go to a replica "
+                                      "holding their base)."),
+    ray_address: str = typer.Option(None, "--ray-address",
+                                    help="With --replicas: the Ray cluster to run on (HOST:PORT, ray://HOST:PORT, "
+                                         "auto); default: a new local one."),
 ) -> None:
     """Serve the tree over an OpenAI-compatible HTTP API (every node; adapter children batched over their base)."""
     from ..serve.config import ServeConfig
     from ..serve.server import serve as run_server
 
+    if replicas is None and ray_address:
+        raise StemmaError("--ray-address needs --replicas N")
+    if replicas is not None and replicas < 1:
+        raise StemmaError(f"--replicas {replicas}: at least 1 replica")
     cfg = ServeConfig.from_env(host=host, port=port, max_batch=max_batch, allow_flagged=allow_flagged or None)
     cfg.check_bind()
     ws = open_ws()
-    err.print(f"serving {ws.settings.home} on http://{host}:{port}/v1 (admin endpoints "
+    if replicas is not None:
+        try:
+            from ..serve import replicas as ray_serve
+        except ImportError:
+            raise StemmaError('--replicas needs Ray Serve: pip install "stemma[ray]"') from None
+        if ray_address:
+            ray_serve.check_address(ray_address)
+    where = f"{replicas} Ray Serve replicas{f' on {ray_address}' if ray_address else ''}" if replicas else "one process"
+    err.print(f"serving {ws.settings.home} on http://{host}:{port}/v1 from {where} (admin endpoints "
               f"{'enabled' if cfg.admin_token else 'disabled: no STEMMA_ADMIN_TOKEN'}; flagged versions "
               f"{'served' if cfg.allow_flagged else 'refused'})")
-    run_server(ws, cfg)
+    if replicas is None:
+        run_server(ws, cfg)
+    else:
+        ray_serve.run(ws.settings, cfg, replicas, ray_address)
 
 
 @app.command()

@@ -300,6 +300,40 @@ class _Metrics:
         return generate_latest(self.registry)
 
 
+# ---------------------------------------------------------------------- what a request needs, before it runs
+async def resolve(pool: ModelPool, model: str, requirements: dict | None = None) -> Target:
+    """The target a model name means (with ``auto``'s requirements); unknown names raise ModelNotFoundError.
+
+    The common case (name resolved recently) touches no disk or database: it is answered on the event loop, so a
+    burst of requests reaches the scheduler together and starts in one batch.
+    """
+    return pool.resolve_cached(model, requirements) or await run_in_threadpool(pool.resolve, model, requirements)
+
+
+_MODEL_BODIES: dict[str, type[_Body]] = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest,
+                                         "/admin/load": AdminRequest, "/admin/unload": AdminRequest}
+"""The endpoints whose body names a model, and that body's shape."""
+
+
+async def base_of(pool: ModelPool, path: str, raw: bytes) -> str | None:
+    """The base version a request to ``path`` with body ``raw`` runs on, or None: no model in the body, or a body
+    or name the endpoint will refuse (it answers that itself). Replicas on Ray Serve are chosen by it."""
+    kind = _MODEL_BODIES.get(path)
+    if kind is None:
+        return None
+    try:
+        body = kind.model_validate_json(raw)
+        reqs = body.requirements() if isinstance(body, _Common) else None
+        return (await resolve(pool, body.model, reqs)).base_id
+    except (ValueError, StemmaError):  # pydantic's ValidationError is a ValueError
+        return None
+
+
+def body_limit(cfg: ServeConfig, path: str) -> int | None:
+    """The largest body a request to ``path`` may send (413 beyond), or None: update files are large."""
+    return None if path == "/admin/updates" else cfg.max_body_bytes
+
+
 # ---------------------------------------------------------------------- the app
 def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
     """The server for a workspace. The pool (engines + scheduler thread) lives as long as the app."""
@@ -376,7 +410,7 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
                 await send(message)
 
             raw_receive = receive
-            limit = None if scope["path"] == "/admin/updates" else cfg.max_body_bytes  # update files are large
+            limit = body_limit(cfg, scope["path"])
             if limit is not None:
                 length = dict(scope["headers"]).get(b"content-length", b"0")
                 if not length.isdigit() or int(length) > limit:
@@ -521,10 +555,7 @@ def create_app(ws, cfg: ServeConfig | None = None) -> FastAPI:
         reqs = body.requirements()
         if reqs and body.model != "auto":
             raise BadRequest("language/domain/memory_bytes/latency_ms apply to model 'auto' only", param="model")
-        # The common case (name resolved recently, engine loaded) touches no disk or database: answer it on the
-        # event loop, so a burst of requests reaches the scheduler together and starts in one batch.
-        t = pool.resolve_cached(body.model, reqs) or await run_in_threadpool(pool.resolve, body.model, reqs)
-        t = await _unflagged(t)
+        t = await _unflagged(await resolve(pool, body.model, reqs))
         engine = pool.engines.get(t.base_id) or await run_in_threadpool(pool.engine, t)
         return t, engine
 
