@@ -136,7 +136,8 @@ def test_the_playground_streams_a_completion_and_the_live_page_shows_the_engine(
 @browser_test
 def test_a_flag_shows_on_the_tree_the_node_and_the_playground(site, page, shots):
     ws = site["ws"]
-    info = risk.flag(ws, "dataset:en-python", reason="licence under review", severity="high", by="reviewer")
+    reason = "licence under review <script>document.title = 'injected'</script>"  # shown as text, never run
+    info = risk.flag(ws, "dataset:en-python", reason=reason, severity="high", by="reviewer")
     try:
         page.goto(site["url"] + "/")
         state = lambda node: page.get_attribute(f'svg#tree a[data-node="{node}"]', "data-state")  # noqa: E731
@@ -146,7 +147,7 @@ def test_a_flag_shows_on_the_tree_the_node_and_the_playground(site, page, shots)
         assert state("en/software") == state("master") == "ok"
         page.screenshot(path=shots / "dashboard-flagged.png", full_page=True)
         page.click('svg#tree a[data-node="en/software/python"]')
-        assert "licence under review" in page.inner_text("#flags")
+        assert reason in page.inner_text("#flags") and page.title() != "injected"
         assert page.inner_text("#risk") == "flagged"
 
         page.goto(site["url"] + "/playground")
