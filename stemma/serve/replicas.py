@@ -155,6 +155,9 @@ class Router:
         messages = handle.respond.remote(_request(request, body))
         try:
             start = await messages.__anext__()
+        except asyncio.CancelledError:  # the client went away before the answer began: so does the replica's call
+            messages.cancel()
+            raise
         except Exception as e:  # noqa: BLE001 - a replica died or failed before answering: the client gets a 500
             log.error("no replica answered %s: %s", request.url.path, e)
             return JSONResponse(error_body("no replica answered the request", "server_error"), status_code=500)
@@ -195,10 +198,11 @@ class _Relayed(Response):
 
 def deployments(settings: Settings, cfg: ServeConfig, replicas: int):
     """The Ray Serve application: a router and ``replicas`` replicas, each asking Ray for one CPU."""
-    replica = serve.deployment(Replica, name="replica", num_replicas=replicas,
-                               ray_actor_options={"num_cpus": 1}, max_ongoing_requests=cfg.max_batch * 4)
+    quiet = {"enable_access_log": False}  # as uvicorn runs for one process: /metrics counts the requests
+    replica = serve.deployment(Replica, name="replica", num_replicas=replicas, ray_actor_options={"num_cpus": 1},
+                               max_ongoing_requests=cfg.max_batch * 4, logging_config=quiet)
     router = serve.deployment(Router, name="router", num_replicas=1, ray_actor_options={"num_cpus": 0},
-                              max_ongoing_requests=cfg.max_batch * 4 * replicas)
+                              max_ongoing_requests=cfg.max_batch * 4 * replicas, logging_config=quiet)
     return router.bind(settings, cfg, replica.bind(settings, cfg))
 
 
@@ -231,10 +235,6 @@ def run(settings: Settings, cfg: ServeConfig, replicas: int, address: str | None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    def stop(signum, frame):  # SIGTERM ends the server as Ctrl-C does: through the clean-up below
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
 
     try:
         if address:
@@ -245,6 +245,10 @@ def run(settings: Settings, cfg: ServeConfig, replicas: int, address: str | None
     except Exception as e:  # noqa: BLE001 - Ray's many connection errors, in one line
         ray.shutdown()
         raise StemmaError(f"cannot start Ray{f' at {address}' if address else ''}: {str(e).splitlines()[0]}") from None
+    def stop(signum, frame):  # SIGTERM ends the server as Ctrl-C does, through the clean-up below (set after
+        raise KeyboardInterrupt  # ray.init, whose own handler ends the process before any clean-up)
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         cpus = ray.cluster_resources().get("CPU", 0)
         if cpus < replicas:

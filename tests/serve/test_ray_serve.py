@@ -109,3 +109,15 @@ def test_bad_arguments_fail_in_one_line(built_tree):
         assert r.returncode == 1, r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and says in lines[0], r.stderr
+
+
+def test_a_body_over_the_limit_is_refused_declared_or_chunked(client):
+    """The router reads at most one byte past the limit; the replica's API answers as one process does: 413 for a
+    declared length, a 4xx OpenAI error for a chunked body (FastAPI reports the cut-off read as a parse error)."""
+    big = b"x" * ((4 << 20) + 1)
+    declared = client.post("/v1/completions", content=big, headers={"content-type": "application/json"})
+    assert declared.status_code == 413 and declared.json()["error"]["code"] == "request_too_large", declared.text
+    chunked = client.post("/v1/completions", content=(big[i:i + (1 << 20)] for i in range(0, len(big), 1 << 20)),
+                          headers={"content-type": "application/json"})
+    assert 400 <= chunked.status_code < 500 and chunked.json()["error"]["message"], chunked.text
+    assert client.post("/v1/completions", json={"model": "en", "prompt": "x", "max_tokens": 2}).status_code == 200
