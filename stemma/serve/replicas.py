@@ -235,7 +235,6 @@ def run(settings: Settings, cfg: ServeConfig, replicas: int, address: str | None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-
     try:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
@@ -245,24 +244,27 @@ def run(settings: Settings, cfg: ServeConfig, replicas: int, address: str | None
     except Exception as e:  # noqa: BLE001 - Ray's many connection errors, in one line
         ray.shutdown()
         raise StemmaError(f"cannot start Ray{f' at {address}' if address else ''}: {str(e).splitlines()[0]}") from None
+
     def stop(signum, frame):  # SIGTERM ends the server as Ctrl-C does, through the clean-up below (set after
         raise KeyboardInterrupt  # ray.init, whose own handler ends the process before any clean-up)
 
     signal.signal(signal.SIGTERM, stop)
+    deployed = False
     try:
         cpus = ray.cluster_resources().get("CPU", 0)
         if cpus < replicas:
             raise StemmaError(f"the Ray cluster has {cpus:g} CPUs; --replicas {replicas} needs one each")
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        deployed = True
         serve.run(deployments(settings, cfg, replicas), name=APP_NAME, route_prefix="/")
         log.info("serving with %d replicas", replicas)
         while True:
             time.sleep(3600)
     finally:
         try:
-            if address:
+            if deployed and address:
                 serve.delete(APP_NAME)
-            else:
+            elif deployed:
                 serve.shutdown()
         finally:
             ray.shutdown()

@@ -17,9 +17,7 @@ import pytest
 from stemma.serve.replicas import REPLICA_HEADER
 from stemma.serve.server import free_port
 from tests.serve.test_api import (  # noqa: F401 - collected here, run against the Ray Serve application
-    BAD,
     TOKEN,
-    _complete,
     test_bad_completion_input_is_4xx_with_openai_error,
     test_chat_completion_and_stream,
     test_completion_shape_usage_and_pinned_version,
