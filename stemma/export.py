@@ -51,11 +51,7 @@ def export(ws: Workspace, ref: str, out: Path, fmt: str = "merged", force: bool 
             base = ws.load_model(v.id, below=True)
             base.save_pretrained(tmp / "base", safe_serialization=True)
             tok.save_pretrained(tmp / "base")
-            for name, digest in plan.version.files:
-                shutil.copyfile(ws.store.verified_path(digest), tmp / name)
-            cfg = json.loads((tmp / "adapter_config.json").read_text())
-            cfg["base_model_name_or_path"] = "base"
-            (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+            write_adapter(ws, plan, tmp, base="base")
             tok.save_pretrained(tmp)
         lineage = {
             "version": v.id,
@@ -68,3 +64,15 @@ def export(ws: Workspace, ref: str, out: Path, fmt: str = "merged", force: bool 
         }
         (tmp / "stemma.json").write_text(json.dumps(lineage, indent=2))
     return out
+
+
+def write_adapter(ws: Workspace, plan, into: Path, base: str) -> dict:
+    """Copy an adapter version's PEFT files (verified) into ``into``, its ``adapter_config.json`` naming ``base``
+    as the model it applies to; returns that config."""
+    into.mkdir(parents=True, exist_ok=True)
+    for name, digest in plan.version.files:
+        shutil.copyfile(ws.store.verified_path(digest), into / name)
+    cfg = json.loads((into / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = base
+    (into / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    return cfg

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import StemmaError
-from . import data, device, eval, release, risk, serve, tree, update  # noqa: F401 - each module adds its commands to the app
+from . import data, deploy, device, eval, release, risk, serve, tree, update  # noqa: F401 - each module adds its commands to the app
 from .app import app
 from .console import err
 
