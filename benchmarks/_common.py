@@ -25,12 +25,13 @@ def machine() -> dict:
             "processor": platform.processor() or platform.machine()}
 
 
-def print_table(title: str, rows: list[tuple[str, str, str, str]]) -> None:
-    """rows: (metric, peer, stemma, ratio)."""
+def print_table(title: str, rows: list[tuple[str, str, str, str]],
+                columns: tuple[str, str] = ("peer", "stemma")) -> None:
+    """rows: (metric, peer, stemma, ratio); ``columns`` names the two compared sides."""
     from rich.console import Console
     from rich.table import Table
 
-    t = Table("metric", "peer", "stemma", "ratio", title=title)
+    t = Table("metric", *columns, "ratio", title=title)
     for r in rows:
         t.add_row(*r)
     Console(width=140).print(t)
