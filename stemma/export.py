@@ -66,13 +66,12 @@ def export(ws: Workspace, ref: str, out: Path, fmt: str = "merged", force: bool 
     return out
 
 
-def write_adapter(ws: Workspace, plan, into: Path, base: str) -> dict:
+def write_adapter(ws: Workspace, plan, into: Path, base: str) -> None:
     """Copy an adapter version's PEFT files (verified) into ``into``, its ``adapter_config.json`` naming ``base``
-    as the model it applies to; returns that config."""
+    as the model it applies to."""
     into.mkdir(parents=True, exist_ok=True)
     for name, digest in plan.version.files:
         shutil.copyfile(ws.store.verified_path(digest), into / name)
     cfg = json.loads((into / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = base
     (into / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    return cfg

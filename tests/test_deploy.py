@@ -13,12 +13,15 @@ from stemma.deploy import deploy_vllm, vllm_max_rank
 from stemma.errors import StemmaError
 
 
-def test_deploy_writes_base_and_direct_lora_children_that_load_with_stemmas_logits(llama_copy, tmp_path):
+def test_deploy_writes_base_and_direct_lora_children_that_load_with_stemmas_logits(any_copy, tmp_path):
+    """Both families; vLLM's GPT-2 takes no LoRA, which the deployment says."""
     from peft import PeftModel
 
-    ws = llama_copy["ws"]
+    ws = any_copy["ws"]
     d = deploy_vllm(ws, "en", tmp_path / "vllm")
     out = tmp_path / "vllm"
+    assert (d.warning is not None) == (any_copy["arch"] == "gpt2")
+    assert (d.warning or "") in (out / "README.md").read_text()
     assert d.adapters == {"en/software": 8} and d.max_lora_rank == 8
     assert "stacked on the adapter en/software" in d.skipped["en/software/python"]
     assert "full weights" in d.skipped["en/legal"]
