@@ -31,7 +31,18 @@ does not depend on them), and 8 LoRA children of rank 16 on all seven projection
   pull --format gguf`) and opened as its own `Llama` instance, all 8 resident; requests run one after another,
   each on its adapter's instance, greedy, exactly 64 new tokens (a slice of the requests per round, like PEFT).
 
+`--replicas N`: instead of the above, the single-process `stemma serve` against `stemma serve --replicas N` (the
+same API on Ray Serve, its own local Ray cluster) on the same machine and the same mixed requests: throughput and
+per-request latency (p50, p99, from sending a request to reading its whole response). Each replica runs one thread
+(Ray gives it one CPU); the one process runs at one thread and at every core, reported at its better one. The 8
+adapters share one base, and Ray Serve routes by base (a replica holding it, loading it on another as requests
+pile up), so how many responses each replica gave is reported. On one machine the replicas add no cores: the ratio
+shows the Ray path's cost (proxy, router, replica, the response streamed back through them) against what one
+process loses or gains on the same cores, not how replicas on several machines scale. The servers run one after
+the other (Ray takes tens of seconds to start), each with a warm-up round first.
+
     python benchmarks/serve_bench.py [--quick] [--json out.json] [--base 2x256|4x512] [--family gpt2|llama]
+                                     [--replicas N]
 """
 
 from __future__ import annotations
@@ -40,9 +51,12 @@ import asyncio
 import json
 import os
 import random
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -268,6 +282,158 @@ class ServerProcess:
         self.log.close()
 
 
+# ---------------------------------------------------------------------- one process vs Ray Serve replicas
+REPLICA_HEADER = "x-stemma-replica"
+"""The header naming the replica that answered (`stemma.serve.replicas`)."""
+
+
+async def _fire_timed(session, prompts: list[list[int]], models: list[str]) -> dict:
+    """Send every request at once, as `_fire` does; returns completion tokens, seconds until the last response,
+    each request's latency (sent to whole response read) and how many responses each replica gave."""
+
+    async def one(p, m):
+        t0 = time.perf_counter()
+        async with session.post("/v1/completions", json={"model": m, "prompt": p, "max_tokens": NEW_TOKENS,
+                                                         "temperature": 0, "ignore_eos": True}) as r:
+            if r.status != 200:
+                raise RuntimeError(f"{m}: HTTP {r.status}: {await r.text()}")
+            tokens = (await r.json())["usage"]["completion_tokens"]
+            return tokens, time.perf_counter() - t0, r.headers.get(REPLICA_HEADER, "one process")
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(one(p, m) for p, m in zip(prompts, models)))
+    seconds = time.perf_counter() - t0
+    by_replica: dict[str, int] = {}
+    for _, _, replica in results:
+        by_replica[replica] = by_replica.get(replica, 0) + 1
+    return {"tokens": sum(n for n, _, _ in results), "seconds": seconds,
+            "latencies": [lat for _, lat, _ in results], "by_replica": by_replica}
+
+
+class RayServeProcess:
+    """`stemma serve --replicas N` as its own process and session (it starts a local Ray cluster), on loopback.
+
+    Stopped as its test stops it, also on failure: SIGTERM (the server deletes the application and stops Ray), then
+    SIGKILL to whatever of its session is left (Ray's own processes)."""
+
+    def __init__(self, home: Path, replicas: int, threads: int):
+        from stemma.serve.server import free_port
+
+        self.port = free_port("127.0.0.1")
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths stay under 108 bytes
+        env = {**os.environ, "STEMMA_HOME": str(home), "OMP_NUM_THREADS": str(threads),
+               "MKL_NUM_THREADS": str(threads), "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": self.ray_tmp}
+        self.log = open(home.parent / "ray-serve.log", "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "stemma.cli", "serve", "--replicas", str(replicas),
+                                      "--port", str(self.port), "--max-batch", "64"], env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def __enter__(self) -> str:
+        import httpx
+
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return self.url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.__exit__()
+        raise RuntimeError(f"stemma serve --replicas did not start; see {self.log.name}")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+        self.log.close()
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+
+def measure_replicas(home: Path, prompts, replicas: int, rounds: int) -> dict:
+    """``rounds`` rounds of the mixed requests against one `stemma serve` process at one thread and at every core,
+    then against ``replicas`` Ray Serve replicas of one thread each; each server gets one unmeasured round first
+    (engine, adapters, connections)."""
+    models = [ADAPTERS[i % N_ADAPTERS] for i in range(len(prompts))]
+    res = {}
+
+    async def run(url: str) -> list[dict]:
+        import aiohttp
+
+        async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=N_REQUESTS),
+                                         timeout=aiohttp.ClientTimeout(total=600)) as session:
+            await _fire_timed(session, prompts, models)
+            return [await _fire_timed(session, prompts, models) for _ in range(rounds)]
+
+    cores = len(os.sched_getaffinity(0))
+    servers = [(f"single {t}", lambda t=t: ServerProcess(home, t)) for t in sorted({1, cores})]
+    for kind, server in (*servers, ("replicas", lambda: RayServeProcess(home, replicas, 1))):
+        with server() as url:
+            runs = asyncio.run(run(url))
+        latencies = sorted(lat for r in runs for lat in r["latencies"])
+        by_replica: dict[str, int] = {}
+        for r in runs:
+            for name, n in r["by_replica"].items():
+                by_replica[name] = by_replica.get(name, 0) + n
+        res[kind] = {"tokens_per_s": statistics.median(r["tokens"] / r["seconds"] for r in runs),
+                     "runs": [r["tokens"] / r["seconds"] for r in runs],
+                     "p50_s": percentile(latencies, 50), "p99_s": percentile(latencies, 99),
+                     "by_replica": by_replica, "threads": int(kind.split()[1]) if kind != "replicas" else 1}
+    return res
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """The ``q``-th percentile (nearest rank) of sorted values."""
+    import math
+
+    return sorted_values[max(0, math.ceil(len(sorted_values) * q / 100) - 1)]
+
+
+def replicas_main(args, ws, home: Path, prompts) -> None:
+    rounds = 2 if args.quick else 4
+    res = measure_replicas(home, prompts, args.replicas, rounds)
+    single = max((v for k, v in res.items() if k != "replicas"), key=lambda v: v["tokens_per_s"])
+    many = res["replicas"]
+    what = ("Llama 30x576 (SmolLM2-135M shape)" if args.family == "llama"
+            else f"GPT-2 {args.base}") + f" + {N_ADAPTERS} LoRA children"
+    print_table(
+        f"serving, one process vs Ray Serve with {args.replicas} replicas, {what}, {N_REQUESTS} mixed requests x "
+        f"{NEW_TOKENS} new tokens, greedy, {rounds} round(s); threads: one process {single['threads']}, each "
+        f"replica 1; {os.cpu_count()} cores",
+        [("tokens/s: one process vs replicas", f"{single['tokens_per_s']:,.0f}", f"{many['tokens_per_s']:,.0f}",
+          f"{many['tokens_per_s'] / single['tokens_per_s']:.2f}"),
+         *[(f"latency {q} (s): one process vs replicas", f"{single[q + '_s']:.2f}", f"{many[q + '_s']:.2f}",
+            f"{many[q + '_s'] / single[q + '_s']:.2f}") for q in ("p50", "p99")]],
+        columns=("one process", f"{args.replicas} replicas"),
+    )
+    print("one process: " + ", ".join(f"{v['threads']} thread(s) {v['tokens_per_s']:,.0f} tokens/s, p99 "
+                                      f"{v['p99_s']:.2f} s" for k, v in res.items() if k != "replicas")
+          + "; responses per replica: " + ", ".join(f"{k} {n}" for k, n in sorted(many["by_replica"].items())))
+    print(f"{args.replicas} replicas on the {os.cpu_count()} cores of one machine add no cores: the ratio is the Ray "
+          "path's cost against how well one process uses the same cores, not how replicas on several machines scale")
+    write_json(args.json, {
+        "replicas": args.replicas, "family": args.family,
+        "base_shape": "smollm2-135m" if args.family == "llama" else args.base,
+        "single_tokens_per_s": single["tokens_per_s"], "replicas_tokens_per_s": many["tokens_per_s"],
+        "replicas_vs_single": many["tokens_per_s"] / single["tokens_per_s"],
+        "single_p50_s": single["p50_s"], "replicas_p50_s": many["p50_s"],
+        "single_p99_s": single["p99_s"], "replicas_p99_s": many["p99_s"],
+        "single_threads": single["threads"], "responses_by_replica": many["by_replica"],
+        "by_server": {k: {x: v[x] for x in ("tokens_per_s", "p50_s", "p99_s", "threads", "runs")}
+                      for k, v in res.items()},
+        "requests": N_REQUESTS, "new_tokens": NEW_TOKENS, "adapters": N_ADAPTERS, "rounds": rounds,
+        "threads_per_replica": 1,
+    })
+
+
 def measure(ws, home: Path, prompts, rounds: int, peer_per_round: int, threads: int, ggufs=None) -> dict:
     """Rounds of (peer, [llama.cpp f32, q8_0,] stemma mixed, stemma base), interleaved so drifts in machine load
     hit all alike.
@@ -370,6 +536,8 @@ def main() -> None:
     p.add_argument("--base", choices=sorted(SHAPES), default="2x256", help="shape of the served GPT-2 base")
     p.add_argument("--family", choices=["gpt2", "llama"], default="gpt2",
                    help="gpt2: the --base shape; llama: SmolLM2-135M's shape, also against llama.cpp")
+    p.add_argument("--replicas", type=int,
+                   help="measure one stemma serve process against Ray Serve with this many replicas instead")
     args = p.parse_args()
     if args.rss_probe:
         rss_probe(args.rss_probe)
@@ -382,6 +550,12 @@ def main() -> None:
     home = ROOT / ".stemma" / name / "home"
     t0 = time.perf_counter()
     ws = build_tree(home, args.base, args.family)
+    if args.replicas is not None:
+        if args.replicas < 1:
+            raise SystemExit("--replicas: at least 1")
+        print(f"bench tree ready in {time.perf_counter() - t0:.1f}s ({home})")
+        replicas_main(args, ws, home, make_requests(ws, N_REQUESTS))
+        return
     ggufs = build_ggufs(ws, home) if llama else None
     print(f"bench tree ready in {time.perf_counter() - t0:.1f}s ({home})")
     prompts = make_requests(ws, N_REQUESTS)
