@@ -37,7 +37,7 @@ def test_kill_9_mid_training_then_resume(tmp_path):
 
     ws = Workspace.open(tmp_path / "home")
     assert ws.nodes() == []  # nothing half-registered
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)  # a loaded CI machine
     assert done.returncode == 0, done.stderr
     assert "resuming from checkpoint at step" in done.stderr
     step = int(done.stderr.split("resuming from checkpoint at step ")[1].split("/")[0])
