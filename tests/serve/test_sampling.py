@@ -83,18 +83,28 @@ def test_logprobs_are_the_models_own():
 
 def test_penalty_counts_follow_the_appended_tokens():
     """A penalised sequence's token counts are made once, then follow each appended token: the shaped logits equal
-    those from counting the whole completion again."""
-    from stemma.serve.engine import _counts, _shape
+    the dense formula over counts of the whole completion (vLLM's: logits - frequency x count - presence x
+    [count > 0], after the repetition penalty on every token of the prompt or the completion)."""
+    from collections import Counter
 
-    s = _seq(generated=[1, 2], temperature=0, frequency_penalty=0.5, presence_penalty=0.25)
-    logits = torch.zeros(1, V)
+    from stemma.serve.engine import _shape
+
+    s = _seq(prompt=(5, 6, 5), generated=[1, 2], temperature=0, frequency_penalty=0.5, presence_penalty=0.25,
+             repetition_penalty=2.0)
+    logits = torch.linspace(-3, 3, V)[None, :]
     made = None
-    for t in (3, 1, 1, 7, 2, None):
+    for t in (3, 1, 1, 7, 2, 5, None):
         x = _shape(logits, [s])
-        counts = _counts([s.generated], V)
-        assert torch.equal(x, -0.5 * counts - 0.25 * (counts > 0))
+        counts = torch.zeros(1, V)
+        for tok, c in Counter(s.generated).items():
+            counts[0, tok] = c
+        seen = counts > 0
+        seen[0, s.prompt] = True
+        ref = torch.where(seen, torch.where(logits > 0, logits / 2.0, logits * 2.0), logits)
+        ref = ref - 0.5 * counts - 0.25 * (counts > 0)
+        assert torch.allclose(x, ref), t
         made = made if made is not None else s.generated_counts
-        assert s.generated_counts is made and torch.equal(made, counts[0])
+        assert s.generated_counts is made and made == Counter(s.generated)
         if t is not None:
             s.generated.append(t)
 
