@@ -119,10 +119,10 @@ class Locks:
         beat = threading.Thread(target=self._beat, args=(taken, token, lost, stop), daemon=True,
                                 name="stemma-lock-beat")
         try:
+            beat.start()  # before the first lock: one held while waiting for the next must not look stale
             for name in names:
                 self._acquire(name, purpose, token, log, timeout)
                 taken.append(name)
-            beat.start()
             yield
         finally:
             stop.set()
