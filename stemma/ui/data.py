@@ -185,11 +185,12 @@ def node_page(ws: Workspace, path: str, version: str | None = None) -> NodePage:
             perplexities.append((names.get(m.dataset_id) or ws.resolve_dataset(m.dataset_id).name, m.split, m.value))
         elif not m.name.startswith(("task:", PREFIX)):
             other.append((m.name, m.value))
-    row = next((r for r in tree_rows(ws) if r.path == path), None)
-    plot, note = _tradeoff(ws, path, v.id == node.current_version)
+    current = v.id == node.current_version
+    row = next((r for r in tree_rows(ws) if r.path == path), None) if current else None  # status: of the current
+    plot, note = _tradeoff(ws, path, current)
     return NodePage(
-        path=path, layer=node.layer, version=v, current=v.id == node.current_version,
-        versions=ws.versions_of(path), status=row.status if row and v.id == node.current_version else "",
+        path=path, layer=node.layer, version=v, current=current,
+        versions=ws.versions_of(path), status=row.status if row else "",
         reach=reach(ws).get(v.id),
         chain=[Link(c, sorted(c.manifest["files"].items())) for c in chain],
         recipe=json.dumps(v.manifest.get("recipe"), indent=2, sort_keys=True, default=str),
