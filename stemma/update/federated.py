@@ -110,7 +110,14 @@ def run_server(node: str, address: str, clients: int, result_path: Path | None =
                 state["result"] = FederatedResult(False, None, None, refused, ["no verified update arrived"],
                                                   [], time.perf_counter() - t0)
                 return None, {}
-            rr = service.run_round(ws, target, files, ids, names, gate, reporter)
+            # As `service.aggregate`: one round at a time per node, and only against its current version.
+            with ws.node_lock(node, "federated round", log=reporter.log):
+                if ws.resolve_version(node).id != target.id:
+                    state["result"] = FederatedResult(
+                        False, None, None, refused, [f"{node} moved to another version during the round; run it again"],
+                        names, time.perf_counter() - t0)
+                    return None, {}
+                rr = service.run_round(ws, target, files, ids, names, gate, reporter)
             state["result"] = FederatedResult(rr.round.accepted, rr.round.id, rr.version.id if rr.version else None,
                                               refused, list(rr.round.reasons), names, time.perf_counter() - t0)
             return None, {}
