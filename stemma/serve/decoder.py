@@ -347,32 +347,22 @@ class Decoder:
                 y[..., p.column : p.column + p.width].add_(d)
             return y
         sel_a, sel_bs = plan.select(bank, key)  # [in, G, R], per part [G, r, width]
-        if plan.groups * R <= lora.CONCAT_COLUMNS:
-            # Decode, few adapters: the batch's adapters concatenated ([in, G*R], [G*r, width]) and plain GEMMs
-            # over all rows, each row keeping only its own adapter's columns. No gather or scatter of rows; the
-            # extra multiply-adds (G*R columns for every row) are cheap next to the base GEMM.
-            t = (x2 @ sel_a.reshape(d_in, -1)).mul_(plan.colmask(R))  # [B*T, G*R] (T = 1 in decode)
-            _add_parts(y2, t, parts, sel_bs, plan.groups, R)
-            return y
-        # Decode, many adapters: Punica's SGMV, padded: rows grouped by adapter, one batched matmul pair per part
-        # over the groups.
+        # Decode: Punica's SGMV, padded: rows grouped by adapter, one batched matmul per part over the groups. Each
+        # part's output comes back to the batch's row order by a gather (`LoraPlan.inverse`) added into the part's
+        # columns. Measured on the Llama serve bench (64 rows, 8 adapters of rank 16 on all seven projections):
+        # a scatter-add of the parts' outputs concatenated took several times longer than the gathers, and the
+        # batch's adapters concatenated into plain GEMMs over all rows (each row keeping its own adapter's
+        # columns) ran 3% slower in all than this.
         G, L = plan.groups, plan.width
-        xs = x.index_select(0, plan.idx).view(G, L * T, d_in)  # [G, L*T, in]
-        t = torch.bmm(xs, sel_a.permute(1, 0, 2))  # [G, L*T, R]
-        # The parts' outputs side by side (zeros between parts, if any) and one scatter-add: scattering into
-        # each part's column slice of y took twice as long.
-        pieces, at = [], 0
+        xs = x2.index_select(0, plan.idx).view(G, L, d_in)  # [G, L, in] (T = 1 in decode)
+        t = torch.bmm(xs, sel_a.permute(1, 0, 2))  # [G, L, R]
+        keep = plan.rowmask()
         for p, b in zip(parts, sel_bs):
-            if p.column > at:
-                pieces.append(t.new_zeros(G, L * T, p.column - at))
-            pieces.append(torch.bmm(t[..., p.offset : p.offset + p.rank], b))  # [G, L*T, width]
-            at = p.column + p.width
-        if at < d_out:
-            pieces.append(t.new_zeros(G, L * T, d_out - at))
-        d = (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)).view(G * L, T, d_out)
-        if plan.mask is not None:
-            d.mul_(plan.mask)  # padding rows repeat a real row; they must add nothing
-        return y.index_add_(0, plan.idx, d)
+            d = torch.bmm(t[..., p.offset : p.offset + p.rank], b).view(G * L, p.width).index_select(0, plan.inverse)
+            if keep is not None:
+                d.mul_(keep.view(-1, 1))  # base rows gathered some group's row; they add nothing
+            y2[:, p.column : p.column + p.width].add_(d)
+        return y
 
 
 def _add_parts(y2: torch.Tensor, t: torch.Tensor, parts, bs, n: int, R: int) -> None:

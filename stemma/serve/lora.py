@@ -34,9 +34,6 @@ FUSED_COLUMNS = 128
 rank 16), the bank's A matrices are extra columns of each block weight (`Decoder._sync_fused`): a mixed batch
 computes every row's ``x @ A`` of every loaded adapter in the base GEMM itself, which costs next to nothing there,
 instead of a separate small GEMM per linear that runs far below the machine's peak."""
-CONCAT_COLUMNS = 128
-"""Otherwise decode applies the batch's adapters concatenated while they hold at most this many rank columns
-in all; beyond it, grouped batched matmuls (SGMV) waste less."""
 
 
 class LoraPart(NamedTuple):
@@ -158,7 +155,7 @@ class LoraBank:
     linear's R is the sum of its parts' ranks (a Llama adapter on q, k and v has three parts in ``attn.qkv``);
     adapters of smaller rank are zero-padded to it (a zero column of A and row of B add nothing), and a linear no
     adapter touches holds nothing. A's slot axis sits between ``in`` and the rank so that the A's of consecutive
-    slots are one ``[in, slots * R]`` matrix without a copy (the fused columns, the concatenated form); each B's
+    slots are one ``[in, slots * R]`` matrix without a copy (the fused columns); each B's
     slots are likewise one ``[slots * r, width]`` matrix. The bank grows by whole slots when full; freed slots
     are reused.
     """
@@ -274,9 +271,9 @@ class LoraPlan:
     uniform: int | None = None
     """The one adapter slot every row uses, if they all use the same one."""
     idx: torch.Tensor | None = None
-    """[G*L] batch row of each padded position (padding points at a real row; its result is masked out)."""
-    mask: torch.Tensor | None = None
-    """[G*L, 1, 1] 1 for real positions, 0 for padding; None when no group needed padding."""
+    """[G*L] batch row of each padded position (padding repeats a real row; no row reads its result)."""
+    inverse: torch.Tensor | None = None
+    """[B] padded position of each batch row (a base row: position 0, its result masked out by `rowmask`)."""
     slots: torch.Tensor | None = None
     """[G] adapter slot of each group."""
     groups: int = 0
@@ -289,10 +286,8 @@ class LoraPlan:
     consecutive; filled on first use."""
     aids: torch.Tensor | None = None
     """[B] adapter slot per row (prefill gathers per row)."""
-    row_groups: torch.Tensor | None = None
-    """[B] group of each row (-1: no adapter), for the concatenated form."""
     colmasks: dict = field(default_factory=dict)
-    """Cached `colmask` / `slotmask` results."""
+    """Cached `slotmask` / `rowmask` results."""
 
     @staticmethod
     def of(aids: torch.Tensor) -> LoraPlan | None:
@@ -304,18 +299,15 @@ class LoraPlan:
         slots, counts = torch.unique(aids[rows], return_counts=True)
         G, L = len(slots), int(counts.max())
         idx = torch.zeros(G, L, dtype=torch.long)
-        mask = torch.zeros(G, L)
-        row_groups = torch.full_like(aids, -1)  # for the concatenated form
+        inverse = torch.zeros_like(aids)
         for g, slot in enumerate(slots.tolist()):
             members = rows[aids[rows] == slot]
-            row_groups[members] = g
             idx[g, : len(members)] = members
             idx[g, len(members) :] = members[0]
-            mask[g, : len(members)] = 1
-        padded = bool((mask == 0).any())
+            inverse[members] = g * L + torch.arange(len(members))
         contiguous = int(slots[-1]) - int(slots[0]) + 1 == G  # torch.unique sorts
-        return LoraPlan(idx=idx.view(-1), mask=mask.view(-1, 1, 1) if padded else None, slots=slots, groups=G,
-                        width=L, aids=aids, row_groups=row_groups, contiguous=contiguous)
+        return LoraPlan(idx=idx.view(-1), inverse=inverse, slots=slots, groups=G,
+                        width=L, aids=aids, contiguous=contiguous)
 
     def select(self, bank: LoraBank, key: tuple[int, str]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """The batch's adapters of one bank linear, in group order: A [in, G, R] and per part B [G, r, width];
@@ -334,10 +326,6 @@ class LoraPlan:
         """[B, cols] 1 where a column of the bank's stacked adapters (slot s: columns (s-1)*rank .. s*rank)
         belongs to the row's adapter."""
         return self._mask(("slots", cols, rank), torch.arange(cols) // rank + 1, self.aids)
-
-    def colmask(self, rank: int) -> torch.Tensor:
-        """[B, G*R] 1 where a column of the batch's concatenated adapters belongs to the row's group."""
-        return self._mask(("groups", rank), torch.arange(self.groups * rank) // rank, self.row_groups)
 
     def rowmask(self) -> torch.Tensor | None:
         """[B, 1, 1] 1 for rows with an adapter, 0 for base rows; None when every row has one."""

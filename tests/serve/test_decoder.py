@@ -81,9 +81,9 @@ def test_logits_equal_transformers(case):
     _compare(lambda i: model, dec, torch.zeros(3, dtype=torch.long))
 
 
-@pytest.mark.parametrize("form", [(128, 128), (0, 128), (0, 0)], ids=["fused", "concatenated", "grouped"])
+@pytest.mark.parametrize("fused_columns", [128, 0], ids=["fused", "grouped"])
 @pytest.mark.parametrize("case", ["llama-gqa-untied", "qwen2-qkv-bias", "gpt2"])
-def test_lora_on_fused_projections_equals_peft(case, form, monkeypatch):
+def test_lora_on_fused_projections_equals_peft(case, fused_columns, monkeypatch):
     """PEFT adapters on different projections (on q/k/v/gate/up only, on everything), served in one batch with a
     base row, in each form of per-row LoRA, over consecutive bank slots (the bank's own slices) and not (gathered):
     each row's logits equal its merged PEFT model's."""
@@ -92,8 +92,7 @@ def test_lora_on_fused_projections_equals_peft(case, form, monkeypatch):
     from stemma.serve import lora
     from stemma.serve.lora import lora_from_peft
 
-    monkeypatch.setattr(lora, "FUSED_COLUMNS", form[0])
-    monkeypatch.setattr(lora, "CONCAT_COLUMNS", form[1])
+    monkeypatch.setattr(lora, "FUSED_COLUMNS", fused_columns)
 
     model_type, config = CASES[case]
     targets = [["c_attn", "c_fc"], ["c_attn", "c_proj", "c_fc"]] if model_type == "gpt2" else \
@@ -126,7 +125,7 @@ def test_lora_on_fused_projections_equals_peft(case, form, monkeypatch):
     _compare(lambda i: merged[0], dec, torch.tensor([1, 1, 1]))  # one adapter for every row
     refs = [merged[2], base, merged[0]]
     _compare(lambda i: refs[i], dec, torch.tensor([3, 0, 1]))  # slots 1 and 3: not consecutive
-    fused = form[0] > 0
+    fused = fused_columns > 0
     assert all((a is None) == fused for a in dec.bank.a.values())  # fused: the A's live in the fused columns only
     # The bank changes after the fused columns were built: the A's come back out of them unchanged.
     dec.remove_adapter(2)

@@ -65,14 +65,13 @@ def test_greedy_equals_hf_generate(pool, references, model):
         assert s.generated == refs[model, i], f"{model} prompt {i}"
 
 
-@pytest.mark.parametrize(("fused_columns", "concat_columns"), [(128, 128), (0, 0)], ids=["fused", "grouped"])
-def test_logits_equal_merged_model(pool, family_ws, references, fused_columns, concat_columns, monkeypatch):
+@pytest.mark.parametrize("fused_columns", [128, 0], ids=["fused", "grouped"])
+def test_logits_equal_merged_model(pool, family_ws, references, fused_columns, monkeypatch):
     """The tiny trees' greedy text is repetitive, so tokens alone could hide a small error: the logits of a mixed
     batch (base, adapter, chain) and of each full-weight model, prefill and decode, equal the merged model's."""
     from stemma.serve import lora as serve_lora
 
     monkeypatch.setattr(serve_lora, "FUSED_COLUMNS", fused_columns)
-    monkeypatch.setattr(serve_lora, "CONCAT_COLUMNS", concat_columns)
     prompts, _ = references
     for group in (["en", "en/software", "en/software/python"], ["en/legal"], ["master"]):
         targets = [pool.resolve(m) for m in group]
@@ -98,14 +97,11 @@ def test_logits_equal_merged_model(pool, family_ws, references, fused_columns, c
                 out = dec.decode(nxt, positions, aids)
 
 
-@pytest.mark.parametrize(("packed", "fused_columns", "concat_columns"),
-                         [(True, 128, 128), (True, 0, 128), (True, 0, 0), (False, 128, 128)],
-                         ids=["fused", "concatenated", "grouped", "fused-unpacked"])
-def test_mixed_batch_equals_hf_generate(pool, family_ws, references, packed, fused_columns, concat_columns,
-                                        monkeypatch):
+@pytest.mark.parametrize(("packed", "fused_columns"), [(True, 128), (True, 0), (False, 128)],
+                         ids=["fused", "grouped", "fused-unpacked"])
+def test_mixed_batch_equals_hf_generate(pool, family_ws, references, packed, fused_columns, monkeypatch):
     """Every model on every prompt in one submission: adapters, a chain and the base share decode steps.
-    Each form of per-row LoRA: the bank's A's as extra columns of the base weights, the batch's adapters
-    concatenated, and grouped batched matmuls; and the base GEMMs with oneDNN-packed and with plain weights."""
+    Each form of per-row LoRA: the bank's A's as extra columns of the base weights, and grouped batched matmuls; and the base GEMMs with oneDNN-packed and with plain weights."""
     from stemma.serve import decoder as serve_decoder
     from stemma.serve import linear as serve_linear
     from stemma.serve import lora as serve_lora
@@ -116,7 +112,6 @@ def test_mixed_batch_equals_hf_generate(pool, family_ws, references, packed, fus
     elif not serve_linear.PACKED:
         pytest.skip("this PyTorch has no oneDNN packed linear")
     monkeypatch.setattr(serve_lora, "FUSED_COLUMNS", fused_columns)
-    monkeypatch.setattr(serve_lora, "CONCAT_COLUMNS", concat_columns)
     calls = []  # (tokens per row, fused columns) of every block linear
     real = serve_decoder.Decoder._linear
     monkeypatch.setattr(serve_decoder.Decoder, "_linear", lambda self, x, layer, name, plan: calls.append(
