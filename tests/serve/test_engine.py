@@ -101,7 +101,8 @@ def test_logits_equal_merged_model(pool, family_ws, references, fused_columns, m
                          ids=["fused", "grouped", "fused-unpacked"])
 def test_mixed_batch_equals_hf_generate(pool, family_ws, references, packed, fused_columns, monkeypatch):
     """Every model on every prompt in one submission: adapters, a chain and the base share decode steps.
-    Each form of per-row LoRA: the bank's A's as extra columns of the base weights, and grouped batched matmuls; and the base GEMMs with oneDNN-packed and with plain weights."""
+    Each form of per-row LoRA: the bank's A's as extra columns of the base weights, and grouped batched matmuls;
+    and the base GEMMs with oneDNN-packed and with plain weights."""
     from stemma.serve import decoder as serve_decoder
     from stemma.serve import linear as serve_linear
     from stemma.serve import lora as serve_lora

@@ -81,32 +81,47 @@ def test_logprobs_are_the_models_own():
     assert [t for t, _ in lps[0].top] == [1, 2] and math.isclose(lps[0].top[0][1], float(ref[1]), rel_tol=1e-6)
 
 
-def test_penalty_counts_follow_the_appended_tokens():
-    """A penalised sequence's token counts are made once, then follow each appended token: the shaped logits equal
-    the dense formula over counts of the whole completion (vLLM's: logits - frequency x count - presence x
-    [count > 0], after the repetition penalty on every token of the prompt or the completion)."""
+def test_penalty_state_follows_the_appended_tokens():
+    """A penalised sequence's state is made once, then follows each appended token: the shaped logits equal the
+    dense formula over counts of the whole completion (vLLM's: logits - frequency x count - presence x
+    [count > 0], after the repetition penalty on every token of the prompt or the completion). A row a finished
+    sequence released starts clean for the next one, and more sequences than rows grow the state."""
     from collections import Counter
 
-    from stemma.serve.engine import _shape
+    from stemma.serve.engine import Penalties, _shape
 
-    s = _seq(prompt=(5, 6, 5), generated=[1, 2], temperature=0, frequency_penalty=0.5, presence_penalty=0.25,
-             repetition_penalty=2.0)
-    logits = torch.linspace(-3, 3, V)[None, :]
-    made = None
-    for t in (3, 1, 1, 7, 2, 5, None):
-        x = _shape(logits, [s])
+    def reference(logits, s, freq, presence, rep):
         counts = torch.zeros(1, V)
         for tok, c in Counter(s.generated).items():
             counts[0, tok] = c
         seen = counts > 0
         seen[0, s.prompt] = True
-        ref = torch.where(seen, torch.where(logits > 0, logits / 2.0, logits * 2.0), logits)
-        ref = ref - 0.5 * counts - 0.25 * (counts > 0)
-        assert torch.allclose(x, ref), t
-        made = made if made is not None else s.generated_counts
-        assert s.generated_counts is made and made == Counter(s.generated)
+        ref = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+        return ref - freq * counts - presence * (counts > 0)
+
+    state = Penalties(1, V)
+    logits = torch.linspace(-3, 3, V)[None, :]
+    s = _seq(prompt=(5, 6, 5), generated=[1, 2], temperature=0, frequency_penalty=0.5, presence_penalty=0.25,
+             repetition_penalty=2.0)
+    for t in (3, 1, 1, 7, 2, 5, None):
+        x = _shape(logits, [s], state)
+        assert torch.allclose(x, reference(logits, s, 0.5, 0.25, 2.0)), t
+        assert list(state.rows) == [s.id]
         if t is not None:
             s.generated.append(t)
+    state.release(s)
+    # the next sequence takes the freed row: nothing of the first one's penalties remains
+    s2 = _seq(prompt=(3,), generated=[4], temperature=0, presence_penalty=1.0)
+    assert torch.allclose(_shape(logits, [s2], state), reference(logits, s2, 0.0, 1.0, 1.0))
+    assert state.subtract.shape[0] == 1
+    # two at once on one row's worth of state: it grows, and each row is its own sequence's
+    s3 = _seq(prompt=(2,), generated=[6, 6], temperature=0, frequency_penalty=0.1, repetition_penalty=1.5)
+    x = _shape(logits.expand(2, V), [s2, s3], state)
+    assert state.subtract.shape[0] == 2
+    assert torch.allclose(x[0], reference(logits, s2, 0.0, 1.0, 1.0)[0])
+    assert torch.allclose(x[1], reference(logits, s3, 0.1, 0.0, 1.5)[0])
+    # without a state (a one-off call), the same from each sequence's whole completion
+    assert torch.allclose(_shape(logits.expand(2, V), [s3, s2]), torch.stack([x[1], x[0]]))
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +139,10 @@ def test_openai_client_sampling_parameters(openai_client):
     assert again.choices[0].text == plain
     penalised = client.completions.create(**kw, extra_body={"repetition_penalty": 1.8}).choices[0].text
     assert penalised != plain
-    assert client.completions.create(**kw, presence_penalty=2.0, frequency_penalty=2.0).choices[0].text != plain
+    first = client.completions.create(**kw, presence_penalty=2.0, frequency_penalty=2.0).choices[0].text
+    assert first != plain
+    # the engine's penalty row of the finished request is reused clean: the same request gives the same text
+    assert client.completions.create(**kw, presence_penalty=2.0, frequency_penalty=2.0).choices[0].text == first
     ids = client.completions.create(model="en/software", prompt=[[5]], max_tokens=3, temperature=0.7, seed=1,
                                     logit_bias={"100": 100}, extra_body={"ignore_eos": True})
     top1 = client.completions.create(**kw, seed=3, extra_body={"top_k": 1, "temperature": 1.3})
