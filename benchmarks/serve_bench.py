@@ -19,8 +19,9 @@ The workload: 64 requests, prompts of 16-64 tokens cut from the shipped corpus, 
 - achieved FLOP/s of the mixed run (model FLOPs of prefill + decode, LoRA excluded) over a GEMM peak
   (1024x1024x1024 fp32: the faster of PyTorch's matmul and oneDNN's packed linear) measured in the same run.
 
-Rounds interleave peer, stemma mixed and stemma base, so load from other processes hits all alike; medians
-are reported. Peer and stemma each run at 1 thread and at torch's default, each reported at its better one.
+Rounds interleave peer, stemma mixed, base and penalised, so load from other processes hits all alike (on the
+GPT-2 base, stemma's three runs three times per round: each lasts under a second); medians are reported. Peer
+and stemma each run at 1 thread and at torch's default, each reported at its better one.
 
 `--family llama`: a Llama-layout base of SmolLM2-135M's shape (30 layers, 576 wide, 9 heads sharing 3 KV heads,
 SwiGLU MLP 1536, tied head; vocab 4096, context 128), pretrained 2 steps (the weights are near random: throughput
@@ -434,9 +435,11 @@ def replicas_main(args, ws, home: Path, prompts) -> None:
     })
 
 
-def measure(ws, home: Path, prompts, rounds: int, peer_per_round: int, threads: int, ggufs=None) -> dict:
-    """Rounds of (peer, [llama.cpp f32, q8_0,] stemma mixed, stemma base), interleaved so drifts in machine load
-    hit all alike.
+def measure(ws, home: Path, prompts, rounds: int, peer_per_round: int, threads: int, ggufs=None,
+            repeats: int = 1) -> dict:
+    """Rounds of (peer, [llama.cpp f32, q8_0,] stemma mixed, base and penalised), interleaved so drifts in machine
+    load hit all alike; stemma's three runs ``repeats`` times per round (a GPT-2 run lasts under a second, where a
+    passing hiccup of the machine would otherwise decide a ratio).
 
     The peers run in this process at ``threads``; stemma is a `stemma serve` process at the same count, and the
     client that sends its requests runs here (its CPU time counts against stemma)."""
@@ -467,12 +470,13 @@ def measure(ws, home: Path, prompts, rounds: int, peer_per_round: int, threads: 
                 for kind, instances in cpp.items():
                     res[f"llama.cpp {kind}"].append(
                         llamacpp_run(instances, prompts[start : start + peer_per_round], offset=start))
-                for kind, models, sampling in (("mixed", mixed_models, {}), ("base", base_models, {}),
-                                               ("penalised", mixed_models, PENALTY)):
-                    n, secs = await _fire(session, prompts, models, **sampling)
-                    res[kind].append(n / secs)
-                    if kind == "mixed":
-                        res["mixed_seconds"].append(secs)
+                for _ in range(repeats):
+                    for kind, models, sampling in (("mixed", mixed_models, {}), ("base", base_models, {}),
+                                                   ("penalised", mixed_models, PENALTY)):
+                        n, secs = await _fire(session, prompts, models, **sampling)
+                        res[kind].append(n / secs)
+                        if kind == "mixed":
+                            res["mixed_seconds"].append(secs)
 
     with ServerProcess(home, threads) as url:
         asyncio.run(interleaved(url))
@@ -564,12 +568,13 @@ def main() -> None:
         rounds, peer_per_round = (2, 4) if args.quick else (3, 8)
     else:
         rounds, peer_per_round = (2, 8) if args.quick else (4, 16)
+    repeats = 1 if llama else 3
     cpp_keys = [f"llama.cpp {k}" for k in GGUF_KINDS] if llama else []
     # Each side at its best thread count: on a shared 2-core machine two OpenMP threads can lose more to
     # waiting for each other than they gain (small sequential ops suffer most, i.e. the peer).
     by_threads = {}
     for nt in sorted({1, torch.get_num_threads()}):
-        runs = measure(ws, home, prompts, rounds, peer_per_round, nt, ggufs)
+        runs = measure(ws, home, prompts, rounds, peer_per_round, nt, ggufs, repeats)
         kinds = ("peer", "mixed", "base", "penalised", *cpp_keys)
         by_threads[nt] = {"peak": gemm_peak(), "runs": {k: runs[k] for k in kinds},
                           "mixed_seconds": statistics.median(runs["mixed_seconds"]),
@@ -603,7 +608,7 @@ def main() -> None:
                        for k, v in by_threads.items()},
         "gemm_peak_flops": peak, "achieved_flops": achieved, "requests": N_REQUESTS, "new_tokens": NEW_TOKENS,
         "adapters": N_ADAPTERS, "family": args.family, "base_shape": "smollm2-135m" if llama else args.base,
-        "peer_requests_per_round": peer_per_round, "rounds": rounds,
+        "peer_requests_per_round": peer_per_round, "rounds": rounds, "stemma_runs_per_round": repeats,
     }
     if llama:
         figures.update({
