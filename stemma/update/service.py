@@ -67,8 +67,9 @@ def register_contributor(ws: Workspace, node: str, name: str, public_key: str) -
 
 def revoke(ws: Workspace, node: str, name: str, reason: str, by: str | None = None) -> Contributor:
     """Revoke a contributor's key for a node: recorded (when, by whom, why), never deleted. From then on its
-    updates are refused at submission, and the ones still pending are marked ``revoked`` in the same transaction
-    (a round leaves out, and says so, any that a submission racing this revocation still stored as pending)."""
+    updates are refused at submission (`submit` re-reads the key, locked, in the transaction that stores an
+    update), and the ones still pending are marked ``revoked`` in the same transaction. A round still leaves out,
+    and says so, pending updates of a revoked key, which registries from before revocations marked them hold."""
 
     reason = " ".join(reason.split())
     if not reason or len(reason) > 2000:
@@ -188,8 +189,6 @@ def submit(ws: Workspace, raw: bytes, source: str = "update") -> Update:
     """Scan, verify and store an update; its record keeps the signed header, the signed digest and the scan."""
     upd = bundle.decode(raw, source)
     version, contributor = verify(ws, upd)
-    digest = ws.store.put_bytes(raw)
-    assert digest == upd.id
     received = {"digest": upd.digest.hex(), "delta_digest": upd.delta_digest.hex(), "scan": upd.scan}
     row = Update(id=upd.id, node_path=version.row.node_path, parent_id=version.id,
                  contributor_id=contributor.id, kind=upd.header["kind"], n_examples=upd.header["n_examples"],
@@ -197,6 +196,17 @@ def submit(ws: Workspace, raw: bytes, source: str = "update") -> Update:
     try:
         with ws.db.session() as s:
             s.add(row)
+            s.flush()
+            # The key again, after the insert and locked, in the same transaction: a revocation committed since
+            # `verify` refuses the update, and one that comes later waits for this transaction and then marks the
+            # update revoked with the key's other pending ones. (On SQLite the insert holds the write lock, so no
+            # revocation commits in between.)
+            key = s.scalar(select(Contributor).where(Contributor.id == contributor.id).with_for_update())
+            if key.revoked_at is not None:
+                raise StemmaError(f"{key.name}'s key for {key.node_path} was revoked {when(key.revoked_at)} by "
+                                  f"{key.revoked_by} ({key.revoked_reason}); refused")
+            digest = ws.store.put_bytes(raw)  # before the commit: the registry never names a missing blob
+            assert digest == upd.id
     except DBAPIError as e:  # the same file, submitted twice at once: the second insert loses
         if not is_conflict(e):
             raise

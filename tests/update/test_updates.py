@@ -308,6 +308,27 @@ def test_revoked_key_is_refused_and_its_pending_updates_are_left_out(tree_copy, 
     assert listed[bad[0]].revoked_reason == "key found in a public repository" and listed[good[0]].revoked_at is None
 
 
+def test_revocation_racing_a_submission_refuses_it(tree_copy, tmp_path, monkeypatch):
+    """A key revoked after `submit` verified it, before it stored the update: the update is refused in the storing
+    transaction, and neither a pending row nor its blob is left."""
+    ws = tree_copy["ws"]
+    node = "en/legal"
+    (name, key), = _contributors(ws, tmp_path, node, 1)
+    raw = _make(ws, tmp_path, node, (name, key), 0).read_bytes()
+    real = service.verify
+
+    def verify_then_revoked(ws_, upd):
+        got = real(ws_, upd)
+        service.revoke(ws_, node, name, "revoked while its update was in flight", by="ops")
+        return got
+
+    monkeypatch.setattr(service, "verify", verify_then_revoked)
+    before = _blob_count(tree_copy["home"])
+    with pytest.raises(StemmaError, match=f"{name}'s key for {node} was revoked .* by ops .*; refused"):
+        service.submit(ws, raw)
+    assert service.updates(ws, node) == [] and _blob_count(tree_copy["home"]) == before
+
+
 def test_spec_rejects_bad_gate_and_rebase(tmp_path):
     from stemma.errors import SpecError
     from stemma.spec import parse_spec
