@@ -460,20 +460,34 @@ class Workspace:
             out += [f"round {rs[0][:12]}: lists update {uid[:12]}, which is not registered" for uid, rs in used.items()]
         return out
 
-    def stale_locks(self) -> list[str]:
-        """Locks whose holder ran on this host and is gone, or that have not beaten for the stale limit."""
+    def stale_locks(self, watch_s: float | None = None) -> list[str]:
+        """Locks whose holder is stale: on this host, a process that is gone or a heartbeat older than the stale
+        limit (one clock); on another host, beats that stand still while this watches them for ``watch_s`` (a
+        heartbeat and a second; no two hosts' clocks are compared)."""
+        import time
         from datetime import UTC, datetime
 
-        from .registry.locks import stale_after
+        from .registry import locks
 
-        now, limit = datetime.now(UTC), stale_after()
-        out = []
+        now, limit = datetime.now(UTC), locks.stale_after()
+        out, elsewhere = [], []
         for h in self.locks.holders():
             beat = h.heartbeat_at if h.heartbeat_at.tzinfo else h.heartbeat_at.replace(tzinfo=UTC)
-            if h.dead_here():
+            if h.host != locks.HOST:
+                elsewhere.append(h)
+            elif h.dead_here():
                 out.append(f"lock {h.name}: {h.who}; that process is gone")
             elif (now - beat).total_seconds() > limit:
                 out.append(f"lock {h.name}: {h.who}; no heartbeat for {(now - beat).total_seconds():.0f} s")
+        if elsewhere:
+            watch_s = locks.HEARTBEAT_S + 1 if watch_s is None else watch_s
+            time.sleep(watch_s)
+            again = {h.name: h for h in self.locks.holders()}
+            for h in elsewhere:
+                g = again.get(h.name)
+                if g is not None and (g.token, g.beats) == (h.token, h.beats):
+                    out.append(f"lock {h.name}: {h.who}; its heartbeat did not move in the {watch_s:g} s this "
+                               "watched it")
         return out
 
     def work_dir_for(self, key: str) -> Path:

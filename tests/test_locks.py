@@ -151,3 +151,36 @@ def test_a_bad_stale_limit_is_refused(monkeypatch):
     monkeypatch.setenv("STEMMA_LOCK_STALE_S", "soon")
     with pytest.raises(StemmaError, match="STEMMA_LOCK_STALE_S must be a positive number of seconds, got 'soon'"):
         locks.stale_after()
+
+
+def test_fsck_watches_the_beats_of_another_hosts_lock(registry_url, tmp_path, monkeypatch):
+    """fsck's stale-lock report: a lock held on another host is stale when its beats stand still while fsck watches
+    them, whatever its holder's clock wrote (an hour ahead here); one whose beats move is not."""
+    from datetime import timedelta
+
+    from stemma.workspace import Workspace
+
+    monkeypatch.setenv("STEMMA_REGISTRY_URL", registry_url)
+    ws = Workspace.init(tmp_path / "home")
+    ahead = locks.utcnow() + timedelta(hours=1)
+    with ws.db.session() as s:
+        for name in ("node:still", "node:alive"):
+            s.add(Lock(name=name, purpose="build", host="elsewhere", pid=1, token=name[5] * 32, beats=3,
+                       acquired_at=ahead, heartbeat_at=ahead))
+    beating = threading.Event()
+
+    def beat():
+        while not beating.is_set():
+            with ws.db.session() as s:
+                s.get(Lock, "node:alive").beats += 1
+            beating.wait(0.05)
+
+    t = threading.Thread(target=beat)
+    t.start()
+    try:
+        report = ws.stale_locks(watch_s=0.5)
+    finally:
+        beating.set()
+        t.join()
+    assert len(report) == 1 and report[0].startswith("lock node:still: build by pid 1 on elsewhere")
+    assert report[0].endswith("; its heartbeat did not move in the 0.5 s this watched it")
