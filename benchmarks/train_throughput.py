@@ -111,8 +111,8 @@ def cli_build(spec: Path, home: Path, nproc: int, threads: int | None = None) ->
         raise RuntimeError(f"{' '.join(cmd[2:])} failed:\n{done.stderr[-3000:]}")
     ws = Workspace.open(home)
     version = ws.resolve_version("master")
-    params = sum(p.numel() for p in ws.load_model(version.id).parameters())
-    return {**version.manifest["train"], "params": params, "recipe_key": version.manifest["recipe_key"],
+    # The registry's count (distinct parameters, a tied embedding once): what DDP all-reduces for a full pretrain.
+    return {**version.manifest["train"], "params": version.row.params, "recipe_key": version.manifest["recipe_key"],
             "threads": threads or max(1, len(os.sched_getaffinity(0)) // nproc)}
 
 

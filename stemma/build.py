@@ -72,7 +72,8 @@ def prepare_spec_datasets(spec: TreeSpec, work_dir, executor=None, reporter: Rep
 
     Two phases: every dataset is read first, so that each one's curation can use the test documents of all of them
     as evaluation data (a training document that near-duplicates any test document of the tree is leakage)."""
-    curations = curations or spec_curations(spec, work_dir, executor=executor, reporter=reporter)
+    if curations is None:
+        curations = spec_curations(spec, work_dir, executor=executor, reporter=reporter)
     for name, cur in curations.items():
         try:
             cur.read()
