@@ -11,6 +11,8 @@ much of its parent's it kept, not how it generalises to unseen pages. Tasks from
 
 - ``manpage-name`` (generation, chrF/BLEU): an English man page's header and the start of its NAME line
   (``ls -``); the reference is the rest of the line (``list directory contents``).
+- ``manpage-name-ppl`` (perplexity): the same pages' header and whole NAME line (what a small model can be
+  measured on when its greedy text is still far from the reference).
 - ``manpage-header`` (exact_match): a man page's first line without its last field, which repeats the first one
   (``LS(1)   User Commands`` -> ``LS(1)``).
 - ``manpage-synopsis`` (contains): header and NAME section; the SYNOPSIS that follows names the command.
@@ -128,6 +130,8 @@ def name_rows(corpus: str, heading: str) -> list[tuple[str, dict]]:
 
 def manpage_tasks() -> None:
     write("manpage-name", spread(name_rows("en-manpages", "NAME")), "English man pages")
+    write("manpage-name-ppl", [{"text": f"{r['prompt']} {r['reference']}", "source": r["source"]}
+                               for r in spread(name_rows("en-manpages", "NAME"))], "English man pages")
     write("de-name", spread(name_rows("de-manpages", "BEZEICHNUNG")), "German man pages")
     header_rows, synopsis_rows = [], []
     for d in docs("en-manpages"):
