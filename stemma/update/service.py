@@ -117,9 +117,7 @@ def verify(ws: Workspace, upd: bundle.UpdateFile) -> tuple[VersionInfo, Contribu
         version = s.get(Version, h["parent"])
     if contributor is None:
         raise StemmaError(f"contributor {h['contributor']!r} is not registered for node {node}; refused")
-    if contributor.revoked_at is not None:
-        raise StemmaError(f"{contributor.name}'s key for {node} was revoked {when(contributor.revoked_at)} by "
-                          f"{contributor.revoked_by} ({contributor.revoked_reason}); refused")
+    _refuse_revoked(contributor)
     verify_signature(contributor.public_key, upd.signature, upd.digest)
     if version is None:
         raise StemmaError(f"update names parent version {h['parent'][:12]}, which is not in the registry; refused")
@@ -145,6 +143,12 @@ def verify(ws: Workspace, upd: bundle.UpdateFile) -> tuple[VersionInfo, Contribu
         if int(upd.heldout.min()) < 0 or int(upd.heldout.max()) >= vocab:
             raise StemmaError(f"update's held-out ids fall outside the vocabulary of {vocab}; refused")
     return ws.version(version.id), contributor
+
+
+def _refuse_revoked(c: Contributor) -> None:
+    if c.revoked_at is not None:
+        raise StemmaError(f"{c.name}'s key for {c.node_path} was revoked {when(c.revoked_at)} by {c.revoked_by} "
+                          f"({c.revoked_reason}); refused")
 
 
 def _refuse_replay(ws: Workspace, upd: bundle.UpdateFile, contributor: Contributor) -> None:
@@ -202,9 +206,7 @@ def submit(ws: Workspace, raw: bytes, source: str = "update") -> Update:
             # update revoked with the key's other pending ones. (On SQLite the insert holds the write lock, so no
             # revocation commits in between.)
             key = s.scalar(select(Contributor).where(Contributor.id == contributor.id).with_for_update())
-            if key.revoked_at is not None:
-                raise StemmaError(f"{key.name}'s key for {key.node_path} was revoked {when(key.revoked_at)} by "
-                                  f"{key.revoked_by} ({key.revoked_reason}); refused")
+            _refuse_revoked(key)
             digest = ws.store.put_bytes(raw)  # before the commit: the registry never names a missing blob
             assert digest == upd.id
     except DBAPIError as e:  # the same file, submitted twice at once: the second insert loses
