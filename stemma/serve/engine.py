@@ -515,34 +515,34 @@ def _shape(x: torch.Tensor, seqs: list[Sequence], penalties: Penalties | None = 
     rows = penalties.update([seqs[i] for i in penalised])
     rep = [(i, r, ps[i].repetition_penalty) for i, r in zip(penalised, rows) if ps[i].repetition_penalty != 1]
     if rep:
-        at, r, factor = (torch.tensor(v) for v in zip(*rep))
-        factor = factor.to(x.dtype)[:, None]
+        at, r, factor = zip(*rep)
+        factor = torch.tensor(factor, dtype=x.dtype)[:, None]
         _rows_apply(x, at, lambda v: torch.where(_rows(penalties.seen, r),
                                                  torch.where(v > 0, v / factor, v * factor), v))
     sub = [(i, r) for i, r in zip(penalised, rows) if ps[i].presence_penalty or ps[i].frequency_penalty]
     if sub:
-        at, r = (torch.tensor(v) for v in zip(*sub))
+        at, r = zip(*sub)
         _rows_apply(x, at, lambda v: v.sub_(_rows(penalties.subtract, r)))
     return x
 
 
-def _rows(t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+def _rows(t: torch.Tensor, r: tuple[int, ...]) -> torch.Tensor:
     """``t[r]``: a view when the rows are consecutive (sequences that started together hold consecutive rows)."""
-    lo = int(r[0])
-    if bool((r == torch.arange(lo, lo + len(r))).all()):
-        return t[lo : lo + len(r)]
-    return t.index_select(0, r)
+    if r == tuple(range(r[0], r[0] + len(r))):
+        return t[r[0] : r[0] + len(r)]
+    return t.index_select(0, torch.tensor(r))
 
 
-def _rows_apply(x: torch.Tensor, at: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+def _rows_apply(x: torch.Tensor, at: tuple[int, ...], fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """``x[at] = fn(x[at])``; in place over the whole of x when ``at`` is every row in order (the usual batch, where
     every request asks for the same), as advanced indexing of [rows, vocabulary] costs more than the work."""
-    if len(at) == len(x) and bool((at == torch.arange(len(x))).all()):
+    if len(at) == len(x):  # `at` holds distinct rows in order: all of them
         y = fn(x)
         if y is not x:
             x.copy_(y)
         return
-    x.index_copy_(0, at, fn(x.index_select(0, at)))
+    idx = torch.tensor(at)
+    x.index_copy_(0, idx, fn(x.index_select(0, idx)))
 
 
 class Penalties:
