@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from stemma.data.curate import parse_steps
+from stemma.data.curate import parse_steps, pipeline
 from stemma.data.curate.pipeline import Curation, LocalExecutor, plan_passes
 from stemma.data.ingest import IngestOptions, build_dataset, read_docs
 from stemma.errors import DataError, SpecError
@@ -119,6 +119,40 @@ def test_shards_and_processes_give_the_same_dataset(tmp_path):
     assert len(cur.read().shards) > 5
     assert (many.train_sha256, many.test_sha256) == (one.manifest["train"], one.manifest["test"])
     assert many.steps == one.datasheet["curation"]
+
+
+def test_workers_end_before_a_corpus_step_decides_on_a_large_corpus(tmp_path, monkeypatch):
+    # A corpus step's decision runs in the driver alone: on a large corpus the idle workers are ended first (they
+    # would hold the last pass's memory) and the next pass starts new ones; the dataset is the same.
+    src = _corpus(tmp_path, 120)
+    opts = IngestOptions(name="t", steps=parse_steps(["exact_dedup", "near_dedup"], "t"))
+    one = build_dataset([src], opts)
+    events = []
+
+    class Watched(LocalExecutor):
+        def map(self, fn, tasks):
+            events.append("map")
+            return super().map(fn, tasks)
+
+        def release(self):
+            events.append("release" if self._pool is not None else "release without workers")
+            super().release()
+
+    decide = Curation._decide
+
+    def watched_decide(self, *args):
+        events.append("decide alone" if self.executor._pool is None else "decide beside workers")
+        return decide(self, *args)
+
+    monkeypatch.setattr(pipeline, "RELEASE_BYTES", 0)
+    monkeypatch.setattr(Curation, "_decide", watched_decide)
+    ex = Watched(2)
+    try:
+        many = Curation([src], opts, tmp_path / "w", executor=ex, shard_bytes=20_000).run()
+    finally:
+        ex.close()
+    assert events == ["map", "release", "decide alone"] * 2 + ["map"]
+    assert (many.train_sha256, many.test_sha256) == (one.manifest["train"], one.manifest["test"])
 
 
 SLOW_STEP = '''

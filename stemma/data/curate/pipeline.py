@@ -40,6 +40,11 @@ from .base import CorpusStep, CurateContext, Doc, Drop, StepSpec, StepStats, Tag
 
 DEFAULT_SHARD_BYTES = 8 << 20
 """Text per shard: small enough that a worker holds one comfortably, large enough to amortise a task."""
+RELEASE_BYTES = 64 << 20
+"""From this much text read, the local workers are ended before each corpus step's decision and started again for
+the next pass: the decision runs in the driver alone and its memory grows with the corpus, while idle workers would
+keep what the last pass's models and shards took (their allocators seldom give it back). Below it, restarting the
+workers would cost more time than the memory is worth."""
 
 
 def _line(obj: dict[str, Any]) -> bytes:
@@ -271,6 +276,10 @@ class LocalExecutor:
             self._pool.shutdown()
             self._pool = None
 
+    def release(self) -> None:
+        """End the worker processes until the next `map`, which starts them again."""
+        self.close()
+
 
 class RayExecutor:
     """Shards as Ray tasks, for corpora that need a cluster (``ray.init(address)``; local when no address)."""
@@ -297,6 +306,9 @@ class RayExecutor:
     def map(self, fn: Callable, tasks: list) -> list:
         refs = [self._remote.remote(fn, t) for t in tasks]
         return self.ray.get(refs)
+
+    def release(self) -> None:
+        """Nothing to end: Ray schedules its workers itself."""
 
     def close(self) -> None:
         if self._started:
@@ -502,6 +514,8 @@ class Curation:
                         order.append(s.step)
                     step_stats[s.step].merge(s)
             if p.signature is not None:
+                if rr.bytes >= RELEASE_BYTES and not (pdir / "decided.json").exists():
+                    self.executor.release()
                 self._decide(p, ctx, tasks, pdir, step_stats[p.signature.name])
             shards = [t.dst + ".jsonl" for t in tasks]
         return self._finalise(rr, shards, [step_stats[n] for n in order], ref_hashes)

@@ -112,10 +112,29 @@ def test_a_tiny_memory_budget_gives_the_same_result_in_more_passes(corpus):
     # 1 MB: scans of 4096 words, the fingerprints split in passes, the context checked a hundred occurrences at a time.
     many, stats_many = run(texts, memory_mb=1)
     assert stats_one.totals["trigger_passes"] == 1 and stats_many.totals["trigger_passes"] > 1
+    # The small budget sends every candidate through the count-min sketch first; what it lets through is counted.
+    assert "trigger_sketch_survivors" not in stats_one.totals and stats_many.totals["trigger_sketch_survivors"] > 0
     assert set(one) == set(picks) | {i, 200}
     assert {k: (v.kind, v.meta, v.evidence) for k, v in many.items()} == {
         k: (v.kind, v.meta, v.evidence) for k, v in one.items()}
     assert stats_many.totals["trigger_candidates"] == stats_one.totals["trigger_candidates"]
+
+
+def test_the_count_min_sketch_never_counts_below_the_truth():
+    # A skewed stream (a few hashes very often, most once) into a sketch far smaller than the distinct hashes:
+    # every estimate is at least the true count, and the frequent ones are close to it.
+    rng = np.random.default_rng(1)
+    keys = rng.integers(0, 2**63, 20_000, dtype=np.uint64)
+    stream = np.concatenate([keys, np.repeat(keys[:50], 40), rng.choice(keys, 30_000)])
+    sketch = poisoning._CountMin(4096 * 8)
+    for part in np.array_split(stream, 7):
+        sketch.add(part)
+    uniq, true = np.unique(stream, return_counts=True)
+    est = sketch.estimate(uniq).astype(np.int64)
+    assert (est >= true).all()
+    assert (est > true).any()  # it is small enough to collide
+    hot = np.isin(uniq, keys[:50])
+    assert (est[hot] - true[hot]).mean() < 0.5 * true[hot].mean()
 
 
 def test_word_frequencies_merge_exactly():

@@ -27,17 +27,20 @@ distinct word; the vocabulary grows far slower than the corpus, Heaps' law), and
 trigger search considers only the n-grams made of words in at least ``min_docs`` documents around an *anchor* word
 (in at most ``max_doc_share / purity`` of the documents: a trigger must own one). These candidates are split by n
 and by the hash of their leftmost anchor (4096 ranges per n, so every occurrence of an n-gram falls in the same
-range) into as few passes as ``memory_mb`` allows, sized from the vocabulary (each anchor occurrence starts at most
-n windows), or from an exact count when that bound asks for more than one pass. Each pass reads the words twice:
-first keeping a 32-bit fingerprint per candidate occurrence, sorted to find those occurring at least ``min_docs``
-times (most n-grams occur once or twice), then building and judging only those occurrences. This is exact (an
-n-gram in ``min_docs`` documents occurs that often; a fingerprint shared by two n-grams only adds work), where
-sampling n-gram hashes or a count-min sketch would miss or merge the rare n-grams that are sought. Shards are read
-a quarter of a million words at a time, the documents near one another are found one LSH band at a time (8 bytes
-a document), and the context of the n-grams that pass the counts is checked in batches: what ``decide`` holds
-stays within ``memory_mb`` (beyond the interpreter and its modules, about 50 MB, and the document ids the
-pipeline passes in), unless the vocabulary alone or the occurrences of a single anchor word exceed it. On 130 MB
-of text, 256 MB held 180 MB in one pass; 64 MB took two passes and 16 MB fifteen, with the same result.
+range) into as few passes as ``memory_mb`` allows. Each pass reads the words twice: first keeping a 32-bit
+fingerprint per candidate occurrence, sorted to find those occurring at least ``min_docs`` times (most n-grams occur
+once or twice), then building and judging only those occurrences. The candidates grow with the corpus, so when the
+vocabulary's bound on them (each anchor occurrence starts at most n windows) asks for more than one pass, one read
+of the words first fills a count-min sketch with every candidate, using half of the room, and only the occurrences
+whose estimated count reaches what a trigger needs (``min_docs``, and ``purity`` times the documents of its rarest
+word) go on: an estimate is never below the true count, so this loses nothing, and the n-grams of frequent words,
+most of a large corpus, fall far short of their rarest word's documents. This is exact (an n-gram in ``min_docs``
+documents occurs that often; a fingerprint or a counter shared by two n-grams only adds work), where sampling
+n-gram hashes would miss the rare n-grams that are sought. Shards are read a quarter of a million words at a time,
+the documents near one another are found one LSH band at a time (8 bytes a document), and the context of the
+n-grams that pass the counts is checked in batches: what ``decide`` holds stays within ``memory_mb`` (beyond the
+interpreter and its modules, about 50 MB, and the document ids the pipeline passes in), unless the vocabulary alone
+or the occurrences of a single anchor word exceed it.
 
 Contradictions. Near-identical documents (estimated Jaccard >= ``similarity`` on word 3-grams, found by MinHash
 LSH) whose word-level difference (difflib) is at most ``max_changes`` words, of which at least one edit is a
@@ -323,13 +326,23 @@ class Poisoning(CorpusStep):
                                  weights=vocab.tf[anchor], minlength=1 << _BUCKET_BITS)
         bound = np.concatenate([n * per_anchor for n in sizes]).astype(np.int64)
         ranges = group_ranges(bound, room // _FINGERPRINT_BYTES)
+        sketch = None
         if len(ranges) > 1:
-            # The bound counts windows with a rare word too (often half of them): one scan counting them exactly
-            # saves passes, each of which reads the corpus's words twice.
+            # Too many candidate occurrences to count exactly at once (the number grows with the corpus, so passes
+            # over it would too). A count-min sketch of every candidate, one read of the words, leaves only the
+            # occurrences whose estimated count reaches what a trigger needs: min_docs, and purity times the
+            # documents of its rarest word. An estimate is never below the true count, so nothing sought is lost;
+            # most n-grams of frequent words fall far short, and the rest are counted exactly as before.
+            sketch = _CountMin(room // 2)
+            for i in range(corpus.shards):
+                for *_, h in self._windows(corpus, i, vocab, most, sizes, 0, len(bound)):
+                    sketch.add(h)
+            room -= sketch.nbytes
             bound[:] = 0
             for i in range(corpus.shards):
-                for unit in self._windows(corpus, i, vocab, most, sizes, 0, len(bound), hashes=False):
+                for _, _, _, _, unit, _ in self._windows(corpus, i, vocab, most, sizes, 0, len(bound), sketch):
                     bound += np.bincount(unit, minlength=len(bound))
+            stats.add("trigger_sketch_survivors", int(bound.sum()))
             ranges = group_ranges(bound, room // _FINGERPRINT_BYTES)
         stats.add("trigger_passes", len(ranges))
         # Three quarters for the repeated candidates judged at once, a quarter for checking their context.
@@ -340,8 +353,8 @@ class Poisoning(CorpusStep):
             if not bound[lo:hi].any():
                 continue
             for fingerprints in self._repeated(corpus, vocab, most, sizes, lo, hi, int(bound[lo:hi].sum()),
-                                               per_judge):
-                cols = self._candidates(corpus, vocab, most, sizes, lo, hi, fingerprints)
+                                               per_judge, sketch):
+                cols = self._candidates(corpus, vocab, most, sizes, lo, hi, fingerprints, sketch)
                 if len(cols[0]):
                     out.extend(self._judge(corpus, vocab, cols, context_batch, stats))
         # Found in hash order within a pass: sorted so that the order does not depend on how the passes were cut.
@@ -349,12 +362,13 @@ class Poisoning(CorpusStep):
         return out
 
     def _windows(self, corpus: _Corpus, i: int, vocab: _Vocab, most: float, sizes: range, lo: int, hi: int,
-                 hashes: bool = True):
+                 sketch: _CountMin | None = None):
         """Per block of shard ``i`` and per n: the document frequencies of the block's words (with n - 1 more) and
         the n-word windows all of whose words are in at least ``min_docs`` documents and one of which is an anchor
         (in at most ``most``), whose unit is in ``[lo, hi)``: n and the hash range of the leftmost anchor, the same
-        for every occurrence of an n-gram. Also the windows' n-gram hashes; without ``hashes``, only the units."""
-        min_docs = self.config.min_docs
+        for every occurrence of an n-gram. Yields ``(n, block start, df_w, window starts, units, n-gram hashes)``;
+        with a ``sketch``, only the windows whose estimated count could make a trigger."""
+        cfg = self.config
         block = self._block
         words_all = corpus.spill.read(i, "words")
         off = corpus.offsets[i]
@@ -363,7 +377,7 @@ class Poisoning(CorpusStep):
             wd = words_all[b:b + block + sizes[-1] - 1]
             df_w = vocab.df[np.searchsorted(vocab.codes, wd)]
             # An n-gram in min_docs documents has only words in at least as many: rarer words end the search early.
-            frequent = df_w >= min_docs
+            frequent = df_w >= cfg.min_docs
             is_anchor = frequent & (df_w <= most)
             bucket = (mix64(wd.astype(U64)) >> U64(64 - _BUCKET_BITS)).astype(np.int64)
             # Document ends in or just after this block, for the windows that would run into the next document.
@@ -382,19 +396,24 @@ class Poisoning(CorpusStep):
                     whole &= frequent[k:k + m]
                 idx = np.flatnonzero((lead >= 0) & whole)
                 unit = bucket[idx + lead[idx]] + ((n - sizes[0]) << _BUCKET_BITS)
-                if not hashes:
-                    yield unit
-                    continue
-                idx = idx[(unit >= lo) & (unit < hi)]
+                keep = (unit >= lo) & (unit < hi)
+                idx, unit = idx[keep], unit[keep]
                 g = wd[idx].astype(U64)
                 for k in range(1, n):
                     g *= U64(0x9E3779B97F4A7C15)
                     g += wd[idx + k].astype(U64)
                 g ^= U64(n)
-                yield n, b, df_w, idx, mix64(g)
+                h = mix64(g)
+                if sketch is not None:
+                    least = df_w[idx]
+                    for k in range(1, n):
+                        np.minimum(least, df_w[idx + k], out=least)
+                    keep = sketch.estimate(h) >= np.maximum(cfg.min_docs, cfg.purity * least)
+                    idx, unit, h = idx[keep], unit[keep], h[keep]
+                yield n, b, df_w, idx, unit, h
 
     def _repeated(self, corpus: _Corpus, vocab: _Vocab, most: float, sizes: range, lo: int, hi: int, bound: int,
-                  per_judge: int):
+                  per_judge: int, sketch: _CountMin | None):
         """The fingerprints (top 32 bits of the hash) of the candidate n-grams of units ``[lo, hi)`` that occur at
         least ``min_docs`` times, sorted, in groups whose occurrences add up to at most ``per_judge``. An n-gram
         in ``min_docs`` documents occurs that often, so nothing sought is missed; two n-grams sharing a fingerprint
@@ -403,7 +422,7 @@ class Poisoning(CorpusStep):
         fps = np.empty(bound, dtype=np.uint32)
         count = 0
         for i in range(corpus.shards):
-            for *_, h in self._windows(corpus, i, vocab, most, sizes, lo, hi):
+            for *_, h in self._windows(corpus, i, vocab, most, sizes, lo, hi, sketch):
                 fps[count:count + len(h)] = h >> U64(32)
                 count += len(h)
         fps = fps[:count]
@@ -428,7 +447,7 @@ class Poisoning(CorpusStep):
                 yield rep[a:b]
 
     def _candidates(self, corpus: _Corpus, vocab: _Vocab, most: float, sizes: range, lo: int, hi: int,
-                    fingerprints: np.ndarray) -> list[np.ndarray]:
+                    fingerprints: np.ndarray, sketch: _CountMin | None) -> list[np.ndarray]:
         """The occurrences of units ``[lo, hi)`` whose fingerprint is one of ``fingerprints``, in corpus order per
         n: n-gram hash, document, least word document frequency, log of the expected document frequency share,
         global position of its first word, n."""
@@ -436,7 +455,7 @@ class Poisoning(CorpusStep):
         n_docs = corpus.docs
         for i in range(corpus.shards):
             off = corpus.offsets[i]
-            for n, b, df_w, idx, h in self._windows(corpus, i, vocab, most, sizes, lo, hi):
+            for n, b, df_w, idx, _, h in self._windows(corpus, i, vocab, most, sizes, lo, hi, sketch):
                 keep = member((h >> U64(32)).astype(np.uint32), fingerprints)
                 idx, h = idx[keep], h[keep]
                 if not len(idx):
@@ -618,6 +637,32 @@ def _classify(old: list[str], new: list[str]) -> str | None:
     return None
 
 
+
+
+class _CountMin:
+    """Count-min sketch (Cormode & Muthukrishnan 2005) of 64-bit n-gram hashes: two rows of uint32 counters, each
+    indexed by one half of the hash (multiply-shift, so any width works); a hash's estimate, the least of its two
+    counters, is never below its true count. Batched over numpy arrays here: the sketch libraries add one item per
+    Python call, a thousand times slower on the hundreds of millions of n-grams of a large corpus."""
+
+    def __init__(self, nbytes: int):
+        self.width = max(1 << 10, nbytes // 8)
+        self.rows = np.zeros((2, self.width), dtype=np.uint32)
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes
+
+    def _index(self, h: np.ndarray, row: int) -> np.ndarray:
+        half = (h >> U64(32 * row)) & U64(0xFFFFFFFF)
+        return ((half * U64(self.width)) >> U64(32)).astype(np.int64)
+
+    def add(self, h: np.ndarray) -> None:
+        for r in range(2):
+            np.add.at(self.rows[r], self._index(h, r), np.uint32(1))
+
+    def estimate(self, h: np.ndarray) -> np.ndarray:
+        return np.minimum(self.rows[0][self._index(h, 0)], self.rows[1][self._index(h, 1)])
 
 
 class _Vocab:
