@@ -172,8 +172,8 @@ def read_man_source(path: str) -> str:
 
 
 def is_so_stub(src: str) -> bool:
-    lines = [l for l in src.splitlines() if l.strip() and not l.startswith(('.\\"', "'\\\""))]
-    return len(lines) <= 2 and any(l.startswith(".so ") for l in lines)
+    lines = [ln for ln in src.splitlines() if ln.strip() and not ln.startswith(('.\\"', "'\\\""))]
+    return len(lines) <= 2 and any(ln.startswith(".so ") for ln in lines)
 
 
 def render_man(path: str) -> str:
@@ -358,7 +358,7 @@ class SphinxText(html.parser.HTMLParser):
         for line in raw.split("\n"):
             lines.append(line.rstrip() if line.strip() else "")
         # Outside <pre>, collapsed whitespace can leave a leading space after a newline.
-        text = "\n".join(l[1:] if l.startswith(" ") and not l.startswith("  ") else l for l in lines)
+        text = "\n".join(ln[1:] if ln.startswith(" ") and not ln.startswith("  ") else ln for ln in lines)
         return clean_text(text)
 
 
@@ -486,7 +486,7 @@ def write_sources_md(results: dict[str, list[dict]]) -> None:
             pkgs[d["package"]] = d["package_version"]
             lics[d["license"]] = lics.get(d["license"], 0) + 1
         pk = "<br>".join(f"`{p}` {v}" for p, v in sorted(pkgs.items()))
-        lc = "<br>".join(f"{l} ({n})" for l, n in sorted(lics.items(), key=lambda x: (-x[1], x[0])))
+        lc = "<br>".join(f"{lic} ({n})" for lic, n in sorted(lics.items(), key=lambda x: (-x[1], x[0])))
         size = (OUT / fname).stat().st_size
         text_bytes = sum(len(d["text"].encode("utf-8")) for d in docs)
         rows.append(f"| `{fname}` | {pk} | {lc} | {len(docs)} | {size:,} | {text_bytes:,} |")
