@@ -187,9 +187,13 @@ class Decoder:
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, slot0: int, aids: torch.Tensor) -> torch.Tensor:
         """Run right-padded prompts into cache slots ``slot0 .. slot0+B-1``; returns next-token logits [B, V].
 
-        Right padding is exact under a causal mask: a real token at position t only sees positions <= t,
-        which are all real. The padded tail writes junk K/V past each prompt; decode overwrites position
-        ``length`` first and never attends past a row's own position.
+        The prompts' real tokens are packed: every linear sees them as N = sum(lengths) rows of one token each (as
+        decode sees its rows), so no GEMM computes a padding position (prompts of 16-64 tokens padded per batch cost
+        a third more rows). The prompts are packed in the order of their adapters, so each adapter's tokens are one
+        run of rows (`LoraPlan.runs`). Only attention sees them padded, each prompt a row of [B, T], gathered from
+        and back into the packed rows. Right padding is exact under a causal mask: a real token at position t only
+        sees positions <= t, which are all real. The padded tail writes junk K/V past each prompt; decode overwrites
+        position ``length`` first and never attends past a row's own position.
 
         Args:
             tokens: [B, T] token ids, row i real up to ``lengths[i]``.
@@ -199,21 +203,31 @@ class Decoder:
         """
         B, T = tokens.shape
         self._cache()
-        plan = self.plan(aids)
-        positions = torch.arange(T)  # [T]
-        x = self._embed(tokens, positions)  # [B, T, C]
-        rope = self._rope_at(positions)  # cos, sin [T, 1, D]
+        H, Hkv, D = self.shape.n_head, self.shape.n_kv_head, self.shape.head_dim
+        order = torch.sort(aids, stable=True).indices  # packing order: prompts by adapter
+        starts = torch.empty_like(lengths)
+        starts[order] = lengths[order].cumsum(0) - lengths[order]  # [B] each prompt's first packed row
+        owner = order.repeat_interleave(lengths[order])  # [N] prompt of each packed row
+        positions = torch.arange(len(owner)) - starts[owner]  # [N]
+        real = owner * T + positions  # [N] padded index of each packed row
+        at = torch.arange(T)
+        # [B*T] packed row of each padded position (a padding position repeats its prompt's last token)
+        padded = (starts[:, None] + torch.minimum(at[None, :], lengths[:, None] - 1)).view(-1)
+        plan = self.plan(aids[owner])  # one adapter slot per packed row, in runs
+        x = self._embed(tokens.view(-1)[real][:, None], positions[:, None])  # [N, 1, C]
+        rope = self._rope_at(positions[:, None])  # cos, sin [N, 1, 1, D]
         for layer, (norm_1, norm_2) in enumerate(self.norms):
-            q, k, v = self._qkv(self._norm(x, norm_1), layer, plan, rope)  # [B, H, T, D], [B, Hkv, T, D] x2
+            q, k, v = self._qkv(self._norm(x, norm_1), layer, plan, rope)  # [N, H, 1, D], [N, Hkv, 1, D] x2
+            q, k, v = (t.reshape(-1, h * D)[padded].view(B, T, h, D).transpose(1, 2)  # [B, h, T, D]
+                       for t, h in ((q, H), (k, Hkv), (v, Hkv)))
             self.k_cache[layer][slot0 : slot0 + B, :, :T] = k
             self.v_cache[layer][slot0 : slot0 + B, :, :T] = v
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                enable_gqa=self.shape.group > 1)  # [B, H, T, D]
-            y = y.transpose(1, 2).reshape(B, T, -1)  # [B, T, H*D]
-            x = x + self._linear(y, layer, ATTN_OUT, plan)  # [B, T, C]
-            x = x + self._mlp(self._norm(x, norm_2), layer, plan)  # [B, T, C]
-        last = x[torch.arange(B), lengths - 1]  # [B, C]: each row's last real position
-        return self._logits(last)
+            y = y.transpose(1, 2).reshape(B * T, H * D)[real]  # [N, H*D]
+            x = x + self._linear(y[:, None], layer, ATTN_OUT, plan)  # [N, 1, C]
+            x = x + self._mlp(self._norm(x, norm_2), layer, plan)  # [N, 1, C]
+        return self._logits(x[starts + lengths - 1, 0])  # each prompt's last token
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, aids: torch.Tensor) -> torch.Tensor:
@@ -305,7 +319,8 @@ class Decoder:
         return self.lm_head(self._norm(h, self.norm_f))  # [B, V]
 
     def _linear(self, x: torch.Tensor, layer: int, name: str, plan: LoraPlan | None) -> torch.Tensor:
-        """``x @ W + b`` plus each row's LoRA delta. x: [B, T, in] -> [B, T, out]."""
+        """``x @ W + b`` plus each row's LoRA delta. x: [B, T, in] -> [B, T, out]; with a plan, T is 1 (decode's
+        rows, or prefill's packed tokens: `prefill`)."""
         B, T, d_in = x.shape
         d_out = self.shape.linear_dims(name)[1]
         x2 = x.reshape(-1, d_in)
@@ -318,11 +333,14 @@ class Decoder:
         bank = self.bank
         parts, R = bank.layout[name], bank.rank[name]
         cols = self._fused.get(name, 0) if self._fused_version == bank.version else 0
-        if cols and plan.uniform is not None:
-            # The fused GEMM gave every slot's x @ A; the one adapter's columns are a slice of it.
-            j = plan.uniform - 1
-            own_b = tuple(b[j : j + 1] for b in bank.b[key])
-            _add_parts(y2, full[:, d_out + j * R : d_out + (j + 1) * R], parts, own_b, 1, R)
+        if plan.runs is not None:
+            # Rows in runs of one adapter each: per run, its rows' x @ A (a slice of the fused GEMM's output, or one
+            # matmul) and one matmul per part adding @ B into its rows and columns.
+            for slot, lo, hi in plan.runs:
+                j = slot - 1
+                t = full[lo:hi, d_out + j * R : d_out + (j + 1) * R] if cols else x2[lo:hi] @ bank.a[key][:, j]
+                for p, b in zip(parts, bank.b[key]):
+                    y2[lo:hi, p.column : p.column + p.width].addmm_(t[:, p.offset : p.offset + p.rank], b[j])
             return y
         if cols:
             # A mixed batch over a small bank: the base GEMM also gave [x @ A_1 | ... | x @ A_S]; each row keeps its
@@ -332,35 +350,15 @@ class Decoder:
             t.view(B, T, cols).mul_(plan.slotmask(cols, R)[:, None, :])
             _add_parts(y2, t, parts, bank.b[key], cols // R, R)
             return y
-        a, bs = bank.a[key], bank.b[key]
-        if plan.uniform is not None:  # every row uses the same adapter: two plain matmuls (one per part)
-            j = plan.uniform - 1
-            t = x2 @ a[:, j]  # [B*T, R]
-            for p, b in zip(parts, bs):
-                y2[:, p.column : p.column + p.width].addmm_(t[:, p.offset : p.offset + p.rank], b[j])
-            return y
-        if T > 1:
-            # Prefill: per-row gathered A and B (Punica's BGMV). The weight copies ([B, in, R]) are small next to
-            # the activations, which grouping would have to copy and scatter back. Base rows take slot 1's
-            # weights and have their delta masked out.
-            j = (plan.aids - 1).clamp_(min=0)
-            t = torch.bmm(x, a.permute(1, 0, 2)[j])  # [B, T, R]
-            keep = plan.rowmask()
-            for p, b in zip(parts, bs):
-                d = torch.bmm(t[..., p.offset : p.offset + p.rank], b[j])  # [B, T, width]
-                if keep is not None:
-                    d.mul_(keep)
-                y[..., p.column : p.column + p.width].add_(d)
-            return y
         sel_a, sel_bs = plan.select(bank, key)  # [in, G, R], per part [G, r, width]
-        # Decode: Punica's SGMV, padded: rows grouped by adapter, one batched matmul per part over the groups. Each
+        # Punica's SGMV, padded: rows grouped by adapter, one batched matmul per part over the groups. Each
         # part's output comes back to the batch's row order by a gather (`LoraPlan.inverse`) added into the part's
         # columns. Measured on the Llama serve bench (64 rows, 8 adapters of rank 16 on all seven projections):
         # a scatter-add of the parts' outputs concatenated took several times longer than the gathers, and the
         # batch's adapters concatenated into plain GEMMs over all rows (each row keeping its own adapter's
         # columns) ran 3% slower in all than this.
         G, L = plan.groups, plan.width
-        xs = x2.index_select(0, plan.idx).view(G, L, d_in)  # [G, L, in] (T = 1 in decode)
+        xs = x2.index_select(0, plan.idx).view(G, L, d_in)  # [G, L, in]
         t = torch.bmm(xs, sel_a.permute(1, 0, 2))  # [G, L, R]
         keep = plan.rowmask()
         for p, b in zip(parts, sel_bs):

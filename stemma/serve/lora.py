@@ -36,6 +36,13 @@ computes every row's ``x @ A`` of every loaded adapter in the base GEMM itself, 
 instead of a separate small GEMM per linear that runs far below the machine's peak."""
 
 
+RUN_ROWS = 32
+"""Rows per adapter, on average, from which a batch whose rows come in one run per adapter takes plain matmuls on
+each run's rows instead of the grouped batched matmuls (`LoraPlan.runs`). Prefill's packed prompts have runs of
+hundreds of tokens; a decode batch's rows are seldom in runs, and its groups are a few rows each, where one batched
+matmul per linear beats one call per adapter."""
+
+
 class LoraPart(NamedTuple):
     """The LoRA of one projection: its delta lands in output columns ``column .. column + width`` of a decoder
     linear."""
@@ -266,10 +273,17 @@ class LoraPlan:
     ``@ [G, r, width]``): each adapter's weights are read once per step, not copied per row, and the op count does
     not grow with the number of adapters. When the batch's slots are consecutive, its adapters' weights are slices
     of the bank; otherwise they are gathered once here and reused while the batch is unchanged.
+
+    Rows that come in long runs of one adapter each (every row alike, or prefill's packed tokens, which it orders
+    by adapter) need no grouping: each run's LoRA is plain matmuls on its slice of the rows (`runs`), with no
+    gather, scatter or padding.
     """
 
     uniform: int | None = None
     """The one adapter slot every row uses, if they all use the same one."""
+    runs: tuple[tuple[int, int, int], ...] | None = None
+    """(adapter slot, first row, end row) of each run of rows with one adapter, base rows left out; when set, the
+    grouped form below is unused."""
     idx: torch.Tensor | None = None
     """[G*L] batch row of each padded position (padding repeats a real row; no row reads its result)."""
     inverse: torch.Tensor | None = None
@@ -285,16 +299,20 @@ class LoraPlan:
     """(layer, linear) -> (A [in, G, R], per part B [G, r, width]) gathered from the bank, when the slots are not
     consecutive; filled on first use."""
     aids: torch.Tensor | None = None
-    """[B] adapter slot per row (prefill gathers per row)."""
+    """[B] adapter slot per row."""
     colmasks: dict = field(default_factory=dict)
     """Cached `slotmask` / `rowmask` results."""
 
     @staticmethod
     def of(aids: torch.Tensor) -> LoraPlan | None:
         """None when no row has an adapter (the LoRA path is skipped entirely)."""
-        first = int(aids[0])
+        first, B = int(aids[0]), len(aids)
         if bool((aids == first).all()):
-            return None if first == 0 else LoraPlan(uniform=first)
+            return None if first == 0 else LoraPlan(uniform=first, runs=((first, 0, B),))
+        bounds = [0, *(torch.nonzero(aids[1:] != aids[:-1]).view(-1) + 1).tolist(), B]
+        runs = [(int(aids[lo]), lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+        if len({s for s, _, _ in runs}) == len(runs) and B >= RUN_ROWS * len(runs):
+            return LoraPlan(runs=tuple(r for r in runs if r[0]), aids=aids)
         rows = torch.nonzero(aids, as_tuple=True)[0]
         slots, counts = torch.unique(aids[rows], return_counts=True)
         G, L = len(slots), int(counts.max())

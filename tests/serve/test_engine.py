@@ -65,13 +65,19 @@ def test_greedy_equals_hf_generate(pool, references, model):
         assert s.generated == refs[model, i], f"{model} prompt {i}"
 
 
-@pytest.mark.parametrize("fused_columns", [128, 0], ids=["fused", "grouped"])
-def test_logits_equal_merged_model(pool, family_ws, references, fused_columns, monkeypatch):
+@pytest.mark.parametrize(("fused_columns", "run_rows"), [(128, 10**6), (0, 10**6), (128, 1), (0, 1)],
+                         ids=["fused", "grouped", "fused-runs", "runs"])
+def test_logits_equal_merged_model(pool, family_ws, references, fused_columns, run_rows, monkeypatch):
     """The tiny trees' greedy text is repetitive, so tokens alone could hide a small error: the logits of a mixed
-    batch (base, adapter, chain) and of each full-weight model, prefill and decode, equal the merged model's."""
+    batch (base, adapter, chain) and of each full-weight model, prefill and decode, equal the merged model's. Each
+    form of per-row LoRA: fused columns or not, rows grouped by adapter or taken in runs of one adapter."""
     from stemma.serve import lora as serve_lora
 
     monkeypatch.setattr(serve_lora, "FUSED_COLUMNS", fused_columns)
+    monkeypatch.setattr(serve_lora, "RUN_ROWS", run_rows)
+    plans = []
+    real_of = serve_lora.LoraPlan.of
+    monkeypatch.setattr(serve_lora.LoraPlan, "of", staticmethod(lambda aids: plans.append(real_of(aids)) or plans[-1]))
     prompts, _ = references
     for group in (["en", "en/software", "en/software/python"], ["en/legal"], ["master"]):
         targets = [pool.resolve(m) for m in group]
@@ -95,6 +101,8 @@ def test_logits_equal_merged_model(pool, family_ws, references, fused_columns, m
                 for r, t in zip(rows, nxt.tolist()):
                     r.append(t)
                 out = dec.decode(nxt, positions, aids)
+    mixed = [p for p in plans if p is not None and p.uniform is None]
+    assert mixed and all((p.runs is not None) == (run_rows == 1) for p in mixed)
 
 
 @pytest.mark.parametrize(("packed", "fused_columns"), [(True, 128), (True, 0), (False, 128)],
@@ -113,11 +121,21 @@ def test_mixed_batch_equals_hf_generate(pool, family_ws, references, packed, fus
     elif not serve_linear.PACKED:
         pytest.skip("this PyTorch has no oneDNN packed linear")
     monkeypatch.setattr(serve_lora, "FUSED_COLUMNS", fused_columns)
-    calls = []  # (tokens per row, fused columns) of every block linear
-    real = serve_decoder.Decoder._linear
+    calls = []  # (in prefill, fused columns) of every block linear
+    in_prefill = []
+    real, real_prefill = serve_decoder.Decoder._linear, serve_decoder.Decoder.prefill
     monkeypatch.setattr(serve_decoder.Decoder, "_linear", lambda self, x, layer, name, plan: calls.append(
-        (x.shape[1], self._fused.get(name, 0) if plan is not None and plan.uniform is None else 0))
+        (bool(in_prefill), self._fused.get(name, 0) if plan is not None and plan.uniform is None else 0))
         or real(self, x, layer, name, plan))
+
+    def prefill(self, *args):
+        in_prefill.append(1)
+        try:
+            return real_prefill(self, *args)
+        finally:
+            in_prefill.clear()
+
+    monkeypatch.setattr(serve_decoder.Decoder, "prefill", prefill)
     try:
         prompts, refs = references
         jobs = [(m, p, _greedy()) for m in MODELS for p in prompts]
@@ -131,7 +149,7 @@ def test_mixed_batch_equals_hf_generate(pool, family_ws, references, packed, fus
         expect = [refs["en/software", i] for i in range(5)] + [refs["en/software/python", i] for i in range(2)] + \
             [refs["en", 3]]
         assert [s.generated for s in seqs] == expect
-        fused = {t > 1 for t, cols in calls if cols}  # prefill (T > 1) and decode (T = 1) took the fused form
+        fused = {pre for pre, cols in calls if cols}  # prefill and decode took the fused form
         assert fused == ({True, False} if fused_columns else set())
         en = pool.engines[pool.resolve("en").base_id]
         assert en.decoder.lm_head.packed == packed
