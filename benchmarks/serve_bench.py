@@ -20,7 +20,8 @@ The workload: 64 requests, prompts of 16-64 tokens cut from the shipped corpus, 
   (1024x1024x1024 fp32: the faster of PyTorch's matmul and oneDNN's packed linear) measured in the same run.
 
 Rounds interleave peer, stemma mixed, base and penalised, so load from other processes hits all alike (on the
-GPT-2 base, stemma's three runs three times per round: each lasts under a second); medians are reported. Peer
+GPT-2 base, stemma's three runs three times per round: each lasts under a second), stemma's three in a rotated order
+each round; medians are reported. Peer
 and stemma each run at 1 thread and at torch's default, each reported at its better one.
 
 `--family llama`: a Llama-layout base of SmolLM2-135M's shape (30 layers, 576 wide, 9 heads sharing 3 KV heads,
@@ -470,9 +471,12 @@ def measure(ws, home: Path, prompts, rounds: int, peer_per_round: int, threads: 
                 for kind, instances in cpp.items():
                     res[f"llama.cpp {kind}"].append(
                         llamacpp_run(instances, prompts[start : start + peer_per_round], offset=start))
+                # stemma's three runs take turns at going first: the first run after the peers ran slower than
+                # the same run later in the round (by ~10% on the Llama tree).
+                kinds = [("mixed", mixed_models, {}), ("base", base_models, {}), ("penalised", mixed_models, PENALTY)]
+                kinds = kinds[r % 3 :] + kinds[: r % 3]
                 for _ in range(repeats):
-                    for kind, models, sampling in (("mixed", mixed_models, {}), ("base", base_models, {}),
-                                                   ("penalised", mixed_models, PENALTY)):
+                    for kind, models, sampling in kinds:
                         n, secs = await _fire(session, prompts, models, **sampling)
                         res[kind].append(n / secs)
                         if kind == "mixed":
