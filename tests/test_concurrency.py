@@ -86,8 +86,11 @@ verified = set()
 while True:
     last = stop.exists()  # one full pass after the builds ended: it sees every version
     with ws.db.session() as s:
+        # Nodes before versions: each statement reads its own snapshot (PostgreSQL's READ COMMITTED), and a version
+        # a node points to was committed with or before that node row, so the later read sees it.
+        nodes = list(s.scalars(select(Node)))
         versions = {v.id: v for v in s.scalars(select(Version))}
-        for n in s.scalars(select(Node)):
+        for n in nodes:
             if n.current_version and n.current_version not in versions:
                 problems.append(f"{n.path}: current version {n.current_version[:12]} is not registered")
         for v in versions.values():
