@@ -2,7 +2,7 @@
 
 An `Engine` owns one `Decoder` (one base version's weights, KV cache and adapter bank). Each step it
 (1) drops sequences whose client went away, (2) admits waiting sequences into free cache slots and
-prefills them in one right-padded batch, (3) runs one decode step for every running sequence, whatever
+prefills them (packed, in chunks: `Decoder.prefill`), (3) runs one decode step for every running sequence, whatever
 its adapter, and (4) samples, detokenises and reports each row's new text. Finished rows leave at once
 and the last slot moves into the hole, so running rows always occupy slots ``0 .. B-1``.
 
@@ -33,7 +33,8 @@ from .lora import LoraDelta
 log = logging.getLogger("stemma.serve")
 _ids = itertools.count(1)
 PREFILL_ROWS = 16
-"""Rows per prefill call: with rows sorted by prompt length, small chunks keep padding low."""
+"""Rows per prefill call. The linears see only the prompts' real tokens; attention pads a chunk's prompts to its
+longest, so rows sorted by prompt length in small chunks keep that padding low."""
 
 
 @dataclass(frozen=True)
@@ -337,7 +338,7 @@ class Engine:
         return admitted
 
     def _prefill(self, seqs: list[Sequence]) -> int:
-        """Prefill admitted rows (sorted by length) in chunks of PREFILL_ROWS, each padded to its longest prompt."""
+        """Prefill admitted rows (sorted by length) in chunks of PREFILL_ROWS."""
         slot0 = len(self.running) - len(seqs)
         for i in range(0, len(seqs), PREFILL_ROWS):
             self._prefill_chunk(seqs[i : i + PREFILL_ROWS], slot0 + i)
