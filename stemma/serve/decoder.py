@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.families.serving import ATTN_OUT, LINEARS, MLP_DOWN, MLP_UP, QKV, DecoderShape, DecoderWeights, Norm
-from . import lora
+from . import kernels, lora
 from .linear import Linear
 from .lora import LoraBank, LoraPlan
 
@@ -350,13 +350,22 @@ class Decoder:
             t.view(B, T, cols).mul_(plan.slotmask(cols, R)[:, None, :])
             _add_parts(y2, t, parts, bank.b[key], cols // R, R)
             return y
+        kernel = kernels.sgmv()
+        if kernel is not None:
+            # Punica's SGMV in one compiled call: every row read and written in place, no gather, padding or
+            # scatter (`stemma.serve.kernels`; on the Llama serve bench's decode steps it takes ~2/3 of the time of
+            # the PyTorch ops below).
+            x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+            kernels.call_sgmv(kernel, x2, full, bank.a[key], bank.kernel_parts(name), bank.b_addresses(key),
+                              plan.kernel_groups)
+            return y
         sel_a, sel_bs = plan.select(bank, key)  # [in, G, R], per part [G, r, width]
-        # Punica's SGMV, padded: rows grouped by adapter, one batched matmul per part over the groups. Each
-        # part's output comes back to the batch's row order by a gather (`LoraPlan.inverse`) added into the part's
-        # columns. Measured on the Llama serve bench (64 rows, 8 adapters of rank 16 on all seven projections):
-        # a scatter-add of the parts' outputs concatenated took several times longer than the gathers, and the
-        # batch's adapters concatenated into plain GEMMs over all rows (each row keeping its own adapter's
-        # columns) ran 3% slower in all than this.
+        # Without the compiled kernel, Punica's SGMV, padded: rows grouped by adapter, one batched matmul per part
+        # over the groups. Each part's output comes back to the batch's row order by a gather (`LoraPlan.inverse`)
+        # added into the part's columns. Measured on the Llama serve bench (64 rows, 8 adapters of rank 16 on all
+        # seven projections): a scatter-add of the parts' outputs concatenated took several times longer than the
+        # gathers, and the batch's adapters concatenated into plain GEMMs over all rows (each row keeping its own
+        # adapter's columns) ran 3% slower in all than this.
         G, L = plan.groups, plan.width
         xs = x2.index_select(0, plan.idx).view(G, L, d_in)  # [G, L, in]
         t = torch.bmm(xs, sel_a.permute(1, 0, 2))  # [G, L, R]

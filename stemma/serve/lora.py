@@ -182,6 +182,8 @@ class LoraBank:
         self.free: list[int] = []
         self.version = 0
         """Bumped on every change, so cached gathers of the bank's weights are never stale."""
+        self._kernel_args: dict[tuple, tuple[int, object]] = {}
+        """(what, linear) -> (version, the kernel's view of it): `kernel_parts`, `b_addresses`."""
 
     @property
     def nbytes(self) -> int:
@@ -252,6 +254,23 @@ class LoraBank:
                 bs[i][j, :r] = part.b
         return slot
 
+    def kernel_parts(self, name: str) -> tuple[torch.Tensor, ...]:
+        """int64 columns, widths, rank offsets and ranks of a linear's parts, as `stemma.serve.kernels` reads them."""
+        return self._kernel_arg(("parts", name), lambda: tuple(
+            torch.tensor([getattr(p, f) for p in self.layout[name]], dtype=torch.int64)
+            for f in ("column", "width", "offset", "rank")))
+
+    def b_addresses(self, key: tuple[int, str]) -> torch.Tensor:
+        """int64 address of each part's B stack of a (layer, linear), as `stemma.serve.kernels` reads them."""
+        return self._kernel_arg(("b", key),
+                                lambda: torch.tensor([b.data_ptr() for b in self.b[key]], dtype=torch.int64))
+
+    def _kernel_arg(self, key: tuple, make: Callable[[], object]):
+        got = self._kernel_args.get(key)
+        if got is None or got[0] != self.version:
+            got = self._kernel_args[key] = (self.version, make())
+        return got[1]
+
     def _zero(self, j: int) -> None:
         for k, a in self.a.items():
             a[:, j].zero_()
@@ -302,6 +321,9 @@ class LoraPlan:
     """[B] adapter slot per row."""
     colmasks: dict = field(default_factory=dict)
     """Cached `slotmask` / `rowmask` results."""
+    kernel_groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    """The grouped form as `stemma.serve.kernels` reads it (int64): adapter index (slot - 1) of each group, each
+    group's first entry in the rows below (and the end), and the batch's rows with an adapter in group order."""
 
     @staticmethod
     def of(aids: torch.Tensor) -> LoraPlan | None:
@@ -324,8 +346,12 @@ class LoraPlan:
             idx[g, len(members) :] = members[0]
             inverse[members] = g * L + torch.arange(len(members))
         contiguous = int(slots[-1]) - int(slots[0]) + 1 == G  # torch.unique sorts
+        starts = torch.zeros(G + 1, dtype=torch.int64)
+        starts[1:] = counts.cumsum(0)
+        in_groups = rows[torch.sort(aids[rows], stable=True).indices]
+        kernel_groups = ((slots - 1).to(torch.int64), starts, in_groups.to(torch.int64).contiguous())
         return LoraPlan(idx=idx.view(-1), inverse=inverse, slots=slots, groups=G,
-                        width=L, aids=aids, contiguous=contiguous)
+                        width=L, aids=aids, contiguous=contiguous, kernel_groups=kernel_groups)
 
     def select(self, bank: LoraBank, key: tuple[int, str]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """The batch's adapters of one bank linear, in group order: A [in, G, R] and per part B [G, r, width];

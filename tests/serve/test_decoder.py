@@ -81,18 +81,22 @@ def test_logits_equal_transformers(case):
     _compare(lambda i: model, dec, torch.zeros(3, dtype=torch.long))
 
 
-@pytest.mark.parametrize("fused_columns", [128, 0], ids=["fused", "grouped"])
+@pytest.mark.parametrize(("fused_columns", "kernel"), [(128, True), (0, True), (0, False)],
+                         ids=["fused", "grouped", "grouped-torch"])
 @pytest.mark.parametrize("case", ["llama-gqa-untied", "qwen2-qkv-bias", "gpt2"])
-def test_lora_on_fused_projections_equals_peft(case, fused_columns, monkeypatch):
+def test_lora_on_fused_projections_equals_peft(case, fused_columns, kernel, monkeypatch):
     """PEFT adapters on different projections (on q/k/v/gate/up only, on everything), served in one batch with a
-    base row, in each form of per-row LoRA, over consecutive bank slots (the bank's own slices) and not (gathered):
-    each row's logits equal its merged PEFT model's."""
+    base row, in each form of per-row LoRA (grouped rows by the compiled kernel and by PyTorch ops), over
+    consecutive bank slots (the bank's own slices) and not (gathered): each row's logits equal its merged PEFT
+    model's."""
     from peft import LoraConfig, get_peft_model
 
-    from stemma.serve import lora
+    from stemma.serve import kernels, lora
     from stemma.serve.lora import lora_from_peft
 
     monkeypatch.setattr(lora, "FUSED_COLUMNS", fused_columns)
+    if not kernel:
+        monkeypatch.setattr(kernels, "sgmv", lambda: None)
 
     model_type, config = CASES[case]
     targets = [["c_attn", "c_fc"], ["c_attn", "c_proj", "c_fc"]] if model_type == "gpt2" else \

@@ -65,16 +65,26 @@ def test_greedy_equals_hf_generate(pool, references, model):
         assert s.generated == refs[model, i], f"{model} prompt {i}"
 
 
-@pytest.mark.parametrize(("fused_columns", "run_rows"), [(128, 10**6), (0, 10**6), (128, 1), (0, 1)],
-                         ids=["fused", "grouped", "fused-runs", "runs"])
-def test_logits_equal_merged_model(pool, family_ws, references, fused_columns, run_rows, monkeypatch):
+@pytest.mark.parametrize(("fused_columns", "run_rows", "kernel"),
+                         [(128, 10**6, True), (0, 10**6, True), (0, 10**6, False), (128, 1, True), (0, 1, True)],
+                         ids=["fused", "grouped", "grouped-torch", "fused-runs", "runs"])
+def test_logits_equal_merged_model(pool, family_ws, references, fused_columns, run_rows, kernel, monkeypatch):
     """The tiny trees' greedy text is repetitive, so tokens alone could hide a small error: the logits of a mixed
     batch (base, adapter, chain) and of each full-weight model, prefill and decode, equal the merged model's. Each
-    form of per-row LoRA: fused columns or not, rows grouped by adapter or taken in runs of one adapter."""
+    form of per-row LoRA: fused columns or not, rows grouped by adapter (by the compiled kernel, and by PyTorch ops)
+    or taken in runs of one adapter."""
+    from stemma.serve import kernels
     from stemma.serve import lora as serve_lora
 
     monkeypatch.setattr(serve_lora, "FUSED_COLUMNS", fused_columns)
     monkeypatch.setattr(serve_lora, "RUN_ROWS", run_rows)
+    kernel_calls = []
+    if not kernel:
+        monkeypatch.setattr(kernels, "sgmv", lambda: None)
+    elif kernels.sgmv() is None:
+        pytest.skip("the compiled kernel is not available here")
+    real_call = kernels.call_sgmv
+    monkeypatch.setattr(kernels, "call_sgmv", lambda *a: kernel_calls.append(1) or real_call(*a))
     plans = []
     real_of = serve_lora.LoraPlan.of
     monkeypatch.setattr(serve_lora.LoraPlan, "of", staticmethod(lambda aids: plans.append(real_of(aids)) or plans[-1]))
@@ -103,6 +113,7 @@ def test_logits_equal_merged_model(pool, family_ws, references, fused_columns, r
                 out = dec.decode(nxt, positions, aids)
     mixed = [p for p in plans if p is not None and p.uniform is None]
     assert mixed and all((p.runs is not None) == (run_rows == 1) for p in mixed)
+    assert bool(kernel_calls) == (kernel and not fused_columns and run_rows > 1)  # the form named is the one run
 
 
 @pytest.mark.parametrize(("packed", "fused_columns"), [(True, 128), (True, 0), (False, 128)],
