@@ -10,7 +10,7 @@ stream from memory. `sgmv.c` does one linear in one call, reading and writing ev
 The library is compiled on first use (``cc -O3 -march=native -fopenmp``, a second or so) into
 ``~/.cache/stemma/kernels`` (or ``$XDG_CACHE_HOME``), named by a hash of the source, the compiler and the CPU, and
 loaded with ctypes. It runs its threads on the OpenMP runtime PyTorch has already loaded; when that cannot be
-ensured (no C compiler, a failed build, another OpenMP runtime in the process, not Linux) or ``STEMMA_KERNELS=0``,
+ensured (no C compiler, a failed build, loading it brought another OpenMP runtime, not Linux) or ``STEMMA_KERNELS=0``,
 `sgmv` is None and the decoder keeps its PyTorch path, which computes the same.
 """
 
@@ -97,8 +97,11 @@ def _library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError):
         return None
-    if len(_openmp_runtimes()) > 1 or (before and _openmp_runtimes() != before):
-        return None  # a second OpenMP runtime: its threads would fight PyTorch's for the cores
+    if _openmp_runtimes() - before:
+        # The library brought an OpenMP runtime of its own (PyTorch runs on another, or on none): two thread pools
+        # would fight for the cores. (Another package's private runtime, e.g. scikit-learn's, is no concern: the
+        # library binds to the runtime already loaded under its name, which is PyTorch's.)
+        return None
     p, i = ctypes.c_void_p, ctypes.c_int64
     lib.sgmv.argtypes = [p, i, p, i, i, p, i, i, i, i, p, p, p, p, p, i, p, p, p, p, i]
     lib.sgmv.restype = None
